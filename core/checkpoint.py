@@ -1,0 +1,101 @@
+"""Orbax checkpoints of a TrainState: async, keep-N, resumable, partial restore of weights.
+
+Layout: `<workdir>/checkpoints/<step>/{params, ema, opt_state}`. A save killed half-way
+leaves only a temporary folder, which Orbax ignores; the last committed step is intact.
+"""
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from core.errors import UserError
+from core.train_state import TrainState
+
+ITEMS = ("params", "ema", "opt_state")
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _abstract(tree):
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpoints:
+    """A thin wrapper of `ocp.CheckpointManager` for TrainState."""
+
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        max_to_keep: int = 3,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
+        self.directory = checkpoint_dir(workdir)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            create=not read_only,
+            read_only=read_only,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, state: TrainState) -> None:
+        step = int(jax.device_get(state.step))
+        args = {k: ocp.args.StandardSave(getattr(state, k)) for k in ITEMS}
+        self._manager.save(step, args=ocp.args.Composite(**args))
+
+    def restore(self, step: int, target: TrainState) -> TrainState:
+        """Restore all items into the structure, shapes and shardings of `target`
+        (arrays or `jax.ShapeDtypeStruct`s with shardings)."""
+        self._check_step(step)
+        args = {k: ocp.args.StandardRestore(_abstract(getattr(target, k))) for k in ITEMS}
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        return target.replace(
+            step=jax.numpy.asarray(step, jax.numpy.int32), **{k: restored[k] for k in ITEMS}
+        )
+
+    def restore_weights(self, target_params, *, step: int | None = None, ema: bool = True):
+        """Only the (EMA) weights, e.g. for sampling; returns (step, params)."""
+        step = self.resolve_step(step)
+        item = "ema" if ema else "params"
+        args = {item: ocp.args.StandardRestore(_abstract(target_params))}
+        return step, self._manager.restore(step, args=ocp.args.Composite(**args))[item]
+
+    def resolve_step(self, step: int | None) -> int:
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise UserError(f"no checkpoint found in {self.directory}")
+        self._check_step(step)
+        return step
+
+    def _check_step(self, step: int) -> None:
+        steps = self.all_steps()
+        if step not in steps:
+            have = ", ".join(map(str, steps)) or "none"
+            raise UserError(
+                f"checkpoint step {step} not found in {self.directory} (available: {have})"
+            )
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def open_for_reading(workdir: str) -> Checkpoints:
+    """Checkpoints of an existing run; a UserError if the workdir has none."""
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        raise UserError(f"no checkpoints in {workdir} (expected {checkpoint_dir(workdir)})")
+    return Checkpoints(workdir, read_only=True, async_save=False)

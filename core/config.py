@@ -1,0 +1,142 @@
+"""Experiment configs: the shared defaults, variant parsing and loading by path.
+
+An experiment is a python file under `experiments/` whose `get_config(arg=None)` returns an
+`ml_collections.ConfigDict`; `arg` is the text after a colon on the command line
+(`mnist_unet.py:net=dit,smoke=True`) and is parsed by `parse_variant`.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+from ml_collections import ConfigDict
+
+from core.errors import UserError
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def base_config() -> ConfigDict:
+    """Every key the trainer reads, with its default. Experiments override what they need."""
+    c = ConfigDict()
+    c.seed = 0
+    c.total_steps = 10_000
+    c.batch_size = 128
+    c.log_every = 100
+    c.ckpt_every = 1_000
+    c.keep_ckpts = 3
+    c.sample_every = 1_000  # PNG grid of samples; 0 = never
+    c.compute_dtype = "float32"  # or "bfloat16" (params and optimizer stay float32)
+    c.ema_decay = 0.9999
+    c.mesh = ConfigDict({"data": -1, "fsdp": 1, "fsdp_min_size": 2**18})
+    c.optim = ConfigDict(
+        {
+            "lr": 1e-4,
+            "warmup_steps": 1_000,
+            "schedule": "constant",
+            "b1": 0.9,
+            "b2": 0.999,
+            "eps": 1e-8,
+            "weight_decay": 0.0,
+            "grad_clip": 1.0,
+        }
+    )
+    c.data = ConfigDict(
+        {
+            "name": "mnist",
+            "split": "train",
+            "use_labels": False,
+            "random_flip": False,
+            # tfds data directory; None = $TFDS_DATA_DIR or tfds's default (~/tensorflow_datasets)
+            "data_dir": ml_collections.config_dict.placeholder(str),
+            "path": ml_collections.config_dict.placeholder(str),  # for name="npz"
+            "image_size": ml_collections.config_dict.placeholder(int),  # center crop + resize
+            "options": ConfigDict(),  # more keyword options of the data source (set in configs)
+        }
+    )
+    c.model = ConfigDict({"name": "unet"})
+    c.loss = ConfigDict({"name": "flow_matching"})
+    c.sample = ConfigDict(
+        {
+            "sampler": "heun",
+            "num_steps": 50,
+            "cfg_scale": 1.0,
+            "num": 64,
+            "prior": "gaussian",
+            "plot": "auto",
+        }
+    )
+    return c
+
+
+def parse_variant(arg: str | None, **defaults) -> ConfigDict:
+    """Parse `"net=dit,size=B/2,smoke=True"` against `defaults` (which fix keys and types)."""
+    out = ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise UserError(f"config variant {item!r} is not of the form key=value")
+        if key not in defaults:
+            raise UserError(
+                f"unknown config variant key {key!r}; known: {', '.join(sorted(defaults))}"
+            )
+        out[key] = _coerce(key, value.strip(), defaults[key])
+    return out
+
+
+def _coerce(key: str, value: str, default):
+    if isinstance(default, bool):
+        if value.lower() not in _TRUE + _FALSE:
+            raise UserError(f"config variant {key}={value!r} is not a boolean")
+        return value.lower() in _TRUE
+    if isinstance(default, int | float) and default is not None:
+        try:
+            return type(default)(value)
+        except ValueError:
+            raise UserError(
+                f"config variant {key}={value!r} is not a {type(default).__name__}"
+            ) from None
+    return value
+
+
+def load(spec: str) -> ConfigDict:
+    """Load `path/to/config.py[:variant]` as the command line would."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location("_driftlab_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise UserError(f"config file {path} has no get_config()")
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def check_override_keys(config: ConfigDict, argv: list[str], flag: str = "config") -> None:
+    """Every `--config.a.b=v` must name an existing key; otherwise one clear UserError."""
+    prefix = f"--{flag}."
+    for arg in argv:
+        if not arg.startswith(prefix):
+            continue
+        path = arg[len(prefix) :].partition("=")[0]
+        node = config
+        for depth, part in enumerate(path.split(".")):
+            if not isinstance(node, ConfigDict) or part not in node:
+                where = ".".join(path.split(".")[:depth]) or "the config"
+                known = ", ".join(sorted(node.keys())) if isinstance(node, ConfigDict) else ""
+                raise UserError(
+                    f"unknown config key {path!r}: {where} has no {part!r}"
+                    + (f" (keys: {known})" if known else "")
+                )
+            node = node[part]
+
+
+def to_json(config: ConfigDict) -> str:
+    return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ConfigDict:
+    import json
+
+    return ml_collections.ConfigDict(json.loads(text))

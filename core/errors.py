@@ -1,0 +1,36 @@
+"""One error type for problems the user can fix (bad names, keys, paths, shapes, divergence).
+
+The CLIs print these as a single line (`error: ...`) and exit with status 2; anything else
+is a bug and keeps its traceback.
+"""
+
+from collections.abc import Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class UserError(ValueError):
+    """A problem with the input (config, data, checkpoint), stated in one line."""
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def lookup(table: Mapping[str, T], name: str, kind: str) -> T:
+    """`table[name]`, or a UserError that lists the known names of this `kind`."""
+    if name not in table:
+        known = ", ".join(sorted(table))
+        raise UserError(f"unknown {kind} {name!r}; known {kind}s: {known}")
+    return table[name]
+
+
+def check_kwargs(fn_name: str, kwargs: Mapping, allowed) -> None:
+    """Raise a UserError naming any keyword in `kwargs` that `fn_name` does not take."""
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise UserError(
+            f"{fn_name} got unknown option(s) {', '.join(unknown)}; "
+            f"it takes: {', '.join(sorted(allowed))}"
+        )

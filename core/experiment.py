@@ -1,0 +1,139 @@
+"""From a ConfigDict to the objects of an experiment: network, loss, data, sampler.
+
+With `core/trainer.py` and `scripts/`, the only reader of ConfigDicts: everything below
+(models, losses, samplers, data) takes typed keyword arguments.
+"""
+
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from ml_collections import ConfigDict
+
+import data as data_lib
+import losses
+import models
+import samplers
+from core.errors import UserError
+from samplers.guidance import cfg
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(config: ConfigDict):
+    if config.compute_dtype not in DTYPES:
+        raise UserError(
+            f"unknown compute_dtype {config.compute_dtype!r}; known: {', '.join(DTYPES)}"
+        )
+    return DTYPES[config.compute_dtype]
+
+
+def _plain(value):
+    """ConfigDict / tuples -> plain python containers for constructor kwargs."""
+    if isinstance(value, ConfigDict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def network_factory(config: ConfigDict) -> Callable[[nnx.Rngs], nnx.Module]:
+    kwargs = _plain(config.model)
+    name = kwargs.pop("name")
+    dtype = compute_dtype(config)
+    return lambda rngs: models.build(name, rngs=rngs, dtype=dtype, **kwargs)
+
+
+def abstract_network(factory, seed: int = 0):
+    """(graphdef, abstract params as a pure dict) without allocating anything."""
+    abstract = nnx.eval_shape(lambda: factory(nnx.Rngs(seed)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise TypeError(
+            f"network {type(abstract).__name__} holds non-Param state; "
+            "networks must hold nnx.Param only"
+        )
+    return graphdef, nnx.to_pure_dict(params)
+
+
+def init_params(factory, seed: int):
+    """Concrete params as a pure dict (call under jit with out_shardings to shard)."""
+    return nnx.to_pure_dict(nnx.split(factory(nnx.Rngs(seed)), nnx.Param)[1])
+
+
+def build_loss(config: ConfigDict):
+    kwargs = _plain(config.loss)
+    return losses.build(kwargs.pop("name"), **kwargs)
+
+
+def build_source(config: ConfigDict, split: str | None = None):
+    d = config.data
+    options = _plain(d.options) if "options" in d else {}
+    for key in ("data_dir", "path", "image_size"):
+        if d.get(key) is not None:
+            options[key] = d[key]
+    if d.use_labels:
+        options["use_labels"] = True
+    return data_lib.build_source(d.name, split=split or d.split, **options)
+
+
+def data_spec(source) -> dict:
+    return {"example_shape": list(source.example_shape), "num_classes": int(source.num_classes)}
+
+
+def write_data_spec(workdir: str, spec: dict) -> None:
+    with open(os.path.join(workdir, "data_spec.json"), "w") as f:
+        json.dump(spec, f)
+
+
+def read_data_spec(workdir: str) -> dict:
+    path = os.path.join(workdir, "data_spec.json")
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: is {workdir} a driftlab run directory?")
+    with open(path) as f:
+        return json.load(f)
+
+
+def null_cond(config: ConfigDict) -> int | None:
+    """The network's null label (its num_classes), or None for unconditional models."""
+    return int(config.model.get("num_classes", 0)) or None
+
+
+def make_sample_fn(
+    graphdef,
+    config: ConfigDict,
+    example_shape,
+    *,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+    cfg_scale: float | None = None,
+):
+    """`fn(params, key, cond_or_n) -> samples`: prior noise -> sampler (with guidance)."""
+    s = config.sample
+    sample = samplers.build(sampler or s.sampler)
+    prior = samplers.build_prior(s.prior)
+    steps = int(num_steps or s.num_steps)
+    scale = float(s.cfg_scale if cfg_scale is None else cfg_scale)
+    null = null_cond(config)
+
+    def fn(params, key, cond):
+        net = nnx.merge(graphdef, params)
+        if null is not None and scale != 1.0:
+            net = cfg(net, scale, null)
+        k_prior, k_sample = jax.random.split(key)
+        x_init = prior(k_prior, (cond.shape[0], *example_shape))
+        return sample(
+            net, x_init, k_sample, num_steps=steps, cond=cond if null is not None else None
+        )
+
+    return fn
+
+
+def sample_labels(n: int, num_classes: int | None, offset: int = 0) -> jax.Array:
+    """Labels 0..num_classes-1 cycled (or zeros, ignored, for unconditional models)."""
+    if not num_classes:
+        return jnp.zeros((n,), jnp.int32)
+    return (jnp.arange(n, dtype=jnp.int32) + offset) % num_classes

@@ -1,0 +1,111 @@
+"""Sampling from a run directory: restore weights, generate in sharded batches, write files.
+
+Shared by `scripts.sample` and the evaluator. Samples are written in the ADM `.npz` layout:
+`arr_0` uint8 NHWC images (float32 arrays for non-image data), `arr_1` labels when the model
+is conditional.
+"""
+
+import math
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from ml_collections import ConfigDict
+
+from core import experiment, plots, sharding
+from core.checkpoint import open_for_reading
+from core.config import from_json
+from core.errors import UserError
+
+
+def load_run(workdir: str) -> tuple[ConfigDict, dict]:
+    """(config, data spec) of a run directory written by the trainer."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise UserError(f"no config.json in {workdir}: not a driftlab run directory")
+    with open(path) as f:
+        config = from_json(f.read())
+    return config, experiment.read_data_spec(workdir)
+
+
+def restore_network(
+    workdir: str, config: ConfigDict, mesh, *, step: int | None = None, ema: bool = True
+):
+    """(graphdef, params placed on `mesh`, step) from the newest or the given checkpoint."""
+    ckpt = open_for_reading(workdir)
+    graphdef, abstract = experiment.abstract_network(experiment.network_factory(config))
+    shardings = sharding.state_shardings(mesh, abstract, config.mesh.get("fsdp_min_size", 2**18))
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    try:
+        step, params = ckpt.restore_weights(target, step=step, ema=ema)
+    finally:
+        ckpt.close()
+    return graphdef, params, step
+
+
+def generate(
+    graphdef,
+    params,
+    config: ConfigDict,
+    spec: dict,
+    mesh,
+    *,
+    num: int,
+    batch_size: int,
+    seed: int = 0,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+    cfg_scale: float | None = None,
+    label: int | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """`num` samples (float32, on the host) and their labels (None if unconditional)."""
+    sharding.check_batch_size(mesh, batch_size)
+    fn = experiment.make_sample_fn(
+        graphdef,
+        config,
+        tuple(spec["example_shape"]),
+        sampler=sampler,
+        num_steps=num_steps,
+        cfg_scale=cfg_scale,
+    )
+    data_sharding = sharding.batch_sharding(mesh)
+    fn = jax.jit(fn, out_shardings=data_sharding)
+    num_classes = spec["num_classes"] if experiment.null_cond(config) is not None else 0
+    base = jax.random.key(seed)
+    xs, ys = [], []
+    for i in range(math.ceil(num / batch_size)):
+        if label is None:
+            labels = experiment.sample_labels(batch_size, num_classes, offset=i * batch_size)
+        else:
+            labels = np.full((batch_size,), label, np.int32)
+        labels = jax.device_put(labels, data_sharding)
+        x = fn(params, jax.random.fold_in(base, i), labels)
+        xs.append(_to_host(x))
+        ys.append(_to_host(labels))
+    x = np.concatenate(xs)[:num]
+    return x, (np.concatenate(ys)[:num] if num_classes else None)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def write_samples(path: str, x: np.ndarray, labels: np.ndarray | None) -> str:
+    """ADM layout npz plus a PNG preview beside it; returns the PNG path."""
+    is_image = x.ndim == 4
+    arrays = {"arr_0": plots.to_uint8(x) if is_image else x.astype(np.float32)}
+    if labels is not None:
+        arrays["arr_1"] = labels.astype(np.int64)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    np.savez(path, **arrays)
+    png = os.path.splitext(path)[0] + ".png"
+    if is_image:
+        plots.save_image_grid(arrays["arr_0"][:100], png)
+    else:
+        plots.save_scatter(x[:5000], None, png)
+    return png

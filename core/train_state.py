@@ -1,0 +1,70 @@
+"""The one training state of every family, and the optimizer that updates it."""
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from core.errors import UserError
+
+
+@flax.struct.dataclass
+class TrainState:
+    """`params` and `ema` are pure dicts of arrays (`nnx.to_pure_dict` of the network's
+    `nnx.Param` state); `opt_state` is optax's; `step` is an int32 scalar."""
+
+    step: jax.Array
+    params: Any
+    ema: Any
+    opt_state: Any
+
+
+def make_optimizer(
+    *,
+    lr: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+    schedule: str = "constant",
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    grad_clip: float = 0.0,
+) -> optax.GradientTransformation:
+    """AdamW with linear warm-up, then constant or cosine decay, and global-norm clipping.
+
+    Weight decay applies to matrices and kernels (ndim >= 2), not to biases or norms.
+    """
+    warmup = max(int(warmup_steps), 0)
+    if schedule == "constant":
+        lr_fn = optax.warmup_constant_schedule(0.0, lr, max(warmup, 1)) if warmup else lr
+    elif schedule == "cosine":
+        lr_fn = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(total_steps, 2))
+    else:
+        raise UserError(f"unknown optim.schedule {schedule!r}; known: constant, cosine")
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+    parts.append(
+        optax.adamw(lr_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    )
+    return optax.chain(*parts)
+
+
+def learning_rate(tx_config: dict, total_steps: int, step: int) -> float:
+    """The learning rate `make_optimizer(**tx_config)` uses at `step` (for logging)."""
+    lr, warmup = tx_config["lr"], int(tx_config.get("warmup_steps", 0))
+    if tx_config.get("schedule", "constant") == "cosine":
+        fn = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(total_steps, 2))
+        return float(fn(step))
+    return float(lr * min(1.0, step / warmup)) if warmup else float(lr)
+
+
+def init_state(params, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema=jax.tree.map(jnp.copy, params),
+        opt_state=tx.init(params),
+    )

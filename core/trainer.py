@@ -1,0 +1,312 @@
+"""One trainer for every family: config -> sharded jitted steps -> checkpoints and logs.
+
+The loss decides what is trained (velocity net, flow, ...); the trainer only knows
+`loss(net, batch, key, **extras) -> (per_example, metrics)` and a network split once into
+(graphdef, params). Per step the key is `fold_in(key(seed), step)`, the batch is a pure
+function of (seed, step), so a resumed run equals an uninterrupted one.
+"""
+
+import inspect
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from core import experiment, plots, sharding
+from core.checkpoint import Checkpoints
+from core.config import to_json
+from core.errors import TrainingDiverged, UserError
+from core.train_state import TrainState, init_state, learning_rate, make_optimizer
+from core.writer import MetricWriter
+from data.pipeline import Batches, prefetch
+
+Hook = Callable[[int, TrainState], None]
+
+
+def make_train_step(
+    graphdef, loss_fn, tx: optax.GradientTransformation, *, ema_decay: float, seed: int
+) -> Callable:
+    """`step(state, batch) -> (state, metrics)`; a non-finite loss, gradient or update
+    leaves the state unchanged (but for `step`) and is reported as `nonfinite = 1`."""
+    wants_ema = "ema_net" in inspect.signature(loss_fn).parameters
+    base_key = jax.random.key(seed)
+
+    def step(state: TrainState, batch: dict):
+        key = jax.random.fold_in(base_key, state.step)
+        extras = {"ema_net": nnx.merge(graphdef, state.ema)} if wants_ema else {}
+
+        def objective(params):
+            per_example, metrics = loss_fn(nnx.merge(graphdef, params), batch, key, **extras)
+            return jnp.mean(per_example), metrics
+
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = optax.incremental_update(params, state.ema, 1.0 - ema_decay)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(updates))
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            ema=keep(ema, state.ema),
+            opt_state=keep(opt_state, state.opt_state),
+        )
+        metrics = {
+            **metrics,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "nonfinite": 1.0 - ok.astype(jnp.float32),
+        }
+        return new_state, jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
+
+    return step
+
+
+class _Run:
+    """Everything `train` sets up from the config, before the loop."""
+
+    def __init__(self, config: ConfigDict, workdir: str, devices=None):
+        self.config, self.workdir = config, workdir
+        self.main = jax.process_index() == 0
+        self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
+        sharding.check_batch_size(self.mesh, config.batch_size)
+        self.source = experiment.build_source(config)
+        self.spec = experiment.data_spec(self.source)
+        self.factory = experiment.network_factory(config)
+        self.graphdef, abstract_params = experiment.abstract_network(self.factory, config.seed)
+        self.loss_fn = experiment.build_loss(config)
+        self.tx = make_optimizer(**config.optim, total_steps=config.total_steps)
+        abstract_state = jax.eval_shape(lambda p: init_state(p, self.tx), abstract_params)
+        self.shardings = sharding.state_shardings(
+            self.mesh, abstract_state, config.mesh.fsdp_min_size
+        )
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_state,
+            self.shardings,
+        )
+        self._check_data_fits(abstract_params)
+
+    def _check_data_fits(self, abstract_params) -> None:
+        batch = {"x": jax.ShapeDtypeStruct((2, *self.spec["example_shape"]), jnp.float32)}
+        if self.config.data.use_labels:
+            batch["cond"] = jax.ShapeDtypeStruct((2,), jnp.int32)
+        run_loss = lambda p, b: self.loss_fn(
+            nnx.merge(self.graphdef, p), b, jax.random.key(0), **self._extras(p)
+        )
+        try:
+            jax.eval_shape(run_loss, abstract_params, batch)
+        except (ValueError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"network {self.config.model.name!r} cannot train on data "
+                f"{self.config.data.name!r} of example shape {tuple(self.spec['example_shape'])}"
+                f": {first}"
+            ) from e
+
+    def _extras(self, params):
+        wants = "ema_net" in inspect.signature(self.loss_fn).parameters
+        return {"ema_net": nnx.merge(self.graphdef, params)} if wants else {}
+
+    def init_or_restore(self, ckpt: Checkpoints) -> TrainState:
+        latest = ckpt.latest_step()
+        if latest is not None:
+            return ckpt.restore(latest, self.abstract_state)
+        seed = self.config.seed
+        init = lambda: init_state(experiment.init_params(self.factory, seed), self.tx)
+        return jax.jit(init, out_shardings=self.shardings)()
+
+    def jit_step(self) -> Callable:
+        step = make_train_step(
+            self.graphdef,
+            self.loss_fn,
+            self.tx,
+            ema_decay=self.config.ema_decay,
+            seed=self.config.seed,
+        )
+        batch_sharding = sharding.batch_sharding(self.mesh)
+        return jax.jit(
+            step,
+            donate_argnums=0,
+            in_shardings=(self.shardings, batch_sharding),
+            out_shardings=(self.shardings, sharding.replicated(self.mesh)),
+        )
+
+    def batches(self, start_step: int):
+        b = Batches(
+            self.source,
+            global_batch_size=self.config.batch_size,
+            seed=self.config.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            random_flip=self.config.data.random_flip,
+        )
+        return prefetch(b.iterate(start_step), 2, lambda x: sharding.place_batch(x, self.mesh))
+
+
+def _prepare_workdir(config: ConfigDict, workdir: str, main: bool) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    if not main:
+        return
+    path = os.path.join(workdir, "config.json")
+    text = to_json(config)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if old != text:  # keep the earlier config of a resumed run, never overwrite it
+            os.replace(path, os.path.join(workdir, f"config.{int(time.time())}.json"))
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def train(
+    config: ConfigDict, workdir: str, *, hooks: Sequence[Hook] = (), devices=None
+) -> TrainState:
+    """Train (or resume) the experiment `config` in `workdir`; returns the final state.
+
+    `hooks` are called as `hook(step, state)` after every step; `devices` (default: all)
+    are the devices the mesh is built from.
+    """
+    run = _Run(config, workdir, devices)
+    _prepare_workdir(config, workdir, run.main)
+    if run.main:
+        experiment.write_data_spec(workdir, run.spec)
+    ckpt = Checkpoints(workdir, max_to_keep=config.keep_ckpts)
+    writer = MetricWriter(workdir, enabled=run.main)
+    try:
+        state = run.init_or_restore(ckpt)
+        start = int(jax.device_get(state.step))
+        writer.truncate_after(start)
+        state = _loop(run, state, start, ckpt, writer, hooks)
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+    return state
+
+
+def _every(step: int, every: int, last: bool) -> bool:
+    return last or (every > 0 and step % every == 0)
+
+
+def _loop(
+    run: _Run,
+    state: TrainState,
+    start: int,
+    ckpt: Checkpoints,
+    writer: MetricWriter,
+    hooks: Sequence[Hook],
+) -> TrainState:
+    config = run.config
+    step_fn = run.jit_step()
+    grid = _SampleGrid(run) if config.sample_every else None
+    metrics_log = _MetricsLog(config, writer, ckpt, start)
+    bar = tqdm(
+        total=config.total_steps,
+        initial=start,
+        disable=not run.main,
+        dynamic_ncols=True,
+        mininterval=1.0,
+        desc="train",
+    )
+    with run.batches(start) as batches, bar:
+        for step in range(start + 1, config.total_steps + 1):
+            state, metrics = step_fn(state, next(batches))
+            metrics_log.add(metrics)
+            bar.update(1)
+            last = step == config.total_steps
+            if _every(step, config.ckpt_every, last):
+                metrics_log.check_finite(step)  # before saving: never save past a NaN
+                ckpt.save(state)
+            if _every(step, config.log_every, last):
+                bar.set_postfix(loss=f"{metrics_log.write(step):.4g}")
+            if grid is not None and _every(step, config.sample_every, last):
+                grid.write(state, step, writer, final=last)
+            for hook in hooks:
+                hook(step, state)
+    return state
+
+
+class _MetricsLog:
+    """Sums step metrics on device; averages, checks and writes them every `log_every`."""
+
+    def __init__(self, config: ConfigDict, writer: MetricWriter, ckpt: Checkpoints, start: int):
+        self.config, self.writer, self.ckpt = config, writer, ckpt
+        self.sums, self.first, self.t0 = None, start, time.perf_counter()
+        self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+
+    def add(self, metrics: dict) -> None:
+        self.sums = metrics if self.sums is None else self._add(self.sums, metrics)
+
+    def _means(self, step: int) -> dict:
+        return {k: float(v) / (step - self.first) for k, v in jax.device_get(self.sums).items()}
+
+    def check_finite(self, step: int) -> dict:
+        means = self._means(step)
+        if means["nonfinite"] > 0:
+            good = self.ckpt.latest_step()
+            where = f"step {good} in {self.ckpt.directory}" if good is not None else "none"
+            raise TrainingDiverged(
+                f"loss became NaN/inf between steps {self.first + 1} and {step}; training "
+                f"stopped (bad updates were not applied). Last good checkpoint: {where}"
+            )
+        return means
+
+    def write(self, step: int) -> float:
+        """Write the means since the last write; returns the mean loss."""
+        means = self.check_finite(step)
+        del means["nonfinite"]
+        elapsed, n = time.perf_counter() - self.t0, step - self.first
+        means.update(
+            lr=learning_rate(self.config.optim, self.config.total_steps, step),
+            steps_per_sec=n / elapsed,
+            examples_per_sec=n * self.config.batch_size / elapsed,
+        )
+        self.writer.write(step, means)
+        self.sums, self.first, self.t0 = None, step, time.perf_counter()
+        return means["loss"]
+
+
+class _SampleGrid:
+    """Periodic PNG of samples from the EMA weights, with fixed noise."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        cfg_ = run.config
+        shape = tuple(run.spec["example_shape"])
+        self.fn = jax.jit(experiment.make_sample_fn(run.graphdef, cfg_, shape))
+        self.cond = experiment.sample_labels(cfg_.sample.num, run.spec["num_classes"])
+        self.key = jax.random.fold_in(jax.random.key(cfg_.seed), 2**30)
+        kind = cfg_.sample.plot
+        self.kind = ("grid" if len(shape) == 3 else "scatter") if kind == "auto" else kind
+        self.reference = None
+        if self.kind != "grid":
+            n = min(cfg_.sample.num * 8, run.source.num_examples)
+            self.reference = run.source.__getitems__(np.arange(n))["x"]
+
+    def write(self, state: TrainState, step: int, writer: MetricWriter, final: bool) -> None:
+        if not self.run.main:
+            return
+        x = np.asarray(jax.device_get(self.fn(state.ema, self.key, self.cond)))
+        folder = os.path.join(self.run.workdir, "samples")
+        path = os.path.join(folder, f"step_{step:08d}.png")
+        picture = plots.PLOTS[self.kind](x, self.reference, path, f"step {step}")
+        writer.image(step, "samples", picture)
+        if final:
+            plots.PLOTS[self.kind](
+                x, self.reference, os.path.join(self.run.workdir, "samples.png"), "final"
+            )
+
+
+def check_workdir(workdir: str | None) -> str:
+    if not workdir:
+        raise UserError("--workdir is required")
+    return workdir

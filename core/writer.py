@@ -1,0 +1,58 @@
+"""Metrics to `metrics.jsonl` (one JSON object per line, with `step`) and TensorBoard."""
+
+import json
+import math
+import os
+
+import numpy as np
+
+
+class MetricWriter:
+    """Writes on the main process only; a no-op elsewhere."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume from `step`, drop lines logged after it (those steps are redone)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        row.update({k: _to_python(v) for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, float | int) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+
+    def image(self, step: int, name: str, image_hwc_uint8: np.ndarray) -> None:
+        if self.enabled and self._tb is not None:
+            self._tb.add_image(name, image_hwc_uint8, step, dataformats="HWC")
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _to_python(v):
+    v = np.asarray(v)
+    return v.item() if v.ndim == 0 else v.tolist()

@@ -1,0 +1,89 @@
+"""Input pipelines: a `Source` per dataset, stateless `Batches`, and `prefetch`.
+
+    source = build_source("mnist", use_labels=True)           # or "cifar10", "moons", "npz"
+    batches = Batches(source, global_batch_size=256, seed=0,
+                      process_index=jax.process_index(), process_count=jax.process_count())
+    for batch in prefetch(batches.iterate(start_step), 2, put=place_on_devices): ...
+
+A batch is `{"x": float32 [b, ...], "cond": int32 [b]}` (`cond` only with labels); images
+are NHWC in [-1, 1]. Host-side numpy only: device placement is the caller's `put`.
+"""
+
+import inspect
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from core.errors import UserError
+from data.arrays import ArraySource
+from data.pipeline import Batches, Prefetcher, prefetch
+from data.toy import TOYS, ToySource, sample_toy
+
+EARTH = ("volcano", "earthquake", "flood", "fire")
+
+__all__ = [
+    "ArraySource",
+    "Batches",
+    "Prefetcher",
+    "Source",
+    "TfdsSource",
+    "ToySource",
+    "build_source",
+    "prefetch",
+    "sample_toy",
+]
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A finite indexed dataset; `__getitems__` returns the examples at `indices`."""
+
+    num_examples: int
+    example_shape: tuple[int, ...]
+    num_classes: int  # 0 when labels are not used
+
+    def __getitems__(self, indices: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+def _construct(cls, name: str, args: tuple, options: dict) -> Source:
+    allowed = [p for p in inspect.signature(cls).parameters if p not in ("name", "split")]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise UserError(
+            f"dataset {name!r} has no option(s) {', '.join(unknown)}; "
+            f"its options: {', '.join(allowed)}"
+        )
+    return cls(*args, **options)
+
+
+def build_source(name: str, *, split: str = "train", **options) -> Source:
+    """The dataset `name`: a toy (`8gaussians`, `moons`, `checkerboard`; options
+    `num_examples`, `seed`), `npz` (options `path`, `use_labels`; one file is one split),
+    or any tfds dataset (`mnist`, `cifar10`, `celeb_a`, `imagenet2012`, ...; options
+    `data_dir`, `use_labels`, `image_size`, `in_memory`, `cache_dir`, `num_workers`).
+    On the sphere: the Earth event datasets `volcano`, `earthquake`, `flood`, `fire`
+    (options `seed`, `data_dir`) and `vmf_mixture` (`num_examples`, `num_components`,
+    `kappa`, `seed`)."""
+    if name in TOYS:
+        return _construct(ToySource, name, (name, split), options)
+    if name in EARTH or name == "vmf_mixture":  # points on the sphere S² (imports jax)
+        from data.earth import EarthSource, VMFMixtureSource
+
+        if name == "vmf_mixture":
+            return _construct(VMFMixtureSource, name, (), options)
+        return _construct(EarthSource, name, (name, split), options)
+    if name == "npz":
+        if "path" not in options:
+            raise UserError("dataset 'npz' needs the option path=<file.npz>")
+        return _construct(ArraySource, name, (), options)
+    from data.tfds import TfdsSource  # imports tensorflow_datasets (~0.5 s)
+
+    return _construct(TfdsSource, name, (name, split), options)
+
+
+def __getattr__(attr: str):
+    if attr == "TfdsSource":  # lazily, like build_source
+        from data.tfds import TfdsSource
+
+        return TfdsSource
+    raise AttributeError(f"module 'data' has no attribute {attr!r}")

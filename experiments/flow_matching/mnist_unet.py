@@ -1,0 +1,34 @@
+"""Flow matching on MNIST (28×28×1) with an ADM-style U-Net (or `:net=dit`, DiT-S/2).
+
+  TFDS_DATA_DIR=../shared/data/tfds python -m scripts.train \
+      --config experiments/flow_matching/mnist_unet.py --workdir runs/mnist_unet
+
+Class-conditional with label dropout (for guidance): `:cond=True`. One GPU; the U-Net's
+sample grid and loss curve after a 10-minute H100 run are in docs/ (see BENCHMARKS.md).
+"""
+
+from core.config import base_config, parse_variant
+from experiments.presets import image_net, make_conditional, shrink_for_smoke
+
+
+def get_config(arg: str | None = None):
+    v = parse_variant(arg, net="unet", dit="S/2", cond=False, smoke=False)
+    c = base_config()
+    c.total_steps = 50_000
+    c.batch_size = 128
+    c.log_every = 100
+    c.ckpt_every = 5_000
+    c.sample_every = 5_000
+    c.ema_decay = 0.9999
+    c.compute_dtype = "bfloat16"
+    c.optim.update(lr=2e-4 if v.net == "unet" else 1e-4, warmup_steps=1_000)
+    c.data.update(name="mnist", split="train")
+    c.model = image_net(v.net, "mnist", 1, v.dit)
+    c.loss = dict(name="flow_matching", time_sampling="logit_normal")
+    c.sample.update(sampler="heun", num_steps=50, num=64)
+    if v.cond:
+        make_conditional(c, num_classes=10)
+    if v.smoke:
+        shrink_for_smoke(c)
+        c.compute_dtype = "float32"
+    return c

@@ -1,0 +1,73 @@
+"""Network presets and the smoke shrink shared by the experiment configs."""
+
+from ml_collections import ConfigDict
+
+# DDPM / ADM-style U-Nets.
+UNET_MNIST = dict(
+    name="unet",
+    in_channels=1,
+    image_size=28,
+    ch=64,
+    ch_mult=(1, 2, 2),
+    num_res_blocks=2,
+    attn_resolutions=(14,),
+    head_dim=64,
+)
+UNET_CIFAR = dict(
+    name="unet",
+    in_channels=3,
+    image_size=32,
+    ch=128,
+    ch_mult=(1, 2, 2, 2),
+    num_res_blocks=2,
+    attn_resolutions=(16,),
+    head_dim=64,
+)
+UNET_SMOKE = dict(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), head_dim=16)
+DIT_SMOKE = dict(hidden=32, depth=1, heads=2)
+
+
+def dit(in_channels: int, variant: str) -> dict:
+    return dict(name="dit", in_channels=in_channels, variant=variant)
+
+
+def image_net(net: str, dataset: str, in_channels: int, dit_variant: str) -> dict:
+    """The U-Net preset of `dataset` or a DiT of `dit_variant`."""
+    if net == "unet":
+        return dict(UNET_MNIST if dataset == "mnist" else UNET_CIFAR)
+    if net == "dit":
+        return dit(in_channels, dit_variant)
+    raise ValueError(f"unknown net {net!r}; known: unet, dit")
+
+
+def make_conditional(
+    c: ConfigDict, num_classes: int, drop_prob: float = 0.1, cfg_scale: float = 1.5
+) -> None:
+    """Class-conditional training with label dropout (for classifier-free guidance)."""
+    c.data.use_labels = True
+    c.model.num_classes = num_classes
+    c.loss.cond_drop_prob = drop_prob
+    c.loss.null_cond = num_classes
+    c.sample.cfg_scale = cfg_scale
+
+
+def shrink_for_smoke(c: ConfigDict) -> None:
+    """A CPU-sized run of the same experiment: tiny network, 2 steps, small batch."""
+    c.total_steps = 2
+    c.batch_size = 8
+    c.log_every = 1
+    c.ckpt_every = 2
+    c.sample_every = 0
+    c.optim.warmup_steps = 1
+    c.sample.num = 8
+    c.sample.num_steps = 2
+    if c.data.name not in ("8gaussians", "moons", "checkerboard", "earth"):
+        c.data.split = f"{c.data.split}[:64]"
+        c.data.options.in_memory = True
+    name = c.model.name
+    if name == "unet":
+        c.model.update(UNET_SMOKE)
+    elif name == "dit":
+        c.model.update(DIT_SMOKE)
+    elif name == "mlp":
+        c.model.update(hidden=32, depth=2)

@@ -1,0 +1,38 @@
+"""Pure loss functions, chosen by name in a config.
+
+Conventions (stated once, here, for the whole codebase):
+
+- `t` in [0, 1]; `t = 0` is noise `x0 ~ N(0, I)`, `t = 1` is data `x1`.
+  `x_t = (1 - t) x0 + t x1`; the target velocity is `v = x1 - x0`.
+- `dt` is the shortcut step size in [0, 1]; `x` is `[B, ...]`, `t` and `dt` are `[B]`.
+- Sphere points have `|x| = 1`; paths there are geodesics from uniform noise.
+- A batch is a dict: `"x"` (data, float32, images scaled to [-1, 1]) and optionally
+  `"cond"` (int labels `[B]` or embeddings `[B, E]`).
+- A loss is `loss(net, batch, key, **hparams) -> (per_example [B], metrics dict)`; the
+  trainer reduces. Frozen extras (an EMA teacher, ...) are keyword-only (`ema_net=`);
+  the trainer passes `ema_net` to a loss whose signature names it.
+- Randomness is explicit (`key`); networks are deterministic. Label dropout, time sampling
+  and noise live here, never in networks.
+"""
+
+import functools
+import inspect
+
+from core.errors import UserError, lookup
+from losses.flow_matching import loss_flow_matching
+from losses.sphere import loss_sphere_fm
+
+LOSSES = {"flow_matching": loss_flow_matching, "sphere_fm": loss_sphere_fm}
+
+
+def build(name: str, **hparams):
+    """The loss `name` with its hyper-parameters bound (`functools.partial`)."""
+    fn = lookup(LOSSES, name, "loss")
+    params = inspect.signature(fn).parameters
+    unknown = sorted(k for k in hparams if k not in params)
+    if unknown:
+        known = [k for k, p in params.items() if p.kind == p.KEYWORD_ONLY and k != "ema_net"]
+        raise UserError(
+            f"loss {name!r} has no option(s) {', '.join(unknown)}; its options: {', '.join(known)}"
+        )
+    return functools.partial(fn, **hparams)

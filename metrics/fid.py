@@ -1,0 +1,277 @@
+"""FID, KID, precision/recall and Inception Score on FID Inception-v3 features.
+
+Pipeline, as pytorch-fid (`fid_score.py`): uint8 images `[N, H, W, C]` -> `/ 255` ->
+bilinear resize to 299x299 (half-pixel centres, i.e. align_corners=False, no antialiasing)
+-> `2x - 1` -> network -> 2048-d pool features (float32) -> mean and covariance in float64
+-> Frechet distance with the matrix square root from a complex Schur decomposition (the
+method of scipy's `sqrtm`), eps * I added when the product is singular, tiny imaginary parts
+dropped. Statistics files use pytorch-fid's npz layout (`mu`, `sigma`).
+"""
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+from flax import nnx
+from scipy.linalg import lapack
+from scipy.special import log_softmax
+
+from core.errors import UserError
+from models.inception import InceptionV3, load_inception
+
+SIZE = 299
+
+
+def preprocess(images: jax.Array) -> jax.Array:
+    """uint8 `[B, H, W, C]` (C = 1 or 3) or `[B, H, W]` -> float32 `[B, 299, 299, 3]` in
+    [-1, 1], exactly as pytorch-fid: `/ 255`, bilinear resize, `2x - 1`; gray -> 3 channels."""
+    if images.dtype != jnp.uint8:
+        raise UserError(f"FID expects uint8 images in [0, 255], got dtype {images.dtype}")
+    x = images[..., None] if images.ndim == 3 else images
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise UserError(f"FID expects images [N, H, W, 1 or 3] or [N, H, W], got {images.shape}")
+    x = jnp.asarray(x).astype(jnp.float32) / 255.0
+    if x.shape[1:3] != (SIZE, SIZE):
+        x = jax.image.resize(
+            x,
+            (x.shape[0], SIZE, SIZE, x.shape[3]),
+            "bilinear",
+            antialias=False,
+            precision=jax.lax.Precision.HIGHEST,
+        )
+    if x.shape[-1] == 1:
+        x = jnp.broadcast_to(x, (*x.shape[:3], 3))
+    return 2.0 * x - 1.0
+
+
+@functools.cache
+def _feature_fn(graphdef, with_logits: bool):
+    def run(params, images):
+        net = nnx.merge(graphdef, params)
+        feats = net(preprocess(images))
+        return (feats, net.logits(feats, bias=False)) if with_logits else feats
+
+    return jax.jit(run)
+
+
+@functools.cache
+def _default_net() -> InceptionV3:
+    return load_inception()
+
+
+def inception_features(
+    images: np.ndarray,
+    net: InceptionV3 | None = None,
+    *,
+    batch_size: int = 50,
+    with_logits: bool = False,
+):
+    """uint8 images `[N, H, W, C]` -> float32 features `[N, 2048]` (NumPy); with
+    `with_logits`, also the 1008-way logits without bias `[N, 1008]` (the original Inception
+    Score's), which needs weights with a logits layer. `net` defaults to `load_inception()`.
+    Batches are padded to `batch_size`, so one compiled program serves every batch."""
+    net = _default_net() if net is None else net
+    if with_logits and net.fc is None:
+        net.logits(jnp.zeros((1, 2048)))  # raises the UserError that says why
+    images = np.asarray(images)
+    if len(images) == 0:
+        raise UserError("inception_features got no images")
+    batch_size = min(batch_size, len(images))
+    graphdef, params = nnx.split(net)
+    fn = _feature_fn(graphdef, with_logits)
+    outs = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        pad = np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)
+        outs.append(jax.tree.map(np.asarray, fn(params, np.concatenate([batch, pad]))))
+    n = len(images)
+    if with_logits:
+        return tuple(np.concatenate(parts)[:n] for parts in zip(*outs))
+    return np.concatenate(outs)[:n]
+
+
+# --- statistics and the Frechet distance ----------------------------------------------
+
+
+def stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`[N, D] -> (mu [D], sigma [D, D])` in float64 (pytorch-fid's np.mean / np.cov)."""
+    feats = np.asarray(features, np.float64)
+    if feats.ndim != 2 or len(feats) < 2:
+        raise UserError(f"stats need features [N >= 2, D], got shape {feats.shape}")
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
+    """Write `mu`, `sigma` in pytorch-fid's npz layout."""
+    np.savez_compressed(path, mu=mu, sigma=sigma)
+
+
+def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read `(mu, sigma)` from a pytorch-fid style npz."""
+    try:
+        with np.load(path) as f:
+            return f["mu"][:], f["sigma"][:]
+    except (OSError, KeyError, ValueError) as e:
+        raise UserError(f"could not read FID statistics {path} (npz with mu, sigma): {e}") from None
+
+
+def _sqrt_triangular(t: np.ndarray) -> np.ndarray:
+    """Upper-triangular square root of upper-triangular `t` (principal branch): recursive
+    blocks with a Sylvester solve for the off-diagonal block (Deadman, Higham, Ralha 2013)."""
+    n = t.shape[0]
+    if n <= 64:
+        r = np.zeros_like(t)
+        d = np.sqrt(np.diag(t))
+        for j in range(n):  # Bjorck-Hammarling: column j from the bottom up
+            r[j, j] = d[j]
+            for i in range(j - 1, -1, -1):
+                r[i, j] = (t[i, j] - r[i, i + 1 : j] @ r[i + 1 : j, j]) / (d[i] + d[j])
+        return r
+    h = n // 2
+    r11, r22 = _sqrt_triangular(t[:h, :h]), _sqrt_triangular(t[h:, h:])
+    x, scale, info = lapack.ztrsyl(r11, r22, t[:h, h:])  # r11 x + x r22 = scale * t12
+    r = np.zeros_like(t)
+    r[:h, :h], r[h:, h:] = r11, r22
+    r[:h, h:] = x / scale if info == 0 else np.nan  # near-singular: like scipy, give up
+    return r
+
+
+def sqrtm(a: np.ndarray) -> np.ndarray:
+    """Principal square root of a square matrix (complex128): complex Schur `a = z t z^H`,
+    then `z sqrt(t) z^H`, the method of `scipy.linalg.sqrtm`. Not finite where `a` is
+    singular in a way the recurrence cannot handle (two zero eigenvalues)."""
+    t, z = scipy.linalg.schur(np.asarray(a, np.complex128), output="complex")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = _sqrt_triangular(t)
+    return z @ r @ z.conj().T
+
+
+def fid_from_stats(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """Frechet distance `|mu1 - mu2|^2 + tr(s1 + s2 - 2 sqrt(s1 s2))`, pytorch-fid's steps."""
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise UserError(
+            f"FID statistics differ in shape: {mu1.shape}/{sigma1.shape} vs "
+            f"{mu2.shape}/{sigma2.shape}"
+        )
+    covmean = sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        warnings.warn(
+            f"fid: singular product; adding {eps} to the covariance diagonals", stacklevel=2
+        )
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+        raise UserError(
+            f"fid: the matrix square root has an imaginary part "
+            f"{np.abs(covmean.imag).max():.3g}; statistics are ill-conditioned"
+        )
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
+
+
+def fid_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:
+    """FID between two feature sets `[N1, D]`, `[N2, D]`."""
+    return fid_from_stats(*stats(feats1), *stats(feats2))
+
+
+# --- KID, precision/recall, Inception Score -------------------------------------------
+
+
+def kid(
+    feats1: np.ndarray,
+    feats2: np.ndarray,
+    *,
+    num_subsets: int = 100,
+    max_subset_size: int = 1000,
+    seed: int = 0,
+) -> float:
+    """Kernel Inception Distance (Binkowski et al. 2018): unbiased MMD^2 with the kernel
+    `(x.y / d + 1)^3`, averaged over `num_subsets` random subsets of size
+    `min(N1, N2, max_subset_size)` drawn without replacement (clean-fid's defaults)."""
+    f1, f2 = np.asarray(feats1, np.float64), np.asarray(feats2, np.float64)
+    d = f1.shape[1]
+    m = min(len(f1), len(f2), max_subset_size)
+    if m < 2 or f2.shape[1] != d:
+        raise UserError(f"kid needs two sets [N >= 2, D], got {f1.shape} and {f2.shape}")
+    rng = np.random.default_rng(seed)
+    total = 0.0
+    for _ in range(num_subsets):
+        x = f2[rng.choice(len(f2), m, replace=False)]
+        y = f1[rng.choice(len(f1), m, replace=False)]
+        a = (x @ x.T / d + 1) ** 3 + (y @ y.T / d + 1) ** 3
+        b = (x @ y.T / d + 1) ** 3
+        total += (a.sum() - np.trace(a)) / (m - 1) - b.sum() * 2 / m
+    return float(total / num_subsets / m)
+
+
+@jax.jit
+def _sq_dists(rows: jax.Array, cols: jax.Array) -> jax.Array:
+    """`[R, D] x [C, D] -> [R, C]` squared Euclidean distances (float32, clipped at 0)."""
+    dot = jnp.matmul(rows, cols.T, precision=jax.lax.Precision.HIGHEST)
+    d2 = jnp.sum(rows * rows, 1)[:, None] - 2 * dot + jnp.sum(cols * cols, 1)[None, :]
+    return jnp.maximum(d2, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _kth_radius(rows: jax.Array, cols: jax.Array, k: int) -> jax.Array:
+    """Squared distance from each row to its k-th nearest neighbour in `cols` (which
+    contains the row itself at distance 0, hence the (k+1)-th smallest)."""
+    return -jax.lax.top_k(-_sq_dists(rows, cols), k + 1)[0][:, k]
+
+
+@jax.jit
+def _inside(rows: jax.Array, cols: jax.Array, radii: jax.Array) -> jax.Array:
+    """Whether each row lies in some ball `|row - cols[j]|^2 <= radii[j]`."""
+    return jnp.any(_sq_dists(rows, cols) <= radii[None, :], axis=1)
+
+
+def _chunked(fn, rows: np.ndarray, chunk: int, *args) -> np.ndarray:
+    """`fn(rows_chunk, *args)` over fixed-size (padded) row chunks, concatenated."""
+    outs = []
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        padded = np.concatenate([part, np.zeros((chunk - len(part), part.shape[1]), part.dtype)])
+        outs.append(np.asarray(fn(padded, *args))[: len(part)])
+    return np.concatenate(outs)
+
+
+def precision_recall(
+    real_feats: np.ndarray, fake_feats: np.ndarray, *, k: int = 3, chunk: int = 1024
+) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold is
+    the union of balls reaching each sample's k-th nearest neighbour; precision is the
+    fraction of fakes inside the real manifold, recall of reals inside the fake one."""
+    real = np.asarray(real_feats, np.float32)
+    fake = np.asarray(fake_feats, np.float32)
+    if min(len(real), len(fake)) <= k or real.shape[1] != fake.shape[1]:
+        raise UserError(
+            f"precision_recall needs more than k={k} samples per set of equal "
+            f"width, got {real.shape} and {fake.shape}"
+        )
+    chunk = min(chunk, max(len(real), len(fake)))
+    r_real = _chunked(functools.partial(_kth_radius, k=k), real, chunk, real)
+    r_fake = _chunked(functools.partial(_kth_radius, k=k), fake, chunk, fake)
+    precision = _chunked(_inside, fake, chunk, real, r_real).mean()
+    recall = _chunked(_inside, real, chunk, fake, r_fake).mean()
+    return float(precision), float(recall)
+
+
+def inception_score(logits: np.ndarray, *, splits: int = 10) -> tuple[float, float]:
+    """Inception Score `exp E_x KL(p(y|x) || p(y))` (mean, std over `splits` chunks) from
+    the 1008-way logits, e.g. `inception_features(..., with_logits=True)[1]`."""
+    logits = np.asarray(logits, np.float64)
+    if logits.ndim != 2 or len(logits) < splits:
+        raise UserError(f"inception_score needs logits [N >= splits, K], got {logits.shape}")
+    scores = []
+    for part in np.array_split(log_softmax(logits, axis=1), splits):
+        log_py = np.log(np.exp(part).mean(axis=0))
+        kl = np.sum(np.exp(part) * (part - log_py[None, :]), axis=1).mean()
+        scores.append(np.exp(kl))
+    return float(np.mean(scores)), float(np.std(scores))

@@ -1,0 +1,62 @@
+"""Networks, chosen by name in a config.
+
+Protocols (one per family):
+
+- `VelocityNet`: `net(x, t, *, cond=None, dt=None) -> v`, `v` shaped like `x`, float32.
+  `x` is `[B, ...]` (images NHWC, vectors `[B, D]`), `t` and `dt` are `[B]` in [0, 1]
+  (`t = 0` noise, `t = 1` data). `cond` is `None`, an int label `[B]` (the index
+  `num_classes` is the null label for classifier-free guidance; `None` means null), or a
+  float embedding `[B, E]`. `dt` is the shortcut step size, already normalised to [0, 1]
+  (`0` = the flow-matching limit); a net built without a `dt` input rejects one.
+- `Flow`: `forward(x, *, cond=None) -> (z, logdet)` and `inverse(z, *, cond=None) -> x`.
+
+Every class is built as `Cls(**kwargs, rngs=nnx.Rngs(seed))` and holds only `nnx.Param`
+state (no BatchNorm, no Rngs), so the trainer can split it into (graphdef, params) once.
+"""
+
+import inspect
+from typing import Protocol
+
+import jax
+from flax import nnx
+
+from core.errors import UserError, lookup
+from models.dit import DiT
+from models.mlp import MLP
+from models.sphere import SphereMLP
+from models.unet import UNet
+
+
+class VelocityNet(Protocol):
+    def __call__(
+        self,
+        x: jax.Array,
+        t: jax.Array,
+        *,
+        cond: jax.Array | None = None,
+        dt: jax.Array | None = None,
+    ) -> jax.Array: ...
+
+
+class Flow(Protocol):
+    def forward(
+        self, x: jax.Array, *, cond: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]: ...
+
+    def inverse(self, z: jax.Array, *, cond: jax.Array | None = None) -> jax.Array: ...
+
+
+NETWORKS = {"mlp": MLP, "unet": UNet, "dit": DiT, "sphere_mlp": SphereMLP}
+
+
+def build(name: str, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
+    """Build network `name` with `kwargs`; unknown names or options are a UserError."""
+    cls = lookup(NETWORKS, name, "network")
+    params = {k: v for k, v in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+    unknown = sorted(k for k in kwargs if k not in params)
+    if unknown:
+        known = ", ".join(k for k in params if k != "rngs")
+        raise UserError(
+            f"network {name!r} has no option(s) {', '.join(unknown)}; its options: {known}"
+        )
+    return cls(**kwargs, rngs=rngs)

@@ -1,0 +1,89 @@
+"""What every CLI shares: one-line errors, config flags, multi-host start-up."""
+
+import os
+import sys
+from collections.abc import Callable
+
+from core.errors import UserError
+
+
+def run(main: Callable[[list[str]], int | None]) -> None:
+    """Run `main(argv)`; a UserError is printed as one line (`error: ...`), exit status 2.
+
+    Set DRIFTLAB_DEBUG=1 to get the traceback instead.
+    """
+    try:
+        code = main(sys.argv)
+    except UserError as e:
+        if os.environ.get("DRIFTLAB_DEBUG"):
+            raise
+        message = " ".join(str(e).split())
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)
+
+
+def parse_config_flags(argv: list[str]):
+    """Parse `--config path[:variant] [--config.key=value ...] --workdir DIR`.
+
+    The config file is loaded and every override key checked first, so a missing file,
+    a bad variant or an unknown key is one clear UserError; then ml_collections'
+    config_flags applies the overrides (types checked against the defaults).
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    from core import config as config_lib
+
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "experiment config file", lock_config=True
+    )
+    workdir = flags.DEFINE_string("workdir", None, "run directory (created; resumed if present)")
+    spec = _flag_value(argv, "config")
+    if spec is None:
+        raise UserError("--config is required (e.g. --config experiments/quickstart.py)")
+    config_lib.check_override_keys(config_lib.load(spec), argv)
+    try:
+        flags.FLAGS(argv)
+    except flags.Error as e:
+        raise UserError(str(e).strip().splitlines()[0]) from e
+    if not workdir.value:
+        raise UserError("--workdir is required")
+    return config_flag.value, workdir.value
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def maybe_initialize_distributed() -> None:
+    """`jax.distributed.initialize()` when launched as one of several processes.
+
+    Auto-detected environments (Cloud TPU, SLURM, Open MPI) set their own variables;
+    elsewhere set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    """
+    import jax
+
+    markers = (
+        "JAX_COORDINATOR_ADDRESS",
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_SIZE",
+        "TPU_WORKER_HOSTNAMES",
+    )
+    if os.environ.get("DRIFTLAB_DISTRIBUTED") == "0" or not any(m in os.environ for m in markers):
+        return
+    if "SLURM_NTASKS" in os.environ and os.environ["SLURM_NTASKS"] == "1":
+        return
+    kwargs = {}
+    if "JAX_COORDINATOR_ADDRESS" in os.environ:
+        kwargs = dict(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    jax.distributed.initialize(**kwargs)

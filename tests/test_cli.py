@@ -1,0 +1,154 @@
+"""The CLIs: bad input is one line naming the problem; train -> sample end to end."""
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from tests.conftest import PYTHON, ROOT
+
+QUICK = "experiments/quickstart.py:smoke=True"
+
+
+def run_cli(args, env, cwd=ROOT):
+    return subprocess.Popen(
+        [PYTHON, "-m", *args],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def one_line_error(proc) -> str:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, (out, err)
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err, err
+    return lines[0]
+
+
+def test_bad_input_gives_one_line_naming_the_problem(tmp_path, python_env):
+    """Started together (each is a fresh python process), then checked one by one."""
+    env = dict(python_env, TFDS_DATA_DIR=str(tmp_path / "no_tfds"))
+    bad_shape = tmp_path / "cube.npz"
+    np.savez(bad_shape, arr_0=np.zeros((16, 3), np.float32))
+    w = str(tmp_path / "w")
+    cases = {
+        "unknown network 'resnet'": [
+            "scripts.train",
+            "--config",
+            QUICK,
+            "--workdir",
+            w,
+            "--config.model.name=resnet",
+        ],
+        "unknown loss 'score_matching'": [
+            "scripts.train",
+            "--config",
+            QUICK,
+            "--workdir",
+            w,
+            "--config.loss.name=score_matching",
+        ],
+        "unknown config key 'optim.learning_rate'": [
+            "scripts.train",
+            "--config",
+            QUICK,
+            "--workdir",
+            w,
+            "--config.optim.learning_rate=0.1",
+        ],
+        "config file not found: experiments/nope.py": [
+            "scripts.train",
+            "--config",
+            "experiments/nope.py",
+            "--workdir",
+            w,
+        ],
+        "unknown config variant key 'sizee'": [
+            "scripts.train",
+            "--config",
+            QUICK + ",sizee=3",
+            "--workdir",
+            w,
+        ],
+        "'cifar10'": [
+            "scripts.train",
+            "--config",
+            QUICK,
+            "--workdir",
+            w,
+            "--config.data.name=cifar10",
+        ],
+        "example shape (3,)": [
+            "scripts.train",
+            "--config",
+            QUICK,
+            "--workdir",
+            w,
+            "--config.data.name=npz",
+            f"--config.data.path={bad_shape}",
+        ],
+        "no checkpoints in": [
+            "scripts.sample",
+            "--workdir",
+            str(tmp_path / "empty"),
+            "--out",
+            str(tmp_path / "s.npz"),
+        ],
+    }
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    (tmp_path / "empty" / "data_spec.json").write_text('{"example_shape": [2], "num_classes": 0}')
+    procs = {expected: run_cli(args, env) for expected, args in cases.items()}
+    for expected, proc in procs.items():
+        line = one_line_error(proc)
+        assert expected in line, (expected, line)
+    assert not os.path.exists(os.path.join(w, "checkpoints")) or not os.listdir(
+        os.path.join(w, "checkpoints")
+    )
+
+
+def test_train_then_sample_writes_adm_npz_and_png(tmp_path, python_env):
+    w = str(tmp_path / "run")
+    proc = run_cli(
+        ["scripts.train", "--config", QUICK, "--workdir", w, "--config.total_steps=3"], python_env
+    )
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    out_npz = str(tmp_path / "s.npz")
+    proc = run_cli(
+        [
+            "scripts.sample",
+            "--workdir",
+            w,
+            "--num",
+            "10",
+            "--steps",
+            "4",
+            "--sampler",
+            "euler",
+            "--out",
+            out_npz,
+        ],
+        python_env,
+    )
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    arr = np.load(out_npz)
+    assert arr["arr_0"].shape == (10, 2) and arr["arr_0"].dtype == np.float32
+    assert np.all(np.isfinite(arr["arr_0"]))
+    assert os.path.exists(str(tmp_path / "s.png"))
+    proc = run_cli(["scripts.sample", "--workdir", w, "--step", "7", "--out", out_npz], python_env)
+    assert "checkpoint step 7 not found" in one_line_error(proc)
+
+
+@pytest.mark.parametrize("flag", ["--help"])
+def test_sample_help(flag, python_env):
+    proc = run_cli(["scripts.sample", flag], python_env)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "--workdir" in out

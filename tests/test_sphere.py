@@ -1,0 +1,508 @@
+"""Riemannian flow matching on the sphere: geometry, network, loss, samplers, likelihood,
+Earth data, vMF mixtures and geolocation metrics."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from core.errors import UserError
+from data.earth import (
+    EARTH_FILES,
+    EarthSource,
+    VMFMixture,
+    load_earth_latlon,
+    sample_vmf,
+    split_indices,
+    vmf_log_prob,
+)
+from losses.sphere import loss_sphere_fm
+from manifolds import sphere as S
+from metrics.geo import geo_metrics, geoscore, plot_world_samples
+from metrics.likelihood import log_likelihood, log_likelihood_batched, mean_nll
+from models.sphere import SphereMLP
+from samplers.sphere import (
+    cfg_tangent,
+    sample_sphere_euler,
+    sample_sphere_midpoint,
+    sample_sphere_rk4,
+)
+
+LOG_4PI = math.log(4 * math.pi)
+SAMPLERS = {
+    "euler": (sample_sphere_euler, 1),
+    "midpoint": (sample_sphere_midpoint, 2),
+    "rk4": (sample_sphere_rk4, 4),
+}  # name: (sampler, convergence order)
+
+
+_CACHE = {}
+
+
+def _all_points() -> jax.Array:
+    """`[4, 5000, 3]` uniform points drawn once: tests slice them, so that every test shares
+    one compiled sampler (an eager random op compiles once per shape)."""
+    if "points" not in _CACHE:
+        _CACHE["points"] = S.uniform(jax.random.key(0), (4, 5000))
+    return _CACHE["points"]
+
+
+def _points(n: int, which: int = 0) -> jax.Array:
+    return _all_points()[which, :n]
+
+
+def _pairs(n=512, seed=0):
+    return _points(n, seed % 2), _points(n, 2 + seed % 2)
+
+
+def _unit_err(x):
+    return float(jnp.max(jnp.abs(jnp.linalg.norm(x, axis=-1) - 1.0)))
+
+
+def _randomize(net, scale=0.3, seed=0):
+    """Every parameter redrawn from N(0, scale²), so zero-initialised gates act too."""
+    rng = np.random.default_rng(seed)  # host-side: nothing to compile
+    redraw = lambda p: jnp.asarray(scale * rng.standard_normal(p.shape), p.dtype)
+    nnx.update(net, jax.tree.map(redraw, nnx.state(net, nnx.Param)))
+    return net
+
+
+# ---------------------------------------------------------------- geometry
+
+
+@pytest.mark.parametrize("offset", [None, 1e-3, -1e-3])  # generic, near x, near -x
+def test_exp_of_log_is_identity(offset):
+    x, y = _pairs()
+    if offset is not None:
+        sign = 1.0 if offset > 0 else -1.0
+        y = S.normalize(sign * x + abs(offset) * y)
+    v = S.log_map(x, y)
+    assert float(jnp.max(jnp.abs(jnp.sum(v * x, -1)))) < 1e-6  # tangent
+    np.testing.assert_allclose(jnp.linalg.norm(v, axis=-1), S.distance(x, y), atol=2e-6)
+    np.testing.assert_allclose(S.exp_map(x, v), y, atol=2e-6)
+
+
+def test_log_of_exp_and_special_points():
+    x, y = _pairs()
+    v = S.to_tangent(x, y) * 2.5  # |v| up to 2.5 < π
+    np.testing.assert_allclose(S.log_map(x, S.exp_map(x, v)), v, atol=1e-5)
+    np.testing.assert_allclose(S.log_map(x, x), 0.0, atol=1e-7)
+    anti = S.log_map(x, -x)  # some minimising geodesic of length π
+    np.testing.assert_allclose(jnp.linalg.norm(anti, axis=-1), np.pi, rtol=1e-6)
+    np.testing.assert_allclose(S.exp_map(x, anti), -x, atol=1e-6)
+    jacobians = jax.jit(
+        lambda p: (
+            jax.jacfwd(lambda v: S.exp_map(p, v))(jnp.zeros(3)),
+            jax.jacfwd(lambda y: S.log_map(p, y))(p),
+            jax.jacfwd(lambda y: S.log_map(p, y))(-p),
+        )
+    )(x[0])
+    assert all(np.isfinite(j).all() for j in jacobians)
+
+
+def test_geodesic_on_sphere_with_constant_speed():
+    x0, x1 = _pairs(256)
+
+    @jax.jit
+    def at(t):
+        tb = jnp.full((256,), t)
+        _, speed = jax.jvp(lambda s: S.geodesic(x0, x1, s), (tb,), (jnp.ones(256),))
+        target = S.log_map(S.geodesic(x0, x1, tb), x1) / (1 - t)  # the flow-matching form
+        return S.geodesic(x0, x1, tb), speed, S.geodesic_velocity(x0, x1, tb), target
+
+    for t in np.linspace(0.0, 1.0, 11, dtype=np.float32):
+        xt, speed, velocity, target = at(t)
+        assert _unit_err(xt) < 1e-6
+        np.testing.assert_allclose(jnp.linalg.norm(speed, axis=-1), S.distance(x0, x1), atol=2e-5)
+        np.testing.assert_allclose(velocity, speed, atol=2e-5)
+        if t < 1:
+            np.testing.assert_allclose(target, speed, atol=1e-4)
+        if t == 0:
+            np.testing.assert_allclose(xt, x0, atol=1e-6)
+        if t == 1:
+            np.testing.assert_allclose(xt, x1, atol=2e-6)
+
+
+def test_uniform_latlon_and_distances():
+    x = _all_points().reshape(-1, 3)  # 20000 points
+    assert _unit_err(x) < 1e-6
+    np.testing.assert_allclose(jnp.mean(x, 0), 0.0, atol=0.02)
+    np.testing.assert_allclose(jnp.cov(x.T), np.eye(3) / 3, atol=0.01)
+    assert abs(S.log_area(3) - LOG_4PI) < 1e-12
+    assert abs(S.log_area(2) - math.log(2 * math.pi)) < 1e-12
+    ll = jnp.array([[0.0, 0.0], [90.0, 0.0], [-33.9, 151.2], [51.5, -0.13]])
+    np.testing.assert_allclose(S.latlon_to_xyz(ll[:2]), [[1, 0, 0], [0, 0, 1]], atol=1e-7)
+    np.testing.assert_allclose(S.xyz_to_latlon(S.latlon_to_xyz(ll))[2:], ll[2:], atol=1e-4)
+    # haversine, written independently
+    la, lo = np.deg2rad(np.array(ll[2:])).T
+    hav = (
+        np.sin((la[1] - la[0]) / 2) ** 2
+        + np.cos(la[0]) * np.cos(la[1]) * np.sin((lo[1] - lo[0]) / 2) ** 2
+    )
+    km = 2 * 6371.0 * np.arcsin(np.sqrt(hav))
+    xyz = S.latlon_to_xyz(ll)
+    np.testing.assert_allclose(S.great_circle_km(xyz[2], xyz[3]), km, rtol=1e-5)
+    np.testing.assert_allclose(S.great_circle_km(xyz[0], xyz[1]), 6371.0 * np.pi / 2, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- network and loss
+
+
+def test_sphere_mlp_protocol():
+    x, _ = _pairs(8)
+    t = jnp.linspace(0, 1, 8)
+    plain = SphereMLP(hidden=32, depth=1, rngs=nnx.Rngs(0))
+    v = plain(x, t)
+    assert v.shape == (8, 3) and v.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(jnp.sum(v * x, -1)))) < 1e-6 and float(jnp.abs(v).max()) > 0
+    assert not jax.tree.leaves(nnx.state(plain, nnx.Not(nnx.Param)))
+    with pytest.raises(ValueError, match="dt"):
+        plain(x, t, dt=t)
+    with pytest.raises(ValueError, match="unconditional"):
+        plain(x, t, cond=jnp.zeros(8, jnp.int32))
+    labels = _randomize(SphereMLP(hidden=32, depth=1, num_classes=5, rngs=nnx.Rngs(1)))
+    y = jnp.arange(8) % 5
+    assert not np.allclose(labels(x, t, cond=y), labels(x, t))
+    np.testing.assert_allclose(
+        labels(x, t), labels(x, t, cond=jnp.full(8, 5)), atol=1e-6
+    )  # None = the null label num_classes
+    emb = _randomize(SphereMLP(hidden=32, depth=1, cond_dim=4, rngs=nnx.Rngs(2)))
+    e = jnp.asarray(np.random.default_rng(0).standard_normal((8, 4)), jnp.float32)
+    assert not np.allclose(emb(x, t, cond=e), emb(x, t))
+    np.testing.assert_allclose(
+        emb(x, t), emb(x, t, cond=jnp.zeros((8, 4))), atol=1e-6
+    )  # None = the zero embedding
+    with pytest.raises(ValueError, match="cond_dim"):
+        emb(x, t, cond=jnp.zeros((8, 3)))
+    half = SphereMLP(hidden=32, depth=1, dtype=jnp.bfloat16, rngs=nnx.Rngs(3))
+    assert nnx.jit(lambda net, x, t: net(x, t))(half, x, t).dtype == jnp.float32
+    shaped = nnx.eval_shape(lambda: SphereMLP(hidden=32, depth=1, rngs=nnx.Rngs(0)))
+    assert isinstance(shaped, SphereMLP)
+
+
+def test_loss_is_zero_at_exact_conditional_field():
+    _, x1 = _pairs(256, seed=4)
+
+    def exact(x, t, *, cond=None, dt=None):  # u_t(x | x1): the same for every x0
+        return S.log_map(x, x1) / (1.0 - t)[:, None]
+
+    zero = lambda x, t, *, cond=None, dt=None: jnp.zeros_like(x)
+    run = jax.jit(
+        lambda key: (
+            loss_sphere_fm(exact, {"x": x1}, key, t_eps=1e-3),
+            loss_sphere_fm(zero, {"x": x1}, key)[0],
+        )
+    )
+    (per, metrics), per_zero = run(jax.random.key(0))
+    assert per.shape == (256,) and float(metrics["target_sq_norm"]) > 1.0
+    assert float(jnp.max(per)) < 1e-6
+    assert float(jnp.mean(per_zero)) > 1.0
+
+
+def test_condition_dropout_and_loss_grads():
+    x1, labels, key = _pairs(64)[1], jnp.zeros(64, jnp.int32), jax.random.key(2)
+    with pytest.raises(UserError, match="null_cond"):
+        loss_sphere_fm(lambda x, t, **_: x, {"x": x1, "cond": labels}, key, cond_drop_prob=0.5)
+
+    def loss(table, cond):  # a conditional "network": v = P_x (onehot-or-embedding @ table)
+        def net(x, t, *, cond=None, dt=None):
+            c = jax.nn.one_hot(cond, 4) if cond.dtype == jnp.int32 else cond
+            return S.to_tangent(x, (c @ table) * (1 + t[:, None]))
+
+        return jnp.mean(
+            loss_sphere_fm(net, {"x": x1, "cond": cond}, key, cond_drop_prob=0.3, null_cond=3)[0]
+        )
+
+    grads = jax.jit(jax.grad(loss))(jnp.ones((4, 3)), labels)
+    assert np.isfinite(grads).all()
+    assert float(jnp.abs(grads[0]).min()) > 0 and float(jnp.abs(grads[3]).min()) > 0  # both used
+    np.testing.assert_allclose(grads[1:3], 0.0)  # labels 1, 2 never occur
+    emb = jnp.zeros((64, 4)).at[:, 1].set(1.0)  # embeddings: dropped ones become zeros
+    grads = jax.jit(jax.grad(loss))(jnp.ones((4, 3)), emb)
+    assert np.isfinite(grads).all() and float(jnp.abs(grads[1]).min()) > 0
+
+
+# ---------------------------------------------------------------- analytic fields
+
+
+def analytic_field(k=1.0, a=lambda t: 1.0 + 2.0 * t):
+    """`v = a(t) e_z × x + k (e_z - z x)`: rotation about z plus the gradient flow of z.
+
+    Exact flow: longitude += ∫a dt; tan(θ/2) shrinks by e^{-kt} (θ = colatitude).
+    """
+
+    def v(x, t, *, cond=None, dt=None):
+        ez = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0]), x.shape)
+        z = x[:, 2:3]
+        return a(t)[:, None] * jnp.cross(ez, x) + k * (ez - z * x)
+
+    return v
+
+
+def analytic_flow(x0, k=1.0, rot=2.0):
+    lat, lon = jnp.deg2rad(S.xyz_to_latlon(x0)).T
+    half = jnp.arctan(jnp.tan((jnp.pi / 2 - lat) / 2) * jnp.exp(-k))
+    latlon = jnp.rad2deg(jnp.stack([jnp.pi / 2 - 2 * half, lon + rot], -1))
+    return S.latlon_to_xyz(latlon)
+
+
+def analytic_log_prob(x, k=1.0):
+    """Push-forward of the uniform density by the flow above at t = 1."""
+    z = x[..., 2]
+    return -LOG_4PI + 2 * k + 2 * math.log(2) - 2 * jnp.log(1 + z + (1 - z) * jnp.exp(2 * k))
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_sampler_convergence_order(name):
+    sampler, order = SAMPLERS[name]
+    x0 = _points(64, 1)
+    exact = analytic_flow(x0)
+    errs = []
+    for n in (6, 12) if order == 4 else (12, 24):  # RK4 reaches f32 round-off near 32
+        x = sampler(analytic_field(), x0, jax.random.key(0), num_steps=n)
+        assert _unit_err(x) < 1e-6
+        errs.append(float(jnp.max(S.distance(x, exact))))
+    rates = np.log2(np.array(errs[:-1]) / np.array(errs[1:]))
+    assert np.all(rates > order - 0.3), (errs, rates)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_samples_stay_on_sphere_after_many_steps(name):
+    mats = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 3)), jnp.float32)
+
+    def field(x, t, *, cond=None, dt=None):  # an arbitrary ambient field, time-dependent
+        return x @ (mats[0] + jnp.cos(7 * t)[0] * mats[1])
+
+    x0 = _points(64, 2)
+    x = jax.jit(lambda x: SAMPLERS[name][0](field, x, jax.random.key(0), num_steps=2000))(x0)
+    assert _unit_err(x) < 1e-5
+    assert float(jnp.mean(S.distance(x, x0))) > 0.1  # it moved
+
+
+def test_guidance_wrapper():
+    x = _points(16, 3)
+    t = jnp.full((16,), 0.3)
+    y = jnp.arange(16) % 4
+
+    def ambient(x, t, *, cond=None, dt=None):  # not tangent; label-dependent
+        c = jnp.full(x.shape[:1], 4) if cond is None else cond
+        return x * 3.0 + jnp.stack([c, 2 * c, -c], -1).astype(x.dtype)
+
+    def proj(x, t, *, cond=None, dt=None):
+        return S.to_tangent(x, ambient(x, t, cond=cond))
+
+    for scale in (0.0, 1.0, 3.5):
+        g = cfg_tangent(ambient, scale, null_cond=4)(x, t, cond=y)
+        assert float(jnp.max(jnp.abs(jnp.sum(g * x, -1)))) < 1e-5
+        want = proj(x, t, cond=jnp.full(16, 4)) + scale * (
+            proj(x, t, cond=y) - proj(x, t, cond=jnp.full(16, 4))
+        )
+        np.testing.assert_allclose(g, want, atol=1e-5)
+    guided = cfg_tangent(ambient, 2.0)  # null_cond None: the net's own null (cond=None)
+    out = sample_sphere_rk4(guided, x, jax.random.key(0), num_steps=20, cond=y)
+    assert _unit_err(out) < 1e-6
+
+
+# ---------------------------------------------------------------- likelihood
+
+
+def test_likelihood_of_uniform_is_minus_log_4pi():
+    x = _points(128, 1)
+    rotation = analytic_field(k=0.0)  # divergence-free, a non-trivial flow
+    np.testing.assert_allclose(log_likelihood(rotation, x, num_steps=8), -LOG_4PI, atol=1e-5)
+    zero = lambda x, t, *, cond=None, dt=None: jnp.zeros_like(x)
+    assert abs(mean_nll(zero, x, batch_size=100, num_steps=2) - LOG_4PI) < 1e-6  # padded
+
+
+def test_likelihood_matches_analytic_flow_with_grads():
+    x = _points(128, 2)
+
+    def ode(k, x):
+        lp = log_likelihood(analytic_field(k=k), x, num_steps=16)
+        return jnp.sum(lp), lp
+
+    exact = lambda k, x: jnp.sum(analytic_log_prob(x, k))
+    # d/d(field parameter) and d/dx, through the RK4 scan
+    (gk, gx), lp = jax.jit(jax.grad(ode, argnums=(0, 1), has_aux=True))(1.0, x)
+    np.testing.assert_allclose(lp, analytic_log_prob(x, 1.0), atol=2e-4)
+    wk, wx = jax.grad(exact, argnums=(0, 1))(1.0, x)
+    np.testing.assert_allclose(gk, wk, rtol=1e-3)
+    np.testing.assert_allclose(S.to_tangent(x, gx), S.to_tangent(x, wx), atol=1e-3)
+
+
+def test_likelihood_hutchinson_and_euclidean():
+    x = jnp.broadcast_to(_points(1, 3), (2048, 3))
+    hutch = log_likelihood(
+        analytic_field(), x, num_steps=8, divergence="hutchinson", key=jax.random.key(0)
+    )
+    want = analytic_log_prob(x[:1], 1.0)
+    assert float(jnp.std(hutch)) > 1e-3  # it is stochastic
+    np.testing.assert_allclose(jnp.mean(hutch), want[0], atol=0.06)
+    # Euclidean: v = a x pushes N(0, I) to N(0, e^{2a} I); images flatten
+    a = 0.7
+    xe = jnp.asarray(np.random.default_rng(1).standard_normal((32, 2, 2, 1)), jnp.float32)
+    lin = lambda x, t, *, cond=None, dt=None: a * x
+    lp = log_likelihood(lin, xe, num_steps=8, manifold="euclidean")
+    sq = jnp.sum(xe.reshape(32, -1) ** 2, -1)
+    np.testing.assert_allclose(
+        lp, -sq / (2 * math.exp(2 * a)) - 2 * math.log(2 * math.pi) - 4 * a, atol=1e-4
+    )
+    with pytest.raises(UserError, match="key"):
+        log_likelihood(lin, xe, num_steps=2, divergence="hutchinson")
+
+
+# ---------------------------------------------------------------- a trained model
+
+MIXTURE = VMFMixture(
+    S.latlon_to_xyz(jnp.array([[40.0, 10.0], [-20.0, 120.0], [0.0, -70.0]])),
+    jnp.array([8.0, 12.0, 6.0]),
+    jnp.array([0.5, 0.3, 0.2]),
+)
+
+
+def _latlon_grid(n_lat: int, n_lon: int):
+    """Cell centres `[n_lat n_lon, 3]` of a lat/lon grid and their areas `[n_lat n_lon]`."""
+    lat = (jnp.arange(n_lat) + 0.5) * 180.0 / n_lat - 90.0
+    lon = (jnp.arange(n_lon) + 0.5) * 360.0 / n_lon - 180.0
+    grid = jnp.stack(jnp.meshgrid(lat, lon, indexing="ij"), -1).reshape(-1, 2)
+    area = (
+        jnp.cos(jnp.deg2rad(grid[:, 0])) * math.radians(180 / n_lat) * math.radians(360 / n_lon)
+    )  # ∫ over a cell ≈ cos(lat) dlat dlon at its centre
+    return S.latlon_to_xyz(grid), area
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny SphereMLP fitted to MIXTURE with the flow-matching loss; its log-density on
+    a 5° grid and on test data, and samples, all from one compiled evaluation."""
+    steps, batch = 400, 256
+    net = SphereMLP(hidden=64, depth=1, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(net)
+    opt = optax.adam(optax.cosine_decay_schedule(3e-3, steps, alpha=0.1))
+    data = jax.jit(MIXTURE.sample, static_argnums=1)(jax.random.key(1), (steps + 2) * batch)
+    train_x, test_x = data[: steps * batch].reshape(steps, batch, 3), data[steps * batch :]
+
+    def step(carry, inputs):
+        (params, opt_state), (x1, key) = carry, inputs
+        loss, grads = jax.value_and_grad(
+            lambda p: jnp.mean(loss_sphere_fm(nnx.merge(graphdef, p), {"x": x1}, key)[0])
+        )(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    keys = jax.random.split(jax.random.key(2), steps)
+    (params, _), losses = jax.jit(lambda p: jax.lax.scan(step, (p, opt.init(p)), (train_x, keys)))(
+        params
+    )
+    grid, area = _latlon_grid(36, 72)
+
+    net = nnx.merge(graphdef, params)
+    lp = log_likelihood_batched(
+        net, jnp.concatenate([grid, test_x]), batch_size=1600, num_steps=8
+    )  # 3104 points: 2 batches, one compilation
+    grid_lp, test_lp = lp[: grid.shape[0]], lp[grid.shape[0] :]
+    samples = jax.jit(lambda x0: sample_sphere_midpoint(net, x0, jax.random.key(0), num_steps=10))(
+        _points(1024, 3)
+    )
+    return dict(
+        losses=losses,
+        grid=grid,
+        area=area,
+        grid_lp=grid_lp,
+        test_x=test_x,
+        test_lp=test_lp,
+        samples=samples,
+    )
+
+
+def test_trained_density_integrates_to_one(trained):
+    losses = trained["losses"]
+    assert float(jnp.mean(losses[-50:])) < float(jnp.mean(losses[:50]))
+    mass = float(jnp.sum(jnp.exp(trained["grid_lp"]) * trained["area"]))
+    assert abs(mass - 1.0) < 0.03, mass
+    # the analytic mixture density on the same grid integrates to 1 too (quadrature check)
+    true_mass = float(jnp.sum(jnp.exp(MIXTURE.log_prob(trained["grid"])) * trained["area"]))
+    assert abs(true_mass - 1.0) < 5e-3, true_mass
+
+
+def test_trained_model_nll_and_samples(trained, tmp_path):
+    nll = -float(jnp.mean(trained["test_lp"]))
+    true_nll = -float(jnp.mean(MIXTURE.log_prob(trained["test_x"])))
+    assert true_nll < nll < LOG_4PI - 0.5, (true_nll, nll)
+    samples = trained["samples"]
+    assert _unit_err(samples) < 1e-5
+    assert float(jnp.mean(MIXTURE.log_prob(samples))) > -true_nll - 0.7
+    path = plot_world_samples(
+        str(tmp_path / "samples.png"),
+        np.asarray(samples),
+        reference=np.asarray(trained["test_x"]),
+        title="vMF mixture",
+    )
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- data and metrics
+
+
+def test_vmf_sampling_and_density():
+    mu = S.latlon_to_xyz(jnp.array([30.0, 60.0]))
+    draw = jax.jit(lambda kappa: sample_vmf(jax.random.key(0), mu, kappa, (100_000,)))
+    for kappa in (0.5, 10.0, 200.0):
+        x = draw(kappa)
+        assert _unit_err(x) < 1e-5
+        mean_cos = float(jnp.mean(x @ mu))
+        expected = 1 / math.tanh(kappa) - 1 / kappa  # mean resultant length on S²
+        assert abs(mean_cos - expected) < 0.01, (kappa, mean_cos, expected)
+    grid, area = _latlon_grid(36, 72)
+    mass = float(jnp.sum(jnp.exp(vmf_log_prob(grid, mu[None], 5.0)) * area))
+    assert abs(mass - 1.0) < 2e-3, mass
+    np.testing.assert_allclose(vmf_log_prob(mu, mu, 1e-6), -LOG_4PI, atol=1e-5)
+    assert MIXTURE.log_prob(grid[:10].reshape(2, 5, 3)).shape == (2, 5)
+
+
+def test_earth_sources(shared_data, monkeypatch):
+    earth = f"{shared_data}/earth"
+    counts = {"volcano": 827, "earthquake": 6120, "flood": 4875, "fire": 12809}
+    for name in EARTH_FILES:
+        assert load_earth_latlon(name, earth).shape == (counts[name], 2)
+    monkeypatch.setenv("DRIFTLAB_EARTH_DIR", earth)
+    parts = {s: EarthSource("volcano", s, seed=3) for s in ("train", "val", "test")}
+    assert [parts[s].num_examples for s in ("train", "val", "test")] == [663, 82, 82]
+    batch = parts["train"].__getitems__(np.array([0, 5, 7]))
+    assert batch["x"].dtype == np.float32 and batch["x"].shape == (3, 3)
+    assert _unit_err(parts["test"].xyz) < 1e-6 and parts["val"].example_shape == (3,)
+    idx = split_indices(827, seed=3)
+    assert len(np.unique(np.concatenate(list(idx.values())))) == 827
+    assert np.array_equal(split_indices(827, 3)["test"], idx["test"])
+    assert not np.array_equal(split_indices(827, 4)["test"], idx["test"])
+
+
+def test_earth_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_earth_latlon("volcano", str(tmp_path))
+    with pytest.raises(UserError, match="known Earth datasets"):
+        load_earth_latlon("tsunami", str(tmp_path))
+    (tmp_path / "volerup.csv").write_text("# x\nlat,lon\n10,20\nnan,3")
+    with pytest.raises(UserError, match="out-of-range"):
+        load_earth_latlon("volcano", str(tmp_path))
+    (tmp_path / "volerup.csv").write_text("# x\nlat,lon\n10,20\nabc,3")
+    with pytest.raises(UserError, match="line 4"):
+        load_earth_latlon("volcano", str(tmp_path))
+    with pytest.raises(UserError, match="split"):
+        EarthSource("volcano", "dev", data_dir=str(tmp_path))
+
+
+def test_geo_metrics():
+    true = S.latlon_to_xyz(jnp.zeros((5, 2)))
+    dist_km = np.array([0.5, 20.0, 150.0, 2000.0, 6000.0])
+    lon = np.rad2deg(dist_km / 6371.0)
+    pred = S.latlon_to_xyz(jnp.stack([jnp.zeros(5), jnp.asarray(lon)], -1))
+    m = geo_metrics(np.asarray(pred), np.asarray(true))
+    np.testing.assert_allclose(m["error_km_mean"], dist_km.mean(), rtol=1e-4)
+    assert [m[f"acc_{t}km"] for t in (1, 25, 200, 750, 2500)] == [0.2, 0.4, 0.6, 0.6, 0.8]
+    assert geoscore(0.0) == 5000.0
+    np.testing.assert_allclose(m["geoscore"], np.mean(5000 * np.exp(-dist_km / 1492.7)), rtol=1e-4)

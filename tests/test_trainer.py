@@ -1,0 +1,157 @@
+"""The trainer: sharding invariance, exact resume after SIGKILL, divergence, run outputs."""
+
+import json
+import os
+import subprocess
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from core import config as config_lib
+from core.checkpoint import Checkpoints, open_for_reading
+from core.errors import TrainingDiverged
+from core.trainer import train
+from tests.conftest import PYTHON, ROOT
+
+
+def quick_config(**overrides):
+    c = config_lib.load("experiments/quickstart.py:smoke=True")
+    c.update(overrides)
+    return c
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def restore_params(workdir, step=None):
+    ckpt = open_for_reading(workdir)
+    step = ckpt.resolve_step(step)
+    target = ckpt._manager.item_metadata(step)["params"]
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), target)
+    _, params = ckpt.restore_weights(target, step=step, ema=False)
+    ckpt.close()
+    return params
+
+
+def test_run_directory_has_config_checkpoints_metrics_tensorboard_and_samples(tmp_path):
+    c = quick_config(total_steps=4, ckpt_every=2, log_every=2, sample_every=4)
+    train(c, str(tmp_path))
+    names = set(os.listdir(tmp_path))
+    assert {
+        "config.json",
+        "checkpoints",
+        "metrics.jsonl",
+        "tensorboard",
+        "samples.png",
+        "data_spec.json",
+    } <= names
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    assert sorted(Checkpoints(str(tmp_path)).all_steps()) == [2, 4]
+    saved = config_lib.from_json(open(tmp_path / "config.json").read())
+    assert saved.total_steps == 4 and saved.model.name == "mlp"
+
+
+SHARDING_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from core import config as config_lib
+    from core.trainer import train
+    out = {}
+    for data, fsdp in [(1, 1), (8, 1), (4, 2), (1, 8)]:
+        c = config_lib.load("experiments/quickstart.py:smoke=True")
+        c.update(total_steps=1, batch_size=16, ckpt_every=1, log_every=1)
+        c.model.update(hidden=64, depth=2)
+        c.mesh.update(data=data, fsdp=fsdp, fsdp_min_size=0)
+        state = train(c, f"{sys.argv[1]}/{data}x{fsdp}", devices=jax.devices()[:data * fsdp])
+        leaves = [np.asarray(x).tolist() for x in jax.tree.leaves(state.params)]
+        specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(state.params)})
+        loss = json.loads(open(f"{sys.argv[1]}/{data}x{fsdp}/metrics.jsonl").readline())["loss"]
+        out[f"{data}x{fsdp}"] = {"loss": loss, "params": leaves, "specs": specs}
+    print(json.dumps(out))
+""")
+
+
+def test_one_step_is_the_same_on_every_mesh(tmp_path, python_env):
+    flags = python_env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    env = dict(python_env, XLA_FLAGS=flags)
+    proc = subprocess.run(
+        [PYTHON, "-c", SHARDING_SCRIPT, str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    ref = out.pop("1x1")
+    assert "PartitionSpec(None, 'fsdp')" in str(out["1x8"]["specs"]) or any(
+        "fsdp" in s for s in out["1x8"]["specs"]
+    )
+    for mesh, got in out.items():
+        np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5, err_msg=mesh)
+        for a, b in zip(got["params"], ref["params"]):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=mesh)
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from core import config as config_lib
+    from core.trainer import train
+    workdir, kill_at = sys.argv[1], int(sys.argv[2])
+    c = config_lib.load("experiments/quickstart.py:smoke=True")
+    c.update(total_steps=8, ckpt_every=2, log_every=1)
+    def hook(step, state):
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    train(c, workdir, hooks=[hook])
+""")
+
+
+def test_resume_after_sigkill_gives_identical_parameters(tmp_path, python_env):
+    run = lambda workdir, kill_at: subprocess.run(
+        [PYTHON, "-c", RESUME_SCRIPT, str(workdir), str(kill_at)],
+        cwd=ROOT,
+        env=python_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    straight = run(tmp_path / "straight", 0)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = run(tmp_path / "killed", 5)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert Checkpoints(str(tmp_path / "killed")).latest_step() in (2, 4)
+    resumed = run(tmp_path / "killed", 0)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = restore_params(tmp_path / "straight"), restore_params(tmp_path / "killed")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    steps = [r["step"] for r in read_metrics(tmp_path / "killed")]
+    assert steps == list(range(1, 9))  # lines after the restored step were dropped, redone
+
+
+def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    rng = np.random.default_rng(0)
+    good, bad = tmp_path / "good.npz", tmp_path / "bad.npz"
+    np.savez(good, arr_0=rng.normal(size=(64, 2)).astype(np.float32))
+    np.savez(bad, arr_0=np.full((64, 2), 1e25, np.float32))  # finite data, inf loss
+    c = quick_config(total_steps=4, ckpt_every=2, log_every=2)
+    c.data.update(name="npz", path=str(good))
+    train(c, str(tmp_path / "run"))
+    before = restore_params(tmp_path / "run", 4)
+    c = quick_config(total_steps=8, ckpt_every=2, log_every=2)
+    c.data.update(name="npz", path=str(bad))
+    with pytest.raises(TrainingDiverged, match=r"NaN/inf between steps 5 and 6.*step 4"):
+        train(c, str(tmp_path / "run"))
+    assert Checkpoints(str(tmp_path / "run")).all_steps() == [2, 4]
+    after = restore_params(tmp_path / "run", 4)
+    for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
