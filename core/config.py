@@ -64,6 +64,7 @@ def base_config() -> ConfigDict:
             "num": 64,
             "prior": "gaussian",
             "plot": "auto",
+            "options": ConfigDict(),  # extra keyword arguments of the sampler
         }
     )
     return c
