@@ -1,0 +1,56 @@
+"""The benchmark: analytic FLOPs of real configs, and the CLI's JSON line."""
+
+import json
+import subprocess
+
+from core import config as config_lib
+from core.benchmark import forward_flops, mfu
+from models.flops import dit_forward_flops
+from tests.conftest import PYTHON, ROOT
+
+
+def test_forward_flops_of_the_dit_config_equal_the_closed_form():
+    for size in ("S/2", "B/2"):
+        config = config_lib.load(f"experiments/flow_matching/cifar10_dit.py:size={size}")
+        assert forward_flops(config, (32, 32, 3)) == dit_forward_flops(size, 32, 3)
+    # DiT-B/2 on 32x32x3: about 46 GFLOP per forward (2 * 130M params * 256 tokens / 1.45)
+    assert 45e9 < dit_forward_flops("B/2", 32, 3) < 47e9
+
+
+def test_mfu_arithmetic():
+    out = mfu(forward=10**9, images_per_sec=1000.0, peak_tflops=6.0)
+    assert out["train_tflops"] == 3.0 and out["mfu"] == 0.5
+
+
+def test_bench_cli_prints_one_json_line(python_env, tmp_path):
+    out = tmp_path / "bench.jsonl"
+    proc = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "scripts.bench",
+            "--config",
+            "experiments/quickstart.py:smoke=True",
+            "--shape",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--sample-steps",
+            "2",
+            "--sample-repeats",
+            "1",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=python_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text().strip())
+    assert row["images_per_sec"] > 0 and row["sample_images_per_sec"] > 0
+    assert row["forward_gflops_per_image"] > 0 and 0 < row["mfu"] < 1
