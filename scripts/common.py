@@ -86,4 +86,7 @@ def maybe_initialize_distributed() -> None:
             num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["JAX_PROCESS_ID"]),
         )
+    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
+        # CPU processes exchange collectives through gloo (GPUs and TPUs have their own).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
