@@ -114,30 +114,33 @@ def make_sample_fn(
 ):
     """`fn(params, key, cond) -> samples`: prior noise -> sampler, with guidance.
 
-    `cond` holds the labels (its length is the number of samples; ignored for
-    unconditional models). Guidance wraps the network (`samplers.guidance.cfg`), unless
-    the sampler takes `cfg_scale` itself (flows guide their affine parameters, not a
-    velocity): then it gets `cfg_scale` and `null_cond`. `config.sample.options` are
-    passed to the sampler as keyword arguments.
+    `cond` holds the labels `[n]` or condition embeddings `[n, E]` (its length is the number
+    of samples; ignored for unconditional models). Guidance wraps the network
+    (`samplers.guidance.cfg`), unless the sampler takes `cfg_scale` itself (flows guide
+    their affine parameters, not a velocity): then it gets `cfg_scale` and `null_cond`.
+    `config.sample.options` are passed to the sampler as keyword arguments.
     """
     s = config.sample
     sample = samplers.build(sampler or s.sampler)
     prior = samplers.build_prior(s.prior)
     steps = int(num_steps or s.num_steps)
     scale = float(s.cfg_scale if cfg_scale is None else cfg_scale)
+    # label models: null label = num_classes; embedding models: the null is the zero vector
     null = null_cond(config)
+    conditional = null is not None or int(config.model.get("cond_dim", 0)) > 0
+    null = 0 if null is None else null
     options = _plain(s.get("options", ConfigDict()))
     own_guidance = "cfg_scale" in inspect.signature(sample).parameters
     if own_guidance:
-        options.update(cfg_scale=scale, null_cond=null)
+        options.update(cfg_scale=scale, null_cond=null if conditional else None)
 
     def fn(params, key, cond):
         net = nnx.merge(graphdef, params)
-        if null is not None and scale != 1.0 and not own_guidance:
+        if conditional and scale != 1.0 and not own_guidance:
             net = cfg(net, scale, null)
         k_prior, k_sample = jax.random.split(key)
         x_init = prior(k_prior, (cond.shape[0], *example_shape))
-        cond = cond if null is not None else None
+        cond = cond if conditional else None
         return sample(net, x_init, k_sample, num_steps=steps, cond=cond, **options)
 
     return fn

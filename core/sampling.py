@@ -83,13 +83,14 @@ def generate(
             labels = np.full((batch_size,), label, np.int32)
         labels = jax.device_put(labels, data_sharding)
         x = fn(params, jax.random.fold_in(base, i), labels)
-        xs.append(_to_host(x))
-        ys.append(_to_host(labels))
+        xs.append(to_host(x))
+        ys.append(to_host(labels))
     x = np.concatenate(xs)[:num]
     return x, (np.concatenate(ys)[:num] if num_classes else None)
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole array as numpy on every process (gathered across hosts when needed)."""
     if jax.process_count() > 1:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))

@@ -23,6 +23,7 @@ from core import experiment, plots, sharding
 from core.checkpoint import Checkpoints
 from core.config import to_json
 from core.errors import TrainingDiverged, UserError
+from core.sampling import to_host
 from core.train_state import TrainState, init_state, learning_rate, make_optimizer
 from core.writer import MetricWriter
 from data.pipeline import Batches, prefetch
@@ -96,9 +97,10 @@ class _Run:
         self._check_data_fits(abstract_params)
 
     def _check_data_fits(self, abstract_params) -> None:
-        batch = {"x": jax.ShapeDtypeStruct((2, *self.spec["example_shape"]), jnp.float32)}
-        if self.config.data.use_labels:
-            batch["cond"] = jax.ShapeDtypeStruct((2,), jnp.int32)
+        """Trace the loss on a batch shaped like the real one (cheap: nothing is computed)."""
+        example = self.source.__getitems__(np.arange(1))
+        n = self.config.batch_size
+        batch = {k: jax.ShapeDtypeStruct((n, *v.shape[1:]), v.dtype) for k, v in example.items()}
         run_loss = lambda p, b: self.loss_fn(
             nnx.merge(self.graphdef, p), b, jax.random.key(0), **self._extras(p)
         )
@@ -276,37 +278,32 @@ class _MetricsLog:
 
 
 class _SampleGrid:
-    """Periodic PNG of samples from the EMA weights, with fixed noise."""
+    """Periodic PNG of samples from the EMA weights, with fixed noise (and conditions)."""
 
     def __init__(self, run: _Run):
         self.run = run
         cfg_ = run.config
         shape = tuple(run.spec["example_shape"])
         self.fn = jax.jit(experiment.make_sample_fn(run.graphdef, cfg_, shape))
-        self.cond = experiment.sample_labels(cfg_.sample.num, run.spec["num_classes"])
         self.key = jax.random.fold_in(jax.random.key(cfg_.seed), 2**30)
         kind = cfg_.sample.plot
         self.kind = ("grid" if len(shape) == 3 else "scatter") if kind == "auto" else kind
-        self.reference = None
-        if self.kind != "grid":
-            n = min(cfg_.sample.num * 8, run.source.num_examples)
-            self.reference = run.source.__getitems__(np.arange(n))["x"]
+        n_ref = min(cfg_.sample.num * 8, run.source.num_examples)
+        reference = run.source.__getitems__(np.arange(n_ref))
+        self.reference = None if self.kind == "grid" else reference["x"]
+        if cfg_.model.get("cond_dim", 0):  # condition embeddings: those of the first examples
+            rows = np.arange(cfg_.sample.num) % n_ref
+            self.cond = jnp.asarray(reference["cond"][rows])
+        else:
+            self.cond = experiment.sample_labels(cfg_.sample.num, run.spec["num_classes"])
 
     def write(self, state: TrainState, step: int, writer: MetricWriter, final: bool) -> None:
+        x = to_host(self.fn(state.ema, self.key, self.cond))  # every process takes part
         if not self.run.main:
             return
-        x = np.asarray(jax.device_get(self.fn(state.ema, self.key, self.cond)))
-        folder = os.path.join(self.run.workdir, "samples")
-        path = os.path.join(folder, f"step_{step:08d}.png")
+        path = os.path.join(self.run.workdir, "samples", f"step_{step:08d}.png")
         picture = plots.PLOTS[self.kind](x, self.reference, path, f"step {step}")
         writer.image(step, "samples", picture)
         if final:
-            plots.PLOTS[self.kind](
-                x, self.reference, os.path.join(self.run.workdir, "samples.png"), "final"
-            )
-
-
-def check_workdir(workdir: str | None) -> str:
-    if not workdir:
-        raise UserError("--workdir is required")
-    return workdir
+            path = os.path.join(self.run.workdir, "samples.png")
+            plots.PLOTS[self.kind](x, self.reference, path, "final")

@@ -62,15 +62,18 @@ def build_source(name: str, *, split: str = "train", **options) -> Source:
     or any tfds dataset (`mnist`, `cifar10`, `celeb_a`, `imagenet2012`, ...; options
     `data_dir`, `use_labels`, `image_size`, `in_memory`, `cache_dir`, `num_workers`).
     On the sphere: the Earth event datasets `volcano`, `earthquake`, `flood`, `fire`
-    (options `seed`, `data_dir`) and `vmf_mixture` (`num_examples`, `num_components`,
-    `kappa`, `seed`)."""
+    (options `seed`, `data_dir`), `vmf_mixture` (`num_examples`, `num_components`,
+    `kappa`, `seed`) and `earth_geoloc`, a synthetic geolocation task (`dataset`,
+    `embed_dim`, `bandwidth`, `noise`, `feature_seed`, `seed`, `data_dir`)."""
     if name in TOYS:
         return _construct(ToySource, name, (name, split), options)
-    if name in EARTH or name == "vmf_mixture":  # points on the sphere S² (imports jax)
-        from data.earth import EarthSource, VMFMixtureSource
+    if name in EARTH or name in ("vmf_mixture", "earth_geoloc"):  # on the sphere (imports jax)
+        from data.earth import EarthSource, GeolocSource, VMFMixtureSource
 
         if name == "vmf_mixture":
             return _construct(VMFMixtureSource, name, (), options)
+        if name == "earth_geoloc":
+            return _construct(GeolocSource, name, (split,), options)
         return _construct(EarthSource, name, (name, split), options)
     if name == "npz":
         if "path" not in options:

@@ -197,3 +197,44 @@ class VMFMixtureSource:
 
     def __getitems__(self, indices) -> dict[str, np.ndarray]:
         return {"x": self.xyz[np.asarray(indices, np.int64)]}
+
+
+class GeolocSource(EarthSource):
+    """A synthetic geolocation task on an Earth dataset: predict where from an embedding.
+
+    The condition of each event is a noisy location embedding standing in for an image
+    embedding (the setting of "Around the World in 80 Timesteps", arXiv 2412.06781, whose
+    embeddings come from images): random Fourier features of the true point,
+    `[cos(B x), sin(B x)] / sqrt(E/2)` with `B ~ N(0, bandwidth²)` fixed by `feature_seed`,
+    plus Gaussian noise of std `noise` drawn once per event (so the task is ambiguous and a
+    model must represent a posterior over places). Splits as `EarthSource`; every split
+    shares the same features `B`. Batches: `{"x": [n, 3], "cond": float32 [n, embed_dim]}`.
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        *,
+        dataset: str = "earthquake",
+        embed_dim: int = 64,
+        bandwidth: float = 4.0,
+        noise: float = 0.3,
+        feature_seed: int = 0,
+        seed: int = 0,
+        data_dir: str | None = None,
+    ):
+        super().__init__(dataset, split, seed=seed, data_dir=data_dir)
+        if embed_dim < 2 or embed_dim % 2:
+            raise UserError(f"embed_dim must be an even number >= 2, got {embed_dim}")
+        rng = np.random.default_rng(feature_seed)
+        freqs = rng.normal(0.0, bandwidth, (embed_dim // 2, 3))
+        phase = self.xyz.astype(np.float64) @ freqs.T
+        features = np.concatenate([np.cos(phase), np.sin(phase)], 1) / np.sqrt(embed_dim / 2)
+        split_rng = np.random.default_rng((feature_seed, SPLITS.index(split) + 1))
+        noisy = features + noise / np.sqrt(embed_dim) * split_rng.standard_normal(features.shape)
+        self.cond = noisy.astype(np.float32)
+        self.cond_dim = embed_dim
+
+    def __getitems__(self, indices) -> dict[str, np.ndarray]:
+        idx = np.asarray(indices, np.int64)
+        return {"x": self.xyz[idx], "cond": self.cond[idx]}
