@@ -106,6 +106,8 @@ class _Run:
         )
         try:
             jax.eval_shape(run_loss, abstract_params, batch)
+        except UserError:
+            raise  # already says what is wrong (e.g. a batch too small for a loss)
         except (ValueError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(

@@ -20,9 +20,16 @@ import inspect
 
 from core.errors import UserError, lookup
 from losses.flow_matching import loss_flow_matching
+from losses.flow_nll import loss_flow_nll
+from losses.shortcut import loss_shortcut
 from losses.sphere import loss_sphere_fm
 
-LOSSES = {"flow_matching": loss_flow_matching, "sphere_fm": loss_sphere_fm}
+LOSSES = {
+    "flow_matching": loss_flow_matching,
+    "sphere_fm": loss_sphere_fm,
+    "shortcut": loss_shortcut,
+    "flow_nll": loss_flow_nll,
+}
 
 
 def build(name: str, **hparams):

@@ -23,7 +23,9 @@ from flax import nnx
 from core.errors import UserError, lookup
 from models.dit import DiT
 from models.mlp import MLP
+from models.realnvp import RealNVP
 from models.sphere import SphereMLP
+from models.tarflow import TarFlow
 from models.unet import UNet
 
 
@@ -46,7 +48,14 @@ class Flow(Protocol):
     def inverse(self, z: jax.Array, *, cond: jax.Array | None = None) -> jax.Array: ...
 
 
-NETWORKS = {"mlp": MLP, "unet": UNet, "dit": DiT, "sphere_mlp": SphereMLP}
+NETWORKS = {
+    "mlp": MLP,
+    "unet": UNet,
+    "dit": DiT,
+    "sphere_mlp": SphereMLP,
+    "tarflow": TarFlow,
+    "realnvp": RealNVP,
+}
 
 
 def build(name: str, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:

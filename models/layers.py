@@ -184,9 +184,10 @@ def attention_implementation(impl: str | None) -> Iterator[None]:
         _ATTN_IMPL.pop()
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Softmax attention on `[B, T, N, H]`. cuDNN flash attention on GPU in bf16/f16 (jax's
-    `implementation=None` still means XLA), XLA otherwise or where cuDNN refuses."""
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool = False) -> jax.Array:
+    """Softmax attention on `[B, T, N, H]` (`is_causal`: token i sees tokens <= i). cuDNN
+    flash attention on GPU in bf16/f16 (jax's `implementation=None` still means XLA), XLA
+    otherwise or where cuDNN refuses."""
     impl = _ATTN_IMPL[-1]
     use_cudnn = (
         impl is None
@@ -197,10 +198,12 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     )
     if use_cudnn:
         try:
-            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            return jax.nn.dot_product_attention(
+                q, k, v, is_causal=is_causal, implementation="cudnn"
+            )
         except (RuntimeError, NotImplementedError, ValueError):
             pass  # an old cuDNN or GPU: the XLA path below computes the same thing
-    return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation=impl)
 
 
 class Attention(nnx.Module):

@@ -10,7 +10,9 @@ import jax
 from core.errors import lookup
 from manifolds import sphere
 from samplers.ode import sample_euler, sample_heun, sample_midpoint, sample_rk4
+from samplers.shortcut import sample_shortcut
 from samplers.sphere import sample_sphere_euler, sample_sphere_midpoint, sample_sphere_rk4
+from samplers.tarflow import sample_tarflow
 
 SAMPLERS = {
     "euler": sample_euler,
@@ -20,6 +22,8 @@ SAMPLERS = {
     "sphere_euler": sample_sphere_euler,
     "sphere_midpoint": sample_sphere_midpoint,
     "sphere_rk4": sample_sphere_rk4,
+    "shortcut": sample_shortcut,
+    "tarflow": sample_tarflow,
 }
 
 

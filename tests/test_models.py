@@ -39,7 +39,11 @@ TINY = {  # name: (constructor kwargs, input shape)
     "dit": (dict(in_channels=3, variant="S/2", hidden=32, depth=2, heads=2), (B, 8, 8, 3)),
 }
 # Networks with their own contract tests (no dt input, tangent outputs): where they are.
-TESTED_ELSEWHERE = {"sphere_mlp": "tests/test_sphere.py"}
+TESTED_ELSEWHERE = {
+    "sphere_mlp": "tests/test_sphere.py",
+    "tarflow": "tests/test_tarflow.py",
+    "realnvp": "tests/test_tarflow.py",
+}
 T = jnp.array([0.3, 0.7])
 DT = jnp.array([0.25, 0.5])
 LABELS = jnp.array([0, 1])

@@ -1,0 +1,53 @@
+"""Shortcut model (Frans et al. 2024) on MNIST (28×28×1) with DiT-S/2: one network that
+samples in 1, 2, 4, ..., 128 steps.
+
+  TFDS_DATA_DIR=../shared/data/tfds python -m scripts.train \
+      --config experiments/shortcut/mnist_dit.py --workdir runs/mnist_shortcut
+
+One GPU. Sample grids use one step; any power of two up to `loss.max_steps` works
+(`--config.sample.num_steps=4`; `loss.max_steps` and `sample.options.max_steps` are one
+value). Variants: `:size=S/4` (or B/2 ...); `:cond=True` (class-conditional with label
+dropout and, as in the paper, guidance 1.5 inside the bootstrap targets: k < 128 steps are
+guided by training and sample with cfg_scale 1, while 128 steps are the plain flow-matching
+velocity and take `cfg_scale=1.5` at sampling). `:smoke=True` is the CPU test size (batch 8,
+max_steps 8). Not yet trained by this project: no expected FID.
+"""
+
+from ml_collections import FieldReference
+
+from core.config import base_config, parse_variant
+from experiments.presets import dit, make_conditional, shrink_for_smoke
+
+
+def get_config(arg: str | None = None):
+    v = parse_variant(arg, size="S/2", cond=False, smoke=False)
+    c = base_config()
+    c.total_steps = 50_000
+    c.batch_size = 128  # 16 self-consistency rows: 2+ for each of the 7 bootstrap levels
+    c.log_every = 100
+    c.ckpt_every = 5_000
+    c.sample_every = 5_000
+    c.ema_decay = 0.999  # the EMA is the bootstrap teacher: it must follow the net closely
+    c.compute_dtype = "bfloat16"
+    c.optim.update(lr=1e-4, warmup_steps=1_000)
+    c.data.update(name="mnist", split="train")
+    c.model = dict(dit(1, v.size), use_dt=True)
+    max_steps = FieldReference(128)  # shared by the loss and the sampler (the dt mapping)
+    c.loss = dict(
+        name="shortcut",
+        bootstrap_every=8,
+        max_steps=max_steps,
+        teacher="ema",
+        bootstrap_cfg_scale=1.0,
+        target_clip=4.0,
+        time_sampling="uniform",
+    )
+    c.sample.update(sampler="shortcut", num_steps=1, num=64, options=dict(max_steps=max_steps))
+    if v.cond:
+        make_conditional(c, num_classes=10)
+        c.loss.bootstrap_cfg_scale, c.sample.cfg_scale = c.sample.cfg_scale, 1.0
+    if v.smoke:
+        shrink_for_smoke(c)
+        c.compute_dtype = "float32"
+        c.loss.update(max_steps=8, bootstrap_every=2)  # batch 8: 4 rows for 3 levels
+    return c

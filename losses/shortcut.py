@@ -1,0 +1,206 @@
+"""Shortcut models (Frans et al. 2024, arXiv 2410.12557): one velocity network `s(x, t, d)`
+that also takes the step size `d`, trained so that one step of size `2d` equals two steps of
+size `d`. It then samples in 1, 2, 4, ..., `max_steps` steps (`samplers/shortcut.py`).
+
+A batch of `B` rows is split statically:
+
+- the first `B // bootstrap_every` rows are self-consistency rows. Row `i` gets the level
+  `l = J - (i mod J)` (`J = log2(max_steps)`; coarsest first, so every level `1..J` gets a
+  row), the step `2d = 2^l / max_steps` and a time on its grid, `t = k · 2d`,
+  `k ~ U{0, ..., 1/(2d) - 1}`. With the teacher `s'` (EMA or current parameters, never
+  differentiated) at the level below:
+
+      s1 = s'(x_t, t, d),  x' = x_t + d · s1,  s2 = s'(x', t + d, d)
+      loss = |s(x_t, t, 2d) - stopgrad((s1 + s2) / 2)|^2
+
+- the other rows are flow-matching rows at the finest level (`dt = 0`, the flow-matching
+  limit): `t ~ sample_time`, target `x1 - x0`.
+
+The network sees `d` through `samplers.shortcut.level_dt` (`log2` level / `J`, in [0, 1]).
+Options beyond the paper's defaults: `teacher="current"` (the official code's
+`bootstrap_ema=0`), classifier-free guidance of weight `bootstrap_cfg_scale` inside the
+targets of the finest bootstrap level (whose teacher is the flow-matching velocity; coarser
+levels inherit the guidance by distillation, as in the official code), and `target_clip`
+(clip `x'` and the target to `[-c, c]`; the official code uses 4). Label dropout applies to
+every row, so the null label is trained at every step size.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from core.errors import UserError
+from losses.flow_matching import broadcast_to, drop_cond, sample_time
+from samplers.guidance import null_like
+from samplers.shortcut import level_dt, num_levels
+
+TEACHERS = ("ema", "current")
+
+
+def bootstrap_size(batch_size: int, bootstrap_every: int, max_steps: int) -> int:
+    """The number of self-consistency rows, `batch_size // bootstrap_every`.
+
+    A UserError (at trace time) unless every one of the `J = log2(max_steps)` bootstrap levels
+    gets a row and at least one flow-matching row is left."""
+    levels = num_levels(max_steps)
+    if bootstrap_every < 2:
+        raise UserError(
+            f"bootstrap_every must be >= 2 (leaves flow-matching rows), got {bootstrap_every}"
+        )
+    n = batch_size // bootstrap_every
+    if n < levels:
+        raise UserError(
+            f"shortcut loss: batch size {batch_size} with bootstrap_every={bootstrap_every} "
+            f"gives {n} self-consistency row(s), fewer than the {levels} bootstrap levels of "
+            f"max_steps={max_steps} (step sizes 1 .. 2/{max_steps}; {levels + 1} levels of d "
+            f"with the flow-matching step 1/{max_steps}): use a batch of at least "
+            f"{levels * bootstrap_every}, a smaller bootstrap_every or a smaller max_steps"
+        )
+    return n
+
+
+def bootstrap_levels(n: int, max_steps: int) -> np.ndarray:
+    """`[n]` static student levels `J, J-1, ..., 1, J, ...` (step `2^l / max_steps`)."""
+    levels = num_levels(max_steps)
+    return levels - np.arange(n) % levels
+
+
+def grid_times(key: jax.Array, levels: np.ndarray, max_steps: int) -> jax.Array:
+    """`[n]` times on the grid of each row's step `2^l / max_steps`: `k · 2^l / max_steps`."""
+    steps = max_steps // 2**levels  # student steps from 0 to 1 at each level
+    k = jax.random.randint(key, levels.shape, 0, steps)
+    return k.astype(jnp.float32) / steps.astype(np.float32)
+
+
+def _teacher_velocity(teacher, x, t, dt, cond, guide: np.ndarray, scale: float, null_cond):
+    """`teacher(x, t, cond, dt)`, with classifier-free guidance of weight `scale` on the
+    static rows `guide` (evaluated on the batch plus those rows with the null condition)."""
+    if cond is None or guide.size == 0 or scale == 1.0:
+        return teacher(x, t, cond=cond, dt=dt).astype(jnp.float32)
+    n = x.shape[0]
+    take = lambda a: jnp.concatenate([a, a[guide]])
+    null = null_like(cond[guide], null_cond)
+    both = teacher(take(x), take(t), cond=jnp.concatenate([cond, null]), dt=take(dt))
+    both = both.astype(jnp.float32)
+    v_cond, v_null = both[:n], both[n:]
+    guided = v_null + scale * (v_cond[guide] - v_null)
+    return v_cond.at[guide].set(guided)
+
+
+def self_consistency_target(
+    teacher,
+    x_t: jax.Array,
+    t: jax.Array,
+    levels: np.ndarray,
+    cond: jax.Array | None = None,
+    *,
+    max_steps: int,
+    cfg_scale: float = 1.0,
+    null_cond: int | None = None,
+    clip: float | None = None,
+) -> jax.Array:
+    """`[n, ...]` target for `s(x_t, t, 2^l / max_steps)` (static `levels` `[n]`, each >= 1):
+    the mean of two teacher steps of half that size, under `stop_gradient`."""
+    half = jnp.asarray(2.0 ** (levels - 1) / max_steps, jnp.float32)
+    dt = jnp.asarray(level_dt(levels - 1, max_steps), jnp.float32)
+    guide = np.flatnonzero(levels == 1)  # teacher = the flow-matching velocity
+    clip_ = (lambda a: jnp.clip(a, -clip, clip)) if clip else (lambda a: a)
+    kw = dict(guide=guide, scale=cfg_scale, null_cond=null_cond)
+    s1 = _teacher_velocity(teacher, x_t, t, dt, cond, **kw)
+    x_mid = clip_(x_t + broadcast_to(half, x_t) * s1)
+    s2 = _teacher_velocity(teacher, x_mid, t + half, dt, cond, **kw)
+    return jax.lax.stop_gradient(clip_(0.5 * (s1 + s2)))
+
+
+def shortcut_targets(
+    teacher,
+    x0: jax.Array,
+    x1: jax.Array,
+    t: jax.Array,
+    levels: np.ndarray,
+    cond: jax.Array | None = None,
+    **target_kw,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`(x_t, dt, target)` for rows at static `levels` `[B]`: a prefix of levels >= 1
+    (self-consistency rows, `self_consistency_target(**target_kw)`) then levels 0 (the
+    smallest step: flow-matching rows, `dt = 0`, target `x1 - x0`)."""
+    n = int(np.sum(levels > 0))
+    if np.any(levels[:n] < 1) or np.any(levels[n:] != 0):
+        raise ValueError("levels must be a prefix of bootstrap levels (>= 1) then zeros")
+    tb = broadcast_to(t, x1)
+    x_t = (1.0 - tb) * x0 + tb * x1
+    target = x1 - x0
+    if n:
+        boot = self_consistency_target(
+            teacher, x_t[:n], t[:n], levels[:n], None if cond is None else cond[:n], **target_kw
+        )
+        target = jnp.concatenate([boot, target[n:]])
+    dt = jnp.asarray(level_dt(levels, target_kw["max_steps"]), jnp.float32)
+    return x_t, dt, target
+
+
+def _level_metrics(per_example: jax.Array, levels: np.ndarray, max_steps: int) -> dict:
+    """Mean loss of the flow-matching rows and of each bootstrap level, named by the number
+    of sampling steps it serves (`loss_k1` is the one-step level)."""
+    metrics = {"loss_fm": jnp.mean(per_example[levels == 0])}
+    for level in np.unique(levels[levels > 0]):
+        metrics[f"loss_k{max_steps // 2**level}"] = jnp.mean(per_example[levels == level])
+    return metrics
+
+
+def loss_shortcut(
+    net,
+    batch: dict,
+    key: jax.Array,
+    *,
+    bootstrap_every: int = 8,
+    max_steps: int = 128,
+    teacher: str = "ema",
+    bootstrap_cfg_scale: float = 1.0,
+    target_clip: float | None = None,
+    time_sampling: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    cond_drop_prob: float = 0.0,
+    null_cond: int | None = None,
+    ema_net=None,
+):
+    """Shortcut-model loss; returns (per-example loss [B], metrics). See the module doc."""
+    if teacher not in TEACHERS:
+        raise UserError(f"unknown shortcut teacher {teacher!r}; known: {', '.join(TEACHERS)}")
+    if teacher == "ema" and ema_net is None:
+        raise UserError(
+            "shortcut loss with teacher='ema' needs ema_net (the trainer passes it); "
+            "pass ema_net= or use teacher='current'"
+        )
+    x1 = batch["x"].astype(jnp.float32)
+    n = bootstrap_size(x1.shape[0], bootstrap_every, max_steps)
+    levels = np.concatenate([bootstrap_levels(n, max_steps), np.zeros(x1.shape[0] - n, int)])
+    k_grid, k_t, k_noise, k_drop = jax.random.split(key, 4)
+    t_fm = sample_time(
+        k_t,
+        x1.shape[0] - n,
+        time_sampling=time_sampling,
+        logit_mean=logit_mean,
+        logit_std=logit_std,
+    )
+    t = jnp.concatenate([grid_times(k_grid, levels[:n], max_steps), t_fm])
+    x0 = jax.random.normal(k_noise, x1.shape)
+    cond = drop_cond(k_drop, batch.get("cond"), cond_drop_prob, null_cond)
+    if cond is not None and bootstrap_cfg_scale != 1.0 and null_cond is None:
+        raise UserError("bootstrap_cfg_scale != 1 needs null_cond (the network's num_classes)")
+    x_t, dt, target = shortcut_targets(
+        net if teacher == "current" else ema_net,
+        x0,
+        x1,
+        t,
+        levels,
+        cond,
+        max_steps=max_steps,
+        cfg_scale=bootstrap_cfg_scale,
+        null_cond=null_cond,
+        clip=target_clip,
+    )
+    v = net(x_t, t, cond=cond, dt=dt).astype(jnp.float32)
+    per_example = jnp.mean(jnp.square(v - target), axis=tuple(range(1, x1.ndim)))
+    return per_example, _level_metrics(per_example, levels, max_steps)

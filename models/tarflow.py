@@ -1,0 +1,332 @@
+"""TarFlow (Zhai et al. 2024, arXiv 2412.06329): a normalizing flow of autoregressive blocks,
+each a causal transformer over image patches.
+
+Shapes: `B` batch, `T` tokens (patches), `P = patch² · C` token size, `D` width.
+
+Block k reads tokens `x [B, T, P]` (in reversed order for odd k) and maps them to
+`z_i = (x_i - b_i) · exp(-a_i)`, where `(a_i, b_i) = f(x_<i)` is the transformer's output at
+position `i - 1` (outputs shifted right by one, `a_0 = b_0 = 0`), so
+`log|det ∂z/∂x| = -Σ_i a_i`. `forward(x) -> (z, logdet)` composes the blocks (data -> noise);
+`inverse(z) -> x` undoes them in reverse, either token by token on `lax.scan` with a KV cache
+("sequential") or by Jacobi fixed-point iteration of whole-sequence passes ("jacobi", as in
+GS-Jacobi, arXiv 2505.12849), which is exact after at most `T` iterations per block. The
+output projection is zero-initialised, so a fresh flow is the identity.
+
+Guidance (`cfg_scale = w`): the affine parameters of the conditional and the null condition
+are mixed, `p = p_null + w (p_cond - p_null)` for p in (a, b) (the paper's `1 + g` form with
+`g = w - 1`); `anneal=True` raises the weight linearly over the tokens of each block,
+`w_j = 1 + (w - 1) j / (T - 1)`. The transformer computes in `dtype`; the affine maths and
+log-determinants are float32.
+"""
+
+import einops
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers import XAVIER, CondEmbed, Dtype, attend, layer_norm
+
+METHODS = ("sequential", "jacobi")
+JACOBI_BOUND = 1e6  # |x| bound on Jacobi iterates (data lies in about [-1, 1])
+
+
+class CausalLayer(nnx.Module):
+    """Pre-norm transformer layer on `[B, T, D]`: causal attention, then a GELU MLP."""
+
+    def __init__(
+        self, width: int, heads: int, mlp_ratio: int, *, dtype: Dtype, param_dtype: Dtype, rngs
+    ):
+        self.heads = heads
+        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=XAVIER, rngs=rngs)
+        self.qkv = nnx.Linear(width, 3 * width, **kw)
+        self.proj = nnx.Linear(width, width, **kw)
+        self.fc1 = nnx.Linear(width, mlp_ratio * width, **kw)
+        self.fc2 = nnx.Linear(mlp_ratio * width, width, **kw)
+
+    def _qkv(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        b, t, d = h.shape
+        qkv = self.qkv(layer_norm(h)).reshape(b, t, 3, self.heads, d // self.heads)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+    def _finish(self, h: jax.Array, attn: jax.Array) -> jax.Array:
+        h = h + self.proj(attn.reshape(h.shape))
+        return h + self.fc2(jax.nn.gelu(self.fc1(layer_norm(h)), approximate=False))
+
+    def __call__(self, h: jax.Array) -> jax.Array:
+        q, k, v = self._qkv(h)
+        return self._finish(h, attend(q, k, v, is_causal=True))
+
+    def decode(
+        self, h: jax.Array, i: jax.Array, cache: tuple[jax.Array, jax.Array]
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """One token `h [B, 1, D]` at position `i`; `cache` holds keys and values
+        `[B, T, N, H]` of positions < i and gets this token's at `i`."""
+        q, k, v = self._qkv(h)
+        keys = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), i, 1)
+        values = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), i, 1)
+        mask = (jnp.arange(keys.shape[1]) <= i)[None, None, None, :]
+        attn = jax.nn.dot_product_attention(q, keys, values, mask=mask)
+        return self._finish(h, attn), (keys, values)
+
+
+def _log_scale_and_shift(out: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The output projection `[..., 2P]` -> `(a, b)` float32 `[..., P]`."""
+    a, b = jnp.split(out.astype(jnp.float32), 2, axis=-1)
+    return a, b
+
+
+def _guided(params: jax.Array, weight: jax.Array | None) -> jax.Array:
+    """`[2B, ...]` (cond | null) -> `[B, ...]` mixed with `weight` (broadcast to the rest);
+    no guidance when `weight` is None."""
+    if weight is None:
+        return params
+    cond, null = jnp.split(params, 2)
+    return null + weight * (cond - null)
+
+
+class FlowBlock(nnx.Module):
+    """One autoregressive affine flow block on tokens `[B, T, P]`."""
+
+    def __init__(
+        self,
+        tokens: int,
+        token_dim: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: int,
+        *,
+        reverse: bool,
+        num_classes: int,
+        cond_dim: int,
+        dtype: Dtype,
+        param_dtype: Dtype,
+        rngs: nnx.Rngs,
+    ):
+        self.reverse, self.dtype = reverse, dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.proj_in = nnx.Linear(token_dim, width, kernel_init=XAVIER, **kw)
+        init = nnx.initializers.normal(0.01)
+        self.pos = nnx.Param(init(rngs.params(), (tokens, width), param_dtype))
+        has_cond = num_classes > 0 or cond_dim > 0
+        self.cond_embed = (
+            CondEmbed(width, num_classes=num_classes, cond_dim=cond_dim, **kw) if has_cond else None
+        )
+        self.layers = nnx.List([CausalLayer(width, heads, mlp_ratio, **kw) for _ in range(depth)])
+        zeros = nnx.initializers.zeros_init()
+        self.proj_out = nnx.Linear(width, 2 * token_dim, kernel_init=zeros, bias_init=zeros, **kw)
+
+    def order(self, x: jax.Array) -> jax.Array:
+        """Tokens `[B, T, ...]` into (or back from) this block's order."""
+        return x[:, ::-1] if self.reverse else x
+
+    def embed_cond(self, cond: jax.Array | None, batch: int) -> jax.Array:
+        """`[batch, 1, D]` condition embedding (zeros for an unconditional block)."""
+        if self.cond_embed is None:
+            if cond is not None:
+                raise ValueError("this flow is unconditional (num_classes=0, cond_dim=0)")
+            return jnp.zeros((batch, 1, self.pos.shape[-1]), self.dtype)
+        return self.cond_embed(cond, batch)[:, None, :].astype(self.dtype)
+
+    def affine(self, x: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """`x [B, T, P]` (block order), `c [B, 1, D]` -> `(a, b)` float32 `[B, T, P]`."""
+        h = self.proj_in(x.astype(self.dtype)) + self.pos[None].astype(self.dtype) + c
+        for layer in self.layers:
+            h = layer(h)
+        out = self.proj_out(h)
+        out = jnp.concatenate([jnp.zeros_like(out[:, :1]), out[:, :-1]], axis=1)
+        return _log_scale_and_shift(out)
+
+    def forward(self, x: jax.Array, cond: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """`x [B, T, P]` float32 -> `(z [B, T, P], logdet [B])`."""
+        x = self.order(x)
+        a, b = self.affine(x, self.embed_cond(cond, x.shape[0]))
+        z = (x - b) * jnp.exp(-a)
+        return self.order(z), -jnp.sum(a, axis=(1, 2))
+
+    def _doubled(
+        self, x: jax.Array, cond: jax.Array | None, weight: jax.Array | None, null_cond: int
+    ) -> tuple[jax.Array, jax.Array]:
+        """`(x, c)` for one pass, or for the conditional and null passes stacked (`[2B, ...]`)
+        when guided (`weight` not None)."""
+        if weight is None:
+            return x, self.embed_cond(cond, x.shape[0])
+        if cond is None:
+            raise ValueError("guidance (cfg_scale != 1) needs a cond")
+        labels = jnp.issubdtype(cond.dtype, jnp.integer)
+        null = jnp.full_like(cond, null_cond) if labels else jnp.zeros_like(cond)
+        both = jnp.concatenate([cond, null])
+        return jnp.concatenate([x, x]), self.embed_cond(both, 2 * x.shape[0])
+
+    def inverse_sequential(
+        self, z: jax.Array, cond: jax.Array | None, weights: jax.Array | None, null_cond: int
+    ) -> jax.Array:
+        """Token by token with a KV cache: `z [B, T, P]` -> `x`; `weights [T]` or None."""
+        z = self.order(z)
+        tokens = z.shape[1]
+        z0, c = self._doubled(z[:, 0], cond, weights, null_cond)
+        width = self.pos.shape[-1]
+        heads = self.layers[0].heads if len(self.layers) else 1
+        shape = (z0.shape[0], tokens, heads, width // heads)
+        caches = [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.layers]
+
+        def step(carry, inputs):
+            x_i, caches = carry  # x_i: the finished token i (twice under guidance)
+            i, z_next = inputs
+            pos = jax.lax.dynamic_slice_in_dim(self.pos[...], i, 1)[None]
+            h = self.proj_in(x_i[:, None].astype(self.dtype)) + pos.astype(self.dtype) + c
+            new_caches = []
+            for layer, cache in zip(self.layers, caches):
+                h, cache = layer.decode(h, i, cache)
+                new_caches.append(cache)
+            a, b = _log_scale_and_shift(self.proj_out(h)[:, 0])
+            w = None if weights is None else weights[i + 1]
+            x_next = z_next * jnp.exp(_guided(a, w)) + _guided(b, w)
+            x_in = x_next if weights is None else jnp.concatenate([x_next, x_next])
+            return (x_in, new_caches), x_next
+
+        xs = (jnp.arange(tokens - 1), jnp.swapaxes(z[:, 1:], 0, 1))
+        _, rest = jax.lax.scan(step, (z0, caches), xs)
+        x = jnp.concatenate([z[:, :1], jnp.swapaxes(rest, 0, 1)], axis=1)
+        return self.order(x)
+
+    def inverse_jacobi(
+        self,
+        z: jax.Array,
+        cond: jax.Array | None,
+        weights: jax.Array | None,
+        null_cond: int,
+        *,
+        tol: float,
+        max_iters: int,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Jacobi iteration `x <- z · exp(a(x)) + b(x)` over all tokens at once, from `x = z`,
+        until `max |Δx| <= tol` or `max_iters` passes. Returns `(x, iterations)`."""
+        z = self.order(z)
+        _, c = self._doubled(z[:, :1], cond, weights, null_cond)
+        w = None if weights is None else weights[None, :, None]
+
+        def update(x):
+            x_in = x if weights is None else jnp.concatenate([x, x])
+            a, b = self.affine(x_in, c)
+            new = z * jnp.exp(_guided(a, w)) + _guided(b, w)
+            # Tokens past the converged prefix may overflow; a NaN there would reach the
+            # prefix through attention (0 · NaN), so they are kept finite.
+            return jnp.clip(jnp.nan_to_num(new), -JACOBI_BOUND, JACOBI_BOUND)
+
+        def keep_going(state):
+            _, delta, k = state
+            return (k < max_iters) & (delta > tol)
+
+        def body(state):
+            x, _, k = state
+            new = update(x)
+            return new, jnp.max(jnp.abs(new - x)), k + 1
+
+        init = (z, jnp.asarray(jnp.inf, jnp.float32), jnp.asarray(0, jnp.int32))
+        x, _, iters = jax.lax.while_loop(keep_going, body, init)
+        return self.order(x), iters
+
+
+class TarFlow(nnx.Module):
+    """`forward(x [B, H, W, C], *, cond=None) -> (z, logdet [B])`, `inverse(z, ...) -> x`.
+
+    `image_size` (square) fixes the number of tokens `(image_size / patch)²` (learned
+    position embeddings). The paper's ImageNet-64 model: `patch=2, width=768, num_blocks=8,
+    layers_per_block=8` (head size 64). `cond`: int labels `[B]` (`num_classes` is the null
+    label, as `None` is) or embeddings `[B, cond_dim]`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        patch: int = 2,
+        width: int = 768,
+        num_blocks: int = 8,
+        layers_per_block: int = 8,
+        head_dim: int = 64,
+        mlp_ratio: int = 4,
+        num_classes: int = 0,
+        cond_dim: int = 0,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        if image_size % patch:
+            raise ValueError(f"image_size={image_size} is not divisible by the patch {patch}")
+        if width % head_dim:
+            raise ValueError(f"width={width} is not divisible by head_dim={head_dim}")
+        self.in_channels, self.image_size, self.patch = in_channels, image_size, patch
+        self.num_classes = num_classes
+        tokens, token_dim = (image_size // patch) ** 2, patch * patch * in_channels
+        kw = dict(num_classes=num_classes, cond_dim=cond_dim, dtype=dtype, param_dtype=param_dtype)
+        sizes = (tokens, token_dim, width, layers_per_block, width // head_dim, mlp_ratio)
+        self.blocks = nnx.List(
+            [FlowBlock(*sizes, reverse=k % 2 == 1, **kw, rngs=rngs) for k in range(num_blocks)]
+        )
+
+    def patchify(self, x: jax.Array) -> jax.Array:
+        """`[B, H, W, C]` -> tokens `[B, T, P]` float32 (row-major patches)."""
+        s, c, p = self.image_size, self.in_channels, self.patch
+        if x.ndim != 4 or x.shape[1:] != (s, s, c):
+            raise ValueError(f"TarFlow expects x of shape [B, {s}, {s}, {c}], got {list(x.shape)}")
+        return einops.rearrange(
+            x.astype(jnp.float32), "b (h p) (w q) c -> b (h w) (p q c)", p=p, q=p
+        )
+
+    def unpatchify(self, tokens: jax.Array) -> jax.Array:
+        p = self.patch
+        h = self.image_size // p
+        return einops.rearrange(tokens, "b (h w) (p q c) -> b (h p) (w q) c", h=h, p=p, q=p)
+
+    def forward(
+        self, x: jax.Array, *, cond: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        tokens = self.patchify(x)
+        logdet = jnp.zeros((x.shape[0],), jnp.float32)
+        for block in self.blocks:
+            tokens, block_logdet = block.forward(tokens, cond)
+            logdet = logdet + block_logdet
+        return self.unpatchify(tokens), logdet
+
+    def inverse(
+        self,
+        z: jax.Array,
+        *,
+        cond: jax.Array | None = None,
+        method: str = "sequential",
+        cfg_scale: float = 1.0,
+        null_cond: int | None = None,
+        anneal: bool = False,
+        tol: float = 1e-5,
+        max_iters: int | None = None,
+        return_iters: bool = False,
+    ):
+        """`z [B, H, W, C]` -> `x`. `method` "sequential" (KV-cache scan) or "jacobi" (stops
+        at `max |Δx| <= tol` or after `max_iters` passes, default `T`: exact). With
+        `return_iters`, also the Jacobi passes per block `[num_blocks]` (in inverse order;
+        `T - 1` decode steps each for "sequential")."""
+        if method not in METHODS:
+            raise ValueError(f"unknown inverse method {method!r}; known: {', '.join(METHODS)}")
+        tokens = self.patchify(z)
+        num_tokens = tokens.shape[1]
+        weights = None
+        if cfg_scale != 1.0:
+            j = jnp.arange(num_tokens, dtype=jnp.float32) / max(num_tokens - 1, 1)
+            weights = 1.0 + (cfg_scale - 1.0) * (j if anneal else jnp.ones_like(j))
+        null = self.num_classes if null_cond is None else null_cond
+        iters = []
+        for block in reversed(self.blocks):
+            if method == "sequential":
+                tokens = block.inverse_sequential(tokens, cond, weights, null)
+                iters.append(jnp.asarray(num_tokens - 1, jnp.int32))
+            else:
+                limit = num_tokens if max_iters is None else max_iters
+                tokens, n = block.inverse_jacobi(
+                    tokens, cond, weights, null, tol=tol, max_iters=limit
+                )
+                iters.append(n)
+        x = self.unpatchify(tokens)
+        return (x, jnp.stack(iters)) if return_iters else x

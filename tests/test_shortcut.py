@@ -1,0 +1,230 @@
+"""Shortcut models: the exact Gaussian shortcut as an oracle, the flow-matching limit, the
+batch split, guidance in the targets, training on a toy problem and the sampler at every k.
+
+For x1 ~ N(mu, Sigma = U diag(lam) U^T) the path's eigen-coordinates `y = U^T (x - t mu)` have
+standard deviations `sd_t = sqrt((1-t)^2 + t^2 lam)` and the ODE `dy/dt = (d log sd_t/dt) y`,
+so the flow map from t to t+d is `phi(x) = (t+d) mu + U diag(sd_{t+d} / sd_t) U^T (x - t mu)`
+and the exact shortcut (average velocity) is `(phi(x) - x) / d`.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import losses
+import models
+import samplers
+from core.errors import UserError
+from core.train_state import init_state
+from core.trainer import make_train_step
+from losses.shortcut import bootstrap_levels, loss_shortcut, shortcut_targets
+from samplers.guidance import cfg
+from samplers.ode import sample_rk4
+from samplers.shortcut import num_levels, sample_shortcut, steps_dt
+from tests.gaussian import optimal_velocity
+
+MU = jnp.array([1.0, -0.5])
+SIGMA = jnp.array([[0.5, 0.2], [0.2, 0.3]])
+M = 128
+
+
+def exact_shortcut(mu, sigma, max_steps: int, finest: str = "average"):
+    """`s(x, t, dt)`: the exact average velocity over the level's step `d = 2^l / max_steps`.
+    At level 0 (`dt = 0`) it is the instantaneous velocity (`finest="velocity"`, the
+    flow-matching limit) or the average over `1/max_steps` (`finest="average"`)."""
+    lam, u = (jnp.asarray(a, jnp.float32) for a in np.linalg.eigh(np.asarray(sigma, np.float64)))
+    v_star = optimal_velocity(mu, sigma)
+    levels = num_levels(max_steps)
+
+    def s(x, t, *, cond=None, dt=None):
+        level = jnp.round(dt * levels)
+        d = 2.0**level / max_steps
+        if finest == "velocity":
+            d = jnp.where(level == 0, 0.0, d)
+        sd = lambda tt: jnp.sqrt((1 - tt[:, None]) ** 2 + tt[:, None] ** 2 * lam[None, :])
+        y = (x - t[:, None] * mu[None, :]) @ u
+        phi = (t + d)[:, None] * mu[None, :] + (sd(t + d) / sd(t) * y) @ u.T
+        average = (phi - x) / jnp.where(d > 0, d, 1.0)[:, None]
+        return jnp.where(d[:, None] > 0, average, v_star(x, t))
+
+    return s
+
+
+def gaussian_batch(key, n):
+    return {"x": jax.random.multivariate_normal(key, MU, SIGMA, (n,))}
+
+
+def test_smallest_step_reduces_to_the_flow_matching_target():
+    k0, k1, kt = jax.random.split(jax.random.key(0), 3)
+    x0, x1 = jax.random.normal(k0, (32, 2)), gaussian_batch(k1, 32)["x"]
+    t = jax.random.uniform(kt, (32,))
+    # rows at the smallest step (level 0) are exactly the flow-matching rows
+    x_t, dt, target = shortcut_targets(None, x0, x1, t, np.zeros(32, int), max_steps=M)
+    np.testing.assert_array_equal(target, x1 - x0)
+    np.testing.assert_array_equal(dt, 0.0)
+    np.testing.assert_allclose(x_t, (1 - t[:, None]) * x0 + t[:, None] * x1, atol=1e-6)
+    # one data point: the straight path is the exact flow, and every bootstrap level's
+    # self-consistency target is the flow-matching target x1 - x0
+    straight = lambda x, t, *, cond=None, dt=None: (x1[:1] - x) / (1 - t[:, None])
+    t_grid = jnp.concatenate([jnp.zeros(16), jnp.full(16, 0.5)])  # 2d <= 1 - t below
+    levels = np.concatenate([bootstrap_levels(16, M), np.minimum(bootstrap_levels(16, M), 6)])
+    _, _, target = shortcut_targets(straight, x0, x1[:1], t_grid, levels, max_steps=M)
+    np.testing.assert_allclose(target, x1[:1] - x0, rtol=1e-4, atol=1e-4)
+
+
+def test_finest_target_tends_to_the_flow_matching_velocity():
+    """With the exact velocity as teacher, the finest level's target (two flow-matching
+    half steps) approaches v*(x_t, t) linearly in the step."""
+    v_star = optimal_velocity(MU, SIGMA)
+    x = jax.random.normal(jax.random.key(1), (64, 2))
+    t = jnp.linspace(0.0, 0.9, 64)
+    errors = []
+    for max_steps in (16, 64, 256):
+        teacher = exact_shortcut(MU, SIGMA, max_steps, finest="velocity")
+        _, _, target = shortcut_targets(
+            teacher, x, x, t, np.ones(64, int), max_steps=max_steps
+        )  # x1 = x0 = x, t: x_t = x
+        errors.append(float(jnp.max(jnp.abs(target - v_star(x, t)))))
+    assert errors[0] > 3.0 * errors[1] > 9.0 * errors[2] > 0.0
+
+
+def test_exact_shortcut_has_zero_self_consistency_loss():
+    batch = gaussian_batch(jax.random.key(2), 256)
+    hp = dict(teacher="current", bootstrap_every=2, max_steps=M)
+    run = lambda net: jax.jit(lambda b: loss_shortcut(net, b, jax.random.key(3), **hp))(batch)
+    per_example, metrics = run(exact_shortcut(MU, SIGMA, M))
+    assert float(jnp.max(per_example[:128])) < 1e-7
+    assert {f"loss_k{2**i}" for i in range(7)} | {"loss_fm"} == set(metrics)
+    # the flow-matching limit at the finest level: exact above it, Euler's O(1/M) error there
+    per_example, metrics = run(exact_shortcut(MU, SIGMA, M, finest="velocity"))
+    assert all(float(metrics[f"loss_k{2**i}"]) < 1e-7 for i in range(6))
+    assert 0.0 < float(metrics["loss_k64"]) < 1e-3
+    # the flow-matching velocity, blind to the step size, is no shortcut
+    v_star = optimal_velocity(MU, SIGMA)
+    per_example, metrics = run(lambda x, t, *, cond=None, dt=None: v_star(x, t))
+    assert float(metrics["loss_k1"]) > 1e-2 and float(metrics["loss_k1"]) > float(
+        metrics["loss_k8"]
+    )
+
+
+@pytest.mark.parametrize("finest", ["average", "velocity"])
+def test_one_step_of_the_exact_shortcut_is_the_ode_solution(finest):
+    x0 = jax.random.normal(jax.random.key(4), (4096, 2))
+    lam, u = np.linalg.eigh(np.asarray(SIGMA, np.float64))
+    exact = MU[None, :] + x0 @ jnp.asarray(u @ np.diag(np.sqrt(lam)) @ u.T, jnp.float32)
+    ode = sample_rk4(optimal_velocity(MU, SIGMA), x0, None, num_steps=100)
+    np.testing.assert_allclose(ode, exact, atol=1e-4)
+    net = exact_shortcut(MU, SIGMA, M, finest)
+    for k in (1, 2, 8, 64) if finest == "average" else (1, 4):
+        np.testing.assert_allclose(sample_shortcut(net, x0, num_steps=k), exact, atol=2e-4)
+
+
+def test_batch_too_small_for_the_levels_is_a_clear_error_at_trace_time():
+    net = lambda x, t, *, cond=None, dt=None: x
+    trace = lambda b, **kw: jax.eval_shape(
+        lambda x: loss_shortcut(net, {"x": x}, jax.random.key(0), teacher="current", **kw),
+        jax.ShapeDtypeStruct((b, 2), jnp.float32),
+    )
+    with pytest.raises(UserError, match=r"batch size 48 with bootstrap_every=8 .* 7 bootstrap"):
+        trace(48)
+    trace(56)  # 7 rows: one per level
+    assert sorted(bootstrap_levels(7, M)) == list(range(1, 8))
+    trace(8, max_steps=8, bootstrap_every=2)
+    with pytest.raises(UserError, match="power of two"):
+        trace(64, max_steps=100)
+    with pytest.raises(UserError, match="ema_net"):
+        loss_shortcut(net, {"x": jnp.zeros((64, 2))}, jax.random.key(0))
+
+
+def test_dt_enters_the_network_normalised_and_the_sampler_uses_the_same_map():
+    seen = []
+
+    def spy(x, t, *, cond=None, dt=None):
+        seen.append((np.asarray(t), np.asarray(dt)))
+        return jnp.zeros_like(x)
+
+    def dt_out(x, t, *, cond=None, dt=None):  # k steps of size 1/k add up dt
+        return jnp.broadcast_to(dt[:, None], x.shape)
+
+    loss_shortcut(spy, {"x": jnp.zeros((64, 2))}, jax.random.key(0), teacher="current")
+    (t1, dt1), _, (t, dt) = seen  # teacher, teacher, student
+    levels = bootstrap_levels(8, M)
+    np.testing.assert_allclose(dt[:8], [steps_dt(M // 2**lv, M) for lv in levels])
+    np.testing.assert_allclose(dt[:8], levels / 7)
+    np.testing.assert_allclose(dt1, (levels - 1) / 7)
+    np.testing.assert_array_equal(dt[8:], 0.0)
+    assert np.all(np.isclose((t[:8] * 2.0**7 / 2.0**levels) % 1, 0)) and np.all(t[:8] < 1)
+    for k in (1, 16, 128):
+        x = sample_shortcut(dt_out, jnp.zeros((2, 2)), num_steps=k)
+        np.testing.assert_allclose(x, steps_dt(k, M), atol=1e-6)
+    assert steps_dt(1, M) == 1.0 and steps_dt(M, M) == 0.0
+
+
+def test_bootstrap_guidance_acts_on_the_finest_level_and_ema_is_the_teacher():
+    null = 3
+
+    def labelled(x, t, *, cond=None, dt=None):  # velocity -1 for the null label, +1 else
+        return jnp.where((cond == null)[:, None], -1.0, 1.0) * jnp.ones_like(x)
+
+    batch = {"x": jnp.zeros((64, 2)), "cond": jnp.zeros((64,), jnp.int32)}
+    hp = dict(teacher="current", bootstrap_cfg_scale=2.0, null_cond=null)
+    per_example, metrics = loss_shortcut(labelled, batch, jax.random.key(0), **hp)
+    assert float(metrics["loss_k64"]) == pytest.approx(4.0)  # (1 - (-1 + 2 * 2))^2
+    assert all(float(metrics[f"loss_k{2**i}"]) == 0.0 for i in range(6))
+    five = lambda x, t, *, cond=None, dt=None: jnp.full_like(x, 5.0)
+    per_example, _ = loss_shortcut(labelled, batch, jax.random.key(0), ema_net=five)
+    np.testing.assert_allclose(per_example[:8], 16.0)
+
+
+def test_loss_decreases_and_one_step_samples_match_the_gaussian():
+    """600 trainer steps (EMA teacher) of a small MLP: the loss drops by a quarter and one
+    step lands within 0.25 (RMS) of the exact transport map, as close as eight steps."""
+    net = models.build("mlp", dim=2, hidden=32, depth=2, use_dt=True, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(net, nnx.Param)
+    tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 50, 600))
+    loss_fn = losses.build("shortcut", bootstrap_every=4, max_steps=8)
+    step = jax.jit(make_train_step(graphdef, loss_fn, tx, ema_decay=0.95, seed=0))
+    state = init_state(nnx.to_pure_dict(params), tx)
+    data = jax.random.multivariate_normal(jax.random.key(1), MU, SIGMA, (600, 128))
+    curve = []
+    for i in range(600):
+        state, metrics = step(state, {"x": data[i]})
+        curve.append(metrics["loss"])
+    curve = np.asarray(jax.device_get(curve))
+    assert np.mean(curve[-50:]) < 0.75 * np.mean(curve[:50])
+    x0 = jax.random.normal(jax.random.key(5), (8192, 2))
+    lam, u = np.linalg.eigh(np.asarray(SIGMA, np.float64))
+    exact = MU[None, :] + x0 @ jnp.asarray(u @ np.diag(np.sqrt(lam)) @ u.T, jnp.float32)
+    rms = {}
+    for k in (1, 8):
+        sample = jax.jit(functools.partial(sample_shortcut, num_steps=k, max_steps=8))
+        x1 = sample(nnx.merge(graphdef, state.ema), x0)
+        rms[k] = float(jnp.sqrt(jnp.mean(jnp.sum((x1 - exact) ** 2, 1))))
+        np.testing.assert_allclose(x1.mean(0), MU, atol=0.1)
+    assert rms[1] < 0.25 and rms[1] < 1.5 * rms[8], rms
+
+
+def test_sampler_gives_finite_samples_of_the_right_shape_for_every_k():
+    mlp = models.build("mlp", dim=3, hidden=8, depth=1, use_dt=True, rngs=nnx.Rngs(0))
+    dit = models.build(
+        "dit", in_channels=1, variant="S/2", hidden=16, depth=1, heads=2, num_classes=3,
+        use_dt=True, rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    guided = cfg(dit, 1.5, null_cond=3)
+    images = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+    cond = jnp.array([0, 1, 2, 3])
+    assert samplers.build("shortcut") is sample_shortcut
+    for k in (2**i for i in range(8)):
+        x = sample_shortcut(mlp, jnp.ones((5, 3)), num_steps=k)
+        assert x.shape == (5, 3) and bool(jnp.all(jnp.isfinite(x))), k
+    for k in (1, 128):
+        x = sample_shortcut(guided, images, jax.random.key(1), num_steps=k, cond=cond)
+        assert x.shape == images.shape and bool(jnp.all(jnp.isfinite(x))), k
+    for bad in (0, 3, 256, 2.5):
+        with pytest.raises(UserError, match="power of two"):
+            sample_shortcut(mlp, jnp.ones((5, 3)), num_steps=bad)
