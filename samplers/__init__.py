@@ -8,7 +8,7 @@ A prior draws `x_init`: `prior(key, shape) -> x`.
 import jax
 
 from core.errors import lookup
-from manifolds import sphere
+from manifolds.sphere import uniform as sphere_uniform
 from samplers.ode import sample_euler, sample_heun, sample_midpoint, sample_rk4
 from samplers.shortcut import sample_shortcut
 from samplers.sphere import sample_sphere_euler, sample_sphere_midpoint, sample_sphere_rk4
@@ -33,7 +33,7 @@ def gaussian_prior(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 def sphere_uniform_prior(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Uniform on the unit sphere of the last axis."""
-    return sphere.uniform(key, shape[:-1], shape[-1])
+    return sphere_uniform(key, shape[:-1], shape[-1])
 
 
 PRIORS = {"gaussian": gaussian_prior, "sphere_uniform": sphere_uniform_prior}

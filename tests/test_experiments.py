@@ -1,4 +1,5 @@
-"""Every experiment config builds with `:smoke=True` and runs one train step on CPU.
+"""Every experiment config builds with `:smoke=True`, runs one train step on CPU and draws a
+few samples with its own sampler and plot.
 
 MNIST comes from the prepared offline copy (../shared/data/tfds); datasets that are not
 available offline (CIFAR-10) run on `tfds.testing.mock_data`.
@@ -37,6 +38,8 @@ def variants():
 def test_config_builds_and_trains_one_step(spec, tmp_path, monkeypatch):
     config = config_lib.load(os.path.join(ROOT, spec))
     config.total_steps = 1
+    config.sample_every = 1  # also sample (the config's sampler, prior, guidance) and plot
+    config.sample.num = 4
     name = config.data.name
     if name in TOY_OR_FILES:
         state = train(config, str(tmp_path))
@@ -49,6 +52,7 @@ def test_config_builds_and_trains_one_step(spec, tmp_path, monkeypatch):
         with tfds.testing.mock_data(num_examples=16):
             state = train(config, str(tmp_path))
     assert int(state.step) == 1
+    assert os.path.exists(tmp_path / "samples.png")
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
 
 
