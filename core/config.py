@@ -26,6 +26,7 @@ def base_config() -> ConfigDict:
     c.ckpt_every = 1_000
     c.keep_ckpts = 3
     c.sample_every = 1_000  # PNG grid of samples; 0 = never
+    c.eval_every = 0  # cheap memorization (and optional FID) during training; 0 = never
     c.compute_dtype = "float32"  # or "bfloat16" (params and optimizer stay float32)
     c.ema_decay = 0.9999
     c.mesh = ConfigDict({"data": -1, "fsdp": 1, "fsdp_min_size": 2**18})
@@ -65,6 +66,19 @@ def base_config() -> ConfigDict:
             "prior": "gaussian",
             "plot": "auto",
             "options": ConfigDict(),  # extra keyword arguments of the sampler
+        }
+    )
+    # core.evaluation.make_eval_hook: EMA samples every `eval_every` steps against at most
+    # `max_train` training examples (pixel space); with `fid`, FID of `num_fid` samples
+    # against `ref_split` (default: the training split), its statistics cached on disk.
+    c.eval = ConfigDict(
+        {
+            "num_samples": 1_000,
+            "max_train": 10_000,
+            "fid": False,
+            "num_fid": 5_000,
+            "batch_size": 256,
+            "ref_split": ml_collections.config_dict.placeholder(str),
         }
     )
     return c

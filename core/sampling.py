@@ -60,9 +60,16 @@ def generate(
     num_steps: int | None = None,
     cfg_scale: float | None = None,
     label: int | None = None,
+    conds: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """`num` samples (float32, on the host) and their labels (None if unconditional)."""
+    """`num` samples (float32, on the host) and their labels (None if unconditional).
+
+    Labels cycle through the classes, or are all `label`; `conds` gives one condition per
+    sample instead (labels `[num]` or embeddings `[num, E]`, e.g. a test split's), and
+    then the second output is None."""
     sharding.check_batch_size(mesh, batch_size)
+    if conds is not None and len(conds) != num:
+        raise UserError(f"generate: {len(conds)} conditions for {num} samples")
     fn = experiment.make_sample_fn(
         graphdef,
         config,
@@ -77,7 +84,10 @@ def generate(
     base = jax.random.key(seed)
     xs, ys = [], []
     for i in range(math.ceil(num / batch_size)):
-        if label is None:
+        if conds is not None:
+            part = np.asarray(conds[i * batch_size : (i + 1) * batch_size])
+            labels = np.concatenate([part, np.repeat(part[:1], batch_size - len(part), 0)])
+        elif label is None:
             labels = experiment.sample_labels(batch_size, num_classes, offset=i * batch_size)
         else:
             labels = np.full((batch_size,), label, np.int32)
@@ -86,7 +96,7 @@ def generate(
         xs.append(to_host(x))
         ys.append(to_host(labels))
     x = np.concatenate(xs)[:num]
-    return x, (np.concatenate(ys)[:num] if num_classes else None)
+    return x, (np.concatenate(ys)[:num] if num_classes and conds is None else None)
 
 
 def to_host(x: jax.Array) -> np.ndarray:

@@ -177,7 +177,8 @@ def train(
     """Train (or resume) the experiment `config` in `workdir`; returns the final state.
 
     `hooks` are called as `hook(step, state)` after every step; `devices` (default: all)
-    are the devices the mesh is built from.
+    are the devices the mesh is built from. With `config.eval_every`, the evaluation hook
+    of `core.evaluation` runs too.
     """
     run = _Run(config, workdir, devices)
     _prepare_workdir(config, workdir, run.main)
@@ -185,6 +186,19 @@ def train(
         experiment.write_data_spec(workdir, run.spec)
     ckpt = Checkpoints(workdir, max_to_keep=config.keep_ckpts)
     writer = MetricWriter(workdir, enabled=run.main)
+    if config.get("eval_every"):
+        from core.evaluation import make_eval_hook  # imports the metrics: only when asked
+
+        hook = make_eval_hook(
+            config,
+            workdir,
+            writer=writer,
+            mesh=run.mesh,
+            source=run.source,
+            graphdef=run.graphdef,
+            spec=run.spec,
+        )
+        hooks = (*hooks, hook)
     try:
         state = run.init_or_restore(ckpt)
         start = int(jax.device_get(state.step))

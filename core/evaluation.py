@@ -1,0 +1,423 @@
+"""Evaluation of samples: reference data and cached statistics, the metric registry, and
+the in-training evaluation hook.
+
+`Evaluator(samples, ...)` computes what the requested metrics need once and lazily (the
+Inception network, sample features, reference features and statistics); a metric is an
+entry of `METRICS`, `fn(ev) -> dict of numbers` (adding one is one function and one entry).
+Reference data and its cached features / statistics: `core.reference`.
+"""
+
+import dataclasses
+import functools
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from core import experiment, plots
+from core.errors import UserError, lookup
+from core.reference import Dataset, dataset_from_config
+from metrics import effective_dim as ed
+from metrics import fid as fm
+from metrics import memorization as mem
+
+SCORE_KINDS = {"flow_matching": "velocity"}  # loss name -> what its network outputs
+
+
+@dataclasses.dataclass
+class Options:
+    """Settings of the metrics (the CLI's flags)."""
+
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    pr_k: int = 3
+    mem_spaces: str = "pixel,inception"
+    delta_m: float | None = None
+    delta_s: float | None = None
+    ratio_k: int = 2
+    ratio_threshold: float = 1 / 3
+    effdim_num: int = 16
+    effdim_sigma: float = 1e-2
+    effdim_chunk: int | None = None
+    inception_batch: int = 50
+    plot_prefix: str | None = None
+    # metrics of the run's network on held-out data (nll, geo)
+    heldout_split: str = "test"
+    nll_steps: int = 100
+    nll_divergence: str = "auto"  # exact up to 16 dimensions, else hutchinson
+    nll_probes: int = 1
+    batch: int = 256
+    sampler: str | None = None
+    sample_steps: int | None = None
+    cfg: float | None = None
+    seed: int = 0
+
+
+class Evaluator:
+    """Samples and where their reference numbers come from; computes each input once.
+
+    `samples` are uint8 images `[N, H, W, C]`, float images in [-1, 1] or float arrays
+    (None when only `HELDOUT_METRICS` are asked for); `dataset` is the reference / training
+    data; `ref_stats` a pytorch-fid stats file (for FID); `network` `(graphdef, params,
+    config)` of the run (for `effdim`, `nll`, `geo`); `inception` the FID network
+    (default: `load_inception()`, loaded once per process)."""
+
+    def __init__(
+        self,
+        samples: np.ndarray | None,
+        *,
+        labels: np.ndarray | None = None,
+        dataset: Dataset | None = None,
+        ref_stats: str | None = None,
+        network: tuple | None = None,
+        options: Options | None = None,
+        inception=None,
+    ):
+        self.samples = None if samples is None else np.asarray(samples)
+        self.labels = labels
+        self.dataset, self.ref_stats_path, self.network = dataset, ref_stats, network
+        self.options = options or Options()
+        self._inception, self._want_logits = inception, False
+
+    def run(self, names: list[str]) -> dict:
+        """The metrics `names` (keys of METRICS) as one flat dict of numbers."""
+        fns = [lookup(METRICS, n, "metric") for n in names]
+        self._want_logits = "is" in names
+        out = {}
+        for fn in fns:
+            out.update(fn(self))
+        return out
+
+    # --- inputs, computed once ----------------------------------------------------------
+
+    @functools.cached_property
+    def images(self) -> np.ndarray:
+        """The samples as uint8 images `[N, H, W, C]`."""
+        x = self._need_samples("Inception metrics")
+        if x.ndim != 4:
+            raise UserError(f"Inception metrics need images [N, H, W, C], got shape {x.shape}")
+        return x if x.dtype == np.uint8 else plots.to_uint8(x)
+
+    def features(self, images: np.ndarray, with_logits: bool = False):
+        """Inception features (and logits) of uint8 `images` with this evaluator's net."""
+        return fm.inception_features(
+            images,
+            self._inception,
+            batch_size=self.options.inception_batch,
+            with_logits=with_logits,
+        )
+
+    @functools.cached_property
+    def _sample_inception(self) -> tuple:
+        out = self.features(self.images, with_logits=self._want_logits)
+        return out if self._want_logits else (out, None)
+
+    @property
+    def sample_features(self) -> np.ndarray:
+        return self._sample_inception[0]
+
+    @property
+    def sample_logits(self) -> np.ndarray:
+        if self._sample_inception[1] is None:
+            self.__dict__.pop("_sample_inception")
+            self._want_logits = True
+        return self._sample_inception[1]
+
+    def _need_samples(self, what: str) -> np.ndarray:
+        if self.samples is None:
+            raise UserError(f"{what} need samples: give --workdir or --samples")
+        return self.samples
+
+    def _need_network(self, what: str) -> tuple:
+        if self.network is None:
+            raise UserError(f"{what} needs the run's network: give --workdir")
+        return self.network
+
+    @functools.cached_property
+    def heldout(self) -> dict:
+        """All examples of the run's `options.heldout_split` (`x` and, if any, `cond`)."""
+        config = self._need_network("a held-out metric")[2]
+        source = experiment.build_source(config, self.options.heldout_split)
+        return source.__getitems__(np.arange(source.num_examples))
+
+    def _need_dataset(self, what: str) -> Dataset:
+        if self.dataset is None:
+            raise UserError(f"{what} needs a dataset: give --dataset (or --workdir)")
+        return self.dataset
+
+    @property
+    def reference_features(self) -> np.ndarray:
+        """Inception features `[M, 2048]` of the reference dataset (cached on disk)."""
+        return self._need_dataset("Inception reference features").features(self.features)
+
+    @functools.cached_property
+    def reference_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """FID `(mu, sigma)`: the `ref_stats` file, else the dataset's (cached on disk)."""
+        if self.ref_stats_path:
+            return fm.load_stats(self.ref_stats_path)
+        if self.dataset is None:
+            raise UserError("FID needs a reference: give --dataset, --ref-stats or --workdir")
+        return self.dataset.stats(self.features)
+
+
+# --- the metrics --------------------------------------------------------------------------
+
+
+def _fid(ev: Evaluator) -> dict:
+    ref = ev.reference_stats  # first: a missing reference fails before any Inception pass
+    return {"fid": fm.fid_from_stats(*fm.stats(ev.sample_features), *ref)}
+
+
+def _kid(ev: Evaluator) -> dict:
+    o = ev.options
+    value = fm.kid(
+        ev.sample_features,
+        ev.reference_features,
+        num_subsets=o.kid_subsets,
+        max_subset_size=o.kid_subset_size,
+    )
+    return {"kid": value}
+
+
+def _pr(ev: Evaluator) -> dict:
+    p, r = fm.precision_recall(ev.reference_features, ev.sample_features, k=ev.options.pr_k)
+    return {"precision": p, "recall": r}
+
+
+def _is(ev: Evaluator) -> dict:
+    mean, std = fm.inception_score(ev.sample_logits)
+    return {"is": mean, "is_std": std}
+
+
+def _memorization(ev: Evaluator) -> dict:
+    o, out = ev.options, {}
+    ev._need_samples("memorization metrics")
+    train = ev._need_dataset("memorization (the training set)").images
+    for space in mem.split_names(o.mem_spaces):
+        if space == "pixel":  # training images become vectors chunk by chunk
+            q, ref, prep = mem.pixel_vectors(ev.samples), train, mem.pixel_vectors
+        else:
+            q, prep = mem.feature_vectors(ev.sample_features), None
+            ref = mem.feature_vectors(ev.reference_features)
+        if space == "pixel" and ev.samples.shape[1:] != train.shape[1:]:
+            raise UserError(f"samples {ev.samples.shape} and training data {train.shape} differ")
+        out.update(
+            mem.memorization_report(
+                q,
+                ref,
+                space=space,
+                train_transform=prep,
+                delta_m=o.delta_m,
+                delta_s=o.delta_s,
+                ratio_k=o.ratio_k,
+                ratio_threshold=o.ratio_threshold,
+                progress=True,
+            )
+        )
+    return out
+
+
+def _effdim(ev: Evaluator) -> dict:
+    from flax import nnx
+
+    graphdef, params, config = ev._need_network("effdim")
+    ev._need_samples("effdim")
+    o, n = ev.options, ev.options.effdim_num
+    conditional = experiment.null_cond(config) is not None and ev.labels is not None
+    conds = ev.labels[:n] if conditional else None
+    return ed.evaluate(
+        ed.score_view(nnx.merge(graphdef, params), lookup(SCORE_KINDS, config.loss.name, "loss")),
+        ev.samples[:n],
+        conds=conds,
+        sigma=o.effdim_sigma,
+        chunk=o.effdim_chunk,
+        plot_path=f"{o.plot_prefix}_effdim.png" if o.plot_prefix else None,
+    )
+
+
+# --- metrics of the network on held-out data ------------------------------------------
+
+LIKELIHOOD_MANIFOLDS = {"flow_matching": "euclidean", "sphere_fm": "sphere"}
+
+
+def _nll(ev: Evaluator) -> dict:
+    """Mean negative log-likelihood of the held-out split: in nats through the ODE
+    (`metrics.likelihood`; exact divergence up to 16 dimensions, else Hutchinson) for
+    flow-matching models, plus bits/dim for 8-bit images (uniformly dequantized, so an
+    upper bound on the discrete bits/dim); bits/dim directly for normalizing flows."""
+    import jax
+    from flax import nnx
+
+    from metrics import likelihood
+
+    graphdef, params, config = ev._need_network("nll")
+    o, data = ev.options, ev.heldout
+    net = nnx.merge(graphdef, params)
+    key = jax.random.key(o.seed)
+    cond = data.get("cond") if "cond" in data and _conditional(config) else None
+    if config.loss.name == "flow_nll":
+        from metrics.bpd import dataset_bpd
+
+        n, b = len(data["x"]), o.batch
+        batches = ({k: v[i : i + b] for k, v in data.items()} for i in range(0, n, b))
+        noise = config.loss.get("noise", "uniform")
+        std = config.loss.get("noise_std", 0.05)
+        bpd = dataset_bpd(net, batches, key=key, noise=noise, noise_std=std,
+                          use_labels=cond is not None)  # fmt: skip
+        return {"bpd": bpd, "nll_split": o.heldout_split}
+    manifold = lookup(LIKELIHOOD_MANIFOLDS, config.loss.name, "loss with an ODE likelihood")
+    x = np.asarray(data["x"], np.float32)
+    dim = int(np.prod(x.shape[1:]))
+    images = x.ndim == 4
+    if images:  # dequantize: u + U[0, 1) on the [-1, 1] scale of u / 127.5 - 1
+        x = x + np.random.default_rng(o.seed).uniform(0.0, 1.0 / 127.5, x.shape).astype(x.dtype)
+    divergence = o.nll_divergence
+    if divergence == "auto":
+        divergence = "exact" if dim <= 16 else "hutchinson"
+    lp = likelihood.log_likelihood_batched(
+        net, x, batch_size=min(o.batch, len(x)), cond=cond, num_steps=o.nll_steps,
+        manifold=manifold, divergence=divergence, num_probes=o.nll_probes, key=key,
+    )  # fmt: skip
+    nll = -float(np.mean(lp, dtype=np.float64))
+    out = {"nll": nll, "nll_split": o.heldout_split, "nll_steps": o.nll_steps,
+           "nll_divergence": divergence, "nll_count": len(x)}  # fmt: skip
+    if images:  # density of u in [0, 256)^D: p_u = p_x / 127.5^D
+        out["bpd"] = (nll + dim * np.log(127.5)) / (dim * np.log(2.0))
+    return out
+
+
+def _conditional(config: ConfigDict) -> bool:
+    return experiment.null_cond(config) is not None or int(config.model.get("cond_dim", 0)) > 0
+
+
+def _geo(ev: Evaluator) -> dict:
+    """Geolocation: one sample per held-out condition, against the true place
+    (`metrics.geo`: great-circle error, accuracy within 1 / 25 / 200 / 750 / 2500 km,
+    GeoScore), with a world map of the predictions."""
+    import jax
+
+    from core import sampling, sharding
+    from metrics import geo
+
+    graphdef, params, config = ev._need_network("geo")
+    data = ev.heldout
+    if "cond" not in data or tuple(data["x"].shape[1:]) != (3,) or not _conditional(config):
+        raise UserError("geo needs a conditional model of places on S^2 (e.g. earth_geoloc)")
+    o, mesh = ev.options, sharding.make_mesh()
+    batch = -(-min(o.batch, len(data["x"])) // mesh.size) * mesh.size
+    spec = {"example_shape": [3], "num_classes": 0}
+    pred, _ = sampling.generate(
+        graphdef, params, config, spec, mesh, num=len(data["x"]), batch_size=batch,
+        seed=o.seed, sampler=o.sampler, num_steps=o.sample_steps, cfg_scale=o.cfg,
+        conds=data["cond"],
+    )  # fmt: skip
+    out = {f"geo/{k}": v for k, v in geo.geo_metrics(pred, data["x"]).items()}
+    out["geo/split"], out["geo/count"] = o.heldout_split, len(pred)
+    if o.plot_prefix and jax.process_index() == 0:
+        title = f"predictions on {config.data.name}:{o.heldout_split}"
+        out["geo/plot"] = geo.plot_world_samples(
+            f"{o.plot_prefix}_geo.png", pred, reference=data["x"], title=title
+        )
+    return out
+
+
+METRICS = {
+    "fid": _fid,
+    "kid": _kid,
+    "pr": _pr,
+    "is": _is,
+    "memorization": _memorization,
+    "effdim": _effdim,
+    "nll": _nll,
+    "geo": _geo,
+}
+HELDOUT_METRICS = ("nll", "geo")  # need the run's network and data, not samples
+
+
+# --- sampling a run, and evaluation during training --------------------------------------
+
+
+class _Sampler:
+    """EMA samples with fixed noise, the sampling program compiled once."""
+
+    def __init__(self, config: ConfigDict, graphdef, spec: dict, mesh, num: int, batch: int):
+        import jax
+
+        from core import sharding
+
+        batch = -(-min(batch, num) // mesh.size) * mesh.size
+        self.num, self.batch, self.sharding = num, batch, sharding.batch_sharding(mesh)
+        fn = experiment.make_sample_fn(graphdef, config, tuple(spec["example_shape"]))
+        self.fn = jax.jit(fn, out_shardings=self.sharding)
+        classes = spec["num_classes"] if experiment.null_cond(config) is not None else 0
+        self.labels = [
+            jax.device_put(experiment.sample_labels(batch, classes, i * batch), self.sharding)
+            for i in range(-(-num // batch))
+        ]
+        self.key = jax.random.fold_in(jax.random.key(config.seed), 2**30 + 1)
+
+    def __call__(self, params) -> np.ndarray:
+        import jax
+        from jax.experimental import multihost_utils
+
+        xs = []
+        for i, labels in enumerate(self.labels):
+            x = self.fn(params, jax.random.fold_in(self.key, i), labels)
+            if jax.process_count() > 1:
+                x = multihost_utils.process_allgather(x, tiled=True)
+            xs.append(np.asarray(jax.device_get(x)))
+        return np.concatenate(xs)[: self.num]
+
+
+def make_eval_hook(
+    config: ConfigDict,
+    workdir: str,
+    *,
+    writer=None,
+    mesh=None,
+    source=None,
+    graphdef=None,
+    spec: dict | None = None,
+):
+    """`hook(step, state)` for `core.trainer.train`: every `config.eval_every` steps (0 =
+    never) draw `config.eval.num_samples` samples with the EMA weights and write cheap
+    memorization numbers (`metrics.memorization.cheap_report` against at most
+    `config.eval.max_train` training examples) and, with `config.eval.fid`, FID of
+    `config.eval.num_fid` samples against the training split (statistics cached) to
+    `writer` (the run's MetricWriter), under `eval/`. Objects the trainer already has
+    (mesh, data source, graphdef, data spec) can be passed in; otherwise they are built."""
+    import jax
+
+    from core import sharding
+    from core.writer import MetricWriter
+
+    every = int(config.get("eval_every", 0) or 0)
+    if every <= 0:
+        return lambda step, state: None
+    e = config.eval
+    mesh = mesh or sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    source = source or experiment.build_source(config)
+    spec = spec or experiment.data_spec(source)
+    if graphdef is None:
+        graphdef, _ = experiment.abstract_network(experiment.network_factory(config))
+    if e.fid and len(spec["example_shape"]) != 3:
+        raise UserError("config.eval.fid needs image data; set config.eval.fid=False")
+    num = max(e.num_samples, e.num_fid if e.fid else 0)
+    sampler = _Sampler(config, graphdef, spec, mesh, num, e.batch_size)
+    rows = mem.subsample(np.arange(source.num_examples), e.max_train, config.seed)
+    train = source.__getitems__(rows)["x"]  # float32, images in [-1, 1]
+    ds = dataset_from_config(config, e.get("ref_split"))
+    writer = writer or MetricWriter(workdir, enabled=jax.process_index() == 0)
+
+    def hook(step: int, state) -> None:
+        if step % every:
+            return
+        x = sampler(state.ema)
+        if jax.process_index() != 0:
+            return
+        out = mem.cheap_report(x[: e.num_samples], train, max_train=e.max_train)
+        if e.fid:
+            ev = Evaluator(plots.to_uint8(x[: e.num_fid]), dataset=ds)
+            out.update(ev.run(["fid"]))
+        writer.write(step, {f"eval/{k}": v for k, v in out.items()})
+
+    return hook

@@ -1,0 +1,113 @@
+"""Reference data for evaluation: a dataset split's images, and its Inception features and
+FID statistics, cached on disk per dataset, split and image size.
+
+The cache is `cache_dir` (default `$XDG_CACHE_HOME` or `~/.cache`, then
+`driftlab/fid_stats/`): `<tag>.features.npy` (float32 `[N, 2048]`) and `<tag>.stats.npz`
+(pytorch-fid's `mu`, `sigma`), `<tag>` = `<dataset>-<split>-<image size or full>`.
+"""
+
+import dataclasses
+import functools
+import os
+import re
+from collections.abc import Callable
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from core import experiment, plots
+from metrics import fid as fm
+
+FeatureFn = Callable[[np.ndarray], np.ndarray]  # uint8 images [N, H, W, C] -> [N, 2048]
+
+
+def default_cache_dir() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "driftlab", "fid_stats")
+
+
+def source_images(source) -> np.ndarray:
+    """All examples of a data source: uint8 `[N, H, W, C]` images (the stored bytes of tfds
+    and npz sources), or float32 arrays for non-image data."""
+    for attr in ("images", "x"):
+        arr = getattr(source, attr, None)
+        if isinstance(arr, np.ndarray):
+            return np.asarray(arr)
+    parts = [
+        source.__getitems__(np.arange(s, min(s + 4096, source.num_examples)))["x"]
+        for s in range(0, source.num_examples, 4096)
+    ]
+    x = np.concatenate(parts)
+    return plots.to_uint8(x) if x.ndim == 4 else x
+
+
+def _atomic_save(path: str, save: Callable[[str], None]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}{os.path.splitext(path)[1]}"
+    save(tmp)
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+@dataclasses.dataclass(eq=False)
+class Dataset:
+    """A reference dataset split; `build()` returns its data source (called lazily, once)."""
+
+    name: str
+    split: str
+    build: Callable[[], object]
+    image_size: int | None = None
+    cache_dir: str | None = None
+
+    @property
+    def tag(self) -> str:
+        parts = [self.name, self.split, str(self.image_size or "full")]
+        return re.sub(r"[^\w.-]+", "_", "-".join(parts))
+
+    def _path(self, suffix: str) -> str:
+        return os.path.join(self.cache_dir or default_cache_dir(), f"{self.tag}.{suffix}")
+
+    @functools.cached_property
+    def images(self) -> np.ndarray:
+        return source_images(self.build())
+
+    def features(self, compute: FeatureFn) -> np.ndarray:
+        """Inception features of all images: memory, else the disk cache, else `compute`."""
+        if "_features" not in self.__dict__:
+            path = self._path("features.npy")
+            if os.path.exists(path):
+                self._features = np.load(path)
+            else:
+                self._features = compute(self.images)
+                _atomic_save(path, lambda p: np.save(p, self._features))
+        return self._features
+
+    def stats(self, compute: FeatureFn) -> tuple[np.ndarray, np.ndarray]:
+        """FID `(mu, sigma)`: memory, else the disk cache, else from `features(compute)`."""
+        if "_stats" not in self.__dict__:
+            path = self._path("stats.npz")
+            if os.path.exists(path):
+                self._stats = fm.load_stats(path)
+            else:
+                self._stats = fm.stats(self.features(compute))
+                _atomic_save(path, lambda p: fm.save_stats(p, *self._stats))
+        return self._stats
+
+
+def dataset_from_name(
+    name: str, split: str = "train", *, cache_dir: str | None = None, **options
+) -> Dataset:
+    """A dataset by name (`data.build_source` options: `data_dir`, `image_size`, ...)."""
+    import data
+
+    options = {k: v for k, v in options.items() if v is not None}
+    build = lambda: data.build_source(name, split=split, **options)
+    return Dataset(name, split, build, options.get("image_size"), cache_dir)
+
+
+def dataset_from_config(
+    config: ConfigDict, split: str | None = None, *, cache_dir: str | None = None
+) -> Dataset:
+    """The run's own training data (`config.data`), or another `split` of it."""
+    split = split or config.data.split
+    build = lambda: experiment.build_source(config, split)
+    return Dataset(config.data.name, split, build, config.data.get("image_size"), cache_dir)

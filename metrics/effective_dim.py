@@ -1,0 +1,173 @@
+"""Geometric memorization: the effective dimension of generated samples from the spectrum of
+the score Jacobian at small noise (Achilli et al. 2024, "Losing dimensions: geometric
+memorization in generative diffusion", arXiv 2410.08727; Ventura et al. 2024, arXiv
+2410.05898; Stanczuk et al. 2022 for the idea).
+
+Near data on a d-dimensional manifold and at small noise sigma, the score pulls back onto
+the manifold: its Jacobian `d score / d x` has D - d singular values of order 1 / sigma^2
+(the normal directions) and d small ones (the tangent directions, along which the model
+still varies). Sorted descending, the spectrum has its largest gap after the (D - d)-th
+value, so `effective_dimension = D - argmax_i (s_i - s_{i+1})`. A sample whose tangent
+directions "freeze out" (geometric memorization) loses them from d; a sample collapsed on
+one training point has d = 0 (all D values large: the gap to a zero appended below s_D).
+
+Time convention: `t = 1` is data, so noise sigma means `t = 1 - sigma`; the noisy marginal
+is `x_t = (1 - t) x0 + t x1`. Velocity networks are viewed as scores with
+`models.views.convert(net, "velocity", "score")`. Jacobians are one sample at a time
+(`jax.jacfwd`, optionally in column chunks); singular values come from NumPy on the host,
+one small SVD per sample (XLA:CPU can hang on batched LAPACK calls in one program).
+"""
+
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from core.errors import UserError
+from models.views import KINDS, convert
+
+# score(x [B, ...], t [B], cond [B] or None) -> [B, ...]
+ScoreFn = Callable[..., jax.Array]
+
+
+def score_view(net, kind: str = "velocity") -> ScoreFn:
+    """`score(x, t, cond=None)` of a network whose outputs are of `kind` (velocity, data,
+    eps, score)."""
+    if kind not in KINDS:
+        raise UserError(f"unknown network output kind {kind!r}; known: {', '.join(KINDS)}")
+    view = convert(net, kind, "score")
+    return lambda x, t, cond=None: view(x, t, cond=cond)
+
+
+def score_jacobian(
+    score: ScoreFn,
+    x: jax.Array,
+    t: float | jax.Array,
+    *,
+    cond: jax.Array | None = None,
+    chunk: int | None = None,
+) -> jax.Array:
+    """`d score(x, t) / d x` of one sample `x [...]` (D entries; `cond` its label `[1]` or
+    None) as a `[D, D]` matrix (rows: score components; with `chunk`, its transpose, which
+    has the same singular values), by forward mode: `jax.jacfwd`, or `chunk` columns at a
+    time (bounded memory)."""
+    shape = x.shape
+    t_b = jnp.reshape(jnp.asarray(t, x.dtype), (1,))
+    flat = lambda v: score(v.reshape((1, *shape)), t_b, cond).reshape(-1)
+    x_flat = x.reshape(-1)
+    if chunk is None:
+        return jax.jacfwd(flat)(x_flat)
+    d = x_flat.shape[0]
+    n = -(-d // chunk)
+    basis = jnp.eye(n * chunk, d, dtype=x.dtype).reshape(n, chunk, d)
+    push = jax.vmap(lambda v: jax.jvp(flat, (x_flat,), (v,))[1])
+    return jax.lax.map(push, basis).reshape(n * chunk, d)[:d]
+
+
+def effective_dimension(svals: np.ndarray, max_rank: int | None = None) -> int:
+    """`D - i*`, where `i*` (1-based) is the index of the largest gap `s_i - s_{i+1}` of the
+    descending singular values `svals [D]`, with 0 appended below `s_D` (so `i* = D`, and
+    dimension 0, when every direction is pulled back). `max_rank` limits `i*` to the top
+    values."""
+    s = np.sort(np.asarray(svals, np.float64))[::-1]
+    gaps = s - np.append(s[1:], 0.0)
+    if max_rank is not None:
+        gaps = gaps[:max_rank]
+    return int(len(s) - (int(np.argmax(gaps)) + 1))
+
+
+def spectra(
+    score: ScoreFn,
+    xs: np.ndarray,
+    *,
+    conds: np.ndarray | None = None,
+    sigma: float = 1e-2,
+    chunk: int | None = None,
+) -> np.ndarray:
+    """Descending singular values `[N, D]` of the score Jacobian at each sample of
+    `xs [N, ...]` (labels `conds [N]` or None), at `t = 1 - sigma`. One compiled Jacobian
+    program for all samples; one SVD per sample on the host."""
+    if not 0.0 < sigma < 1.0:
+        raise UserError(f"effective dimension needs noise 0 < sigma < 1, got {sigma}")
+    jac = jax.jit(lambda x, c: score_jacobian(score, x, 1.0 - sigma, cond=c, chunk=chunk))
+    out = []
+    for i, x in enumerate(np.asarray(xs, np.float32)):
+        c = None if conds is None else jnp.asarray(conds[i : i + 1])
+        j = np.asarray(jax.device_get(jac(jnp.asarray(x), c)), np.float64)
+        out.append(np.linalg.svd(j, compute_uv=False))
+    return np.stack(out)
+
+
+def effective_dimensions(svals: np.ndarray, max_rank: int | None = None) -> np.ndarray:
+    """Per-sample effective dimensions `[N]` from spectra `[N, D]`."""
+    return np.array([effective_dimension(s, max_rank) for s in svals], np.int64)
+
+
+def plot_spectra(
+    svals: np.ndarray, path: str, *, dims: np.ndarray | None = None, title: str = ""
+) -> None:
+    """PNG of the spectra `[N, D]` (log scale, one line per sample) and, with `dims`, the
+    histogram of effective dimensions; a dashed line marks each sample's gap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    svals = np.atleast_2d(svals)
+    d = svals.shape[1]
+    panels = 2 if dims is not None else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    ax = axes[0, 0]
+    rank = np.arange(1, d + 1)
+    for i, s in enumerate(svals):
+        (line,) = ax.semilogy(rank, np.maximum(s, 1e-12), lw=1, alpha=0.7)
+        if dims is not None:
+            ax.axvline(d - dims[i] + 0.5, color=line.get_color(), ls="--", lw=0.8, alpha=0.7)
+    ax.set(xlabel="rank i", ylabel="singular value $s_i$ of d score / dx", title=title)
+    if dims is not None:
+        h = axes[0, 1]
+        h.hist(dims, bins=min(30, max(1, len(np.unique(dims)))))
+        h.set(xlabel="effective dimension D - i*", ylabel="samples", title=f"D = {d}")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(svals: np.ndarray, max_rank: int | None = None) -> dict:
+    """Summary numbers of spectra `[N, D]`: effective dimension mean / median / min / max
+    and the per-sample values."""
+    dims = effective_dimensions(svals, max_rank)
+    return {
+        "effdim_mean": float(dims.mean()),
+        "effdim_median": float(np.median(dims)),
+        "effdim_min": int(dims.min()),
+        "effdim_max": int(dims.max()),
+        "effdim_ambient": int(svals.shape[1]),
+        "effdim_per_sample": dims.tolist(),
+    }
+
+
+def evaluate(
+    score: ScoreFn,
+    xs: np.ndarray,
+    *,
+    conds: np.ndarray | None = None,
+    sigma: float = 1e-2,
+    chunk: int | None = None,
+    plot_path: str | None = None,
+) -> dict:
+    """`report` of the spectra at samples `xs [N, ...]` (uint8 images are mapped to
+    [-1, 1]), with the spectrum plot at `plot_path` (its path under `effdim_plot`)."""
+    xs = np.asarray(xs)
+    xs = xs.astype(np.float32) / 127.5 - 1.0 if xs.dtype == np.uint8 else xs.astype(np.float32)
+    conds = None if conds is None else np.asarray(conds, np.int32)
+    svals = spectra(score, xs, conds=conds, sigma=sigma, chunk=chunk)
+    out = report(svals)
+    if plot_path:
+        dims = np.asarray(out["effdim_per_sample"])
+        plot_spectra(svals, plot_path, dims=dims, title=f"score Jacobian, sigma = {sigma:g}")
+        out["effdim_plot"] = plot_path
+    return out

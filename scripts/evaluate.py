@@ -1,0 +1,252 @@
+"""Evaluate samples: FID, KID, precision/recall, Inception Score, memorization, effective
+dimension.
+
+  # sample from a run's checkpoint (sharded over all devices), then evaluate
+  python -m scripts.evaluate --workdir runs/x --num 50000 --metrics fid,kid,pr,memorization \
+      --out eval.json
+  # samples made anywhere (ADM .npz, arr_0 uint8 NHWC), against a dataset (tfds by name)
+  python -m scripts.evaluate --samples samples.npz --dataset mnist --metrics fid,memorization \
+      --out eval.json
+  # reference statistics (pytorch-fid's mu, sigma) of a dataset split or of a sample file
+  python -m scripts.evaluate --dataset mnist --split train --write-stats stats.npz
+  python -m scripts.evaluate --samples b.npz --write-stats b_stats.npz
+  # FID between two sample files
+  python -m scripts.evaluate --samples a.npz --ref-stats b_stats.npz --metrics fid
+
+  # the run's network on its held-out split (no sampling of the whole model needed)
+  python -m scripts.evaluate --workdir runs/earth_volcano --metrics nll --split test
+  python -m scripts.evaluate --workdir runs/earth_geoloc --metrics geo --split test
+
+Metrics of samples: fid, kid, pr, is, memorization, effdim. The reference (FID/KID/PR) and
+the training set (memorization) are `--dataset/--split`, or with `--workdir` the run's own
+data (`config.json`'s `data`); `--ref-stats` replaces the reference statistics for FID.
+Dataset features and statistics are cached in `--cache-dir` (default
+~/.cache/driftlab/fid_stats). `effdim` needs `--workdir` (the score network).
+Metrics of the run's network on its data split `--split` (default test): nll (nats, and
+bits/dim for images and flows), geo (conditional models on S^2: one prediction per
+held-out example). The JSON (top-level `fid` when asked for) is written to `--out` and
+printed; plots go beside it (`<out>_effdim.png`, `<out>_geo.png`).
+"""
+
+import argparse
+import functools
+import json
+import os
+
+from scripts.common import maybe_initialize_distributed, run
+
+DEFAULT_METRICS = "fid"
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m scripts.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_argument_group("samples and reference")
+    src.add_argument("--workdir", help="run directory: sample its checkpoint")
+    src.add_argument("--samples", help="samples .npz (arr_0 uint8 NHWC, arr_1 labels)")
+    src.add_argument("--dataset", help="reference / training dataset (tfds name, ...)")
+    src.add_argument("--split", default=None, help="dataset split (default train)")
+    src.add_argument("--data-dir", default=None, help="tfds data_dir (default $TFDS_DATA_DIR)")
+    src.add_argument("--ref-stats", help="reference FID statistics .npz (mu, sigma)")
+    src.add_argument("--cache-dir", default=None, help="cache of dataset features / stats")
+    out = p.add_argument_group("output")
+    out.add_argument("--metrics", default=None, help=f"comma list (default {DEFAULT_METRICS})")
+    out.add_argument("--out", help="output JSON")
+    out.add_argument("--write-stats", help="write FID statistics of the samples / dataset")
+    out.add_argument("--save-samples", help="with --workdir: also write the samples .npz")
+    smp = p.add_argument_group("sampling (--workdir)")
+    smp.add_argument("--num", type=int, default=10_000)
+    smp.add_argument("--batch", type=int, default=256, help="samples per device call")
+    smp.add_argument("--steps", type=int, default=None, help="default: the config's")
+    smp.add_argument("--sampler", default=None, help="default: the config's")
+    smp.add_argument("--cfg", type=float, default=None, help="guidance weight (1 = none)")
+    smp.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    smp.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
+    smp.add_argument("--seed", type=int, default=0)
+    m = p.add_argument_group("metric options")
+    m.add_argument("--inception-batch", type=int, default=50)
+    m.add_argument("--kid-subsets", type=int, default=100)
+    m.add_argument("--kid-subset-size", type=int, default=1000)
+    m.add_argument("--pr-k", type=int, default=3)
+    m.add_argument("--mem-space", default="pixel,inception", help="pixel and/or inception")
+    m.add_argument("--delta-m", type=float, default=None, help="memorized distance")
+    m.add_argument("--delta-s", type=float, default=None, help="spurious distance")
+    m.add_argument("--ratio-k", type=int, default=2, help="ratio test: NN1 / mean NN2..k")
+    m.add_argument("--ratio-threshold", type=float, default=1 / 3)
+    m.add_argument("--effdim-num", type=int, default=16, help="samples for effdim")
+    m.add_argument("--effdim-sigma", type=float, default=1e-2, help="noise (t = 1 - sigma)")
+    m.add_argument("--effdim-chunk", type=int, default=None, help="Jacobian columns per pass")
+    m.add_argument("--nll-steps", type=int, default=100, help="RK4 steps of the likelihood")
+    m.add_argument(
+        "--nll-divergence", default="auto", help="exact, hutchinson or auto (exact up to 16-d)"
+    )
+    m.add_argument("--nll-probes", type=int, default=1, help="Hutchinson probes")
+    return p.parse_args(argv[1:])
+
+
+def _check(args, UserError) -> None:
+    if args.workdir and args.samples:
+        raise UserError("give either --workdir (sample the run) or --samples, not both")
+    if not (args.workdir or args.samples or (args.dataset and args.write_stats)):
+        raise UserError(
+            "nothing to evaluate: give --workdir, --samples, or --dataset with --write-stats"
+        )
+    if args.samples and not os.path.isfile(args.samples):
+        raise UserError(f"samples file {args.samples!r} not found")
+    if args.ref_stats and not os.path.isfile(args.ref_stats):
+        raise UserError(f"reference statistics {args.ref_stats!r} not found")
+    if args.metrics is None and not args.write_stats:
+        args.metrics = DEFAULT_METRICS
+    if args.metrics and not (args.workdir or args.samples):
+        raise UserError("--metrics need samples: give --workdir or --samples")
+
+
+def _options(args, evaluation):
+    return evaluation.Options(
+        kid_subsets=args.kid_subsets,
+        kid_subset_size=args.kid_subset_size,
+        pr_k=args.pr_k,
+        mem_spaces=args.mem_space,
+        delta_m=args.delta_m,
+        delta_s=args.delta_s,
+        ratio_k=args.ratio_k,
+        ratio_threshold=args.ratio_threshold,
+        effdim_num=args.effdim_num,
+        effdim_sigma=args.effdim_sigma,
+        effdim_chunk=args.effdim_chunk,
+        inception_batch=args.inception_batch,
+        plot_prefix=os.path.splitext(args.out)[0] if args.out else None,
+        heldout_split=args.split or "test",
+        nll_steps=args.nll_steps,
+        nll_divergence=args.nll_divergence,
+        nll_probes=args.nll_probes,
+        batch=args.batch,
+        sampler=args.sampler,
+        sample_steps=args.steps,
+        cfg=args.cfg,
+        seed=args.seed,
+    )
+
+
+def _sample_run(args, want_samples: bool):
+    """(samples, labels, network, config, step) from the run's checkpoint (no samples
+    unless `want_samples`)."""
+    from core import sampling, sharding
+
+    config, spec = sampling.load_run(args.workdir)
+    mesh = sharding.make_mesh()
+    batch = -(-min(args.batch, args.num) // mesh.size) * mesh.size  # a multiple of devices
+    graphdef, params, step = sampling.restore_network(
+        args.workdir, config, mesh, step=args.step, ema=not args.raw
+    )
+    if not want_samples:
+        return None, None, (graphdef, params, config), config, step
+    x, labels = sampling.generate(
+        graphdef,
+        params,
+        config,
+        spec,
+        mesh,
+        num=args.num,
+        batch_size=batch,
+        seed=args.seed,
+        sampler=args.sampler,
+        num_steps=args.steps,
+        cfg_scale=args.cfg,
+    )
+    if args.save_samples:
+        sampling.write_samples(args.save_samples, x, labels)
+    return x, labels, (graphdef, params, config), config, step
+
+
+def _load_samples(args, want_samples: bool):
+    """(samples, labels, network, config, info) from `--workdir` or `--samples` (or Nones)."""
+    if args.workdir:
+        x, labels, network, config, step = _sample_run(args, want_samples)
+        return x, labels, network, config, {"workdir": args.workdir, "step": step}
+    if args.samples:
+        import numpy as np
+
+        from data.arrays import ArraySource
+
+        x = ArraySource(args.samples).x  # checks the layout, dtype and shape
+        with np.load(args.samples) as f:
+            labels = f["arr_1"] if "arr_1" in f.files else None
+        return x, labels, None, None, {"samples": args.samples}
+    return None, None, None, None, {}
+
+
+def main(argv: list[str]) -> None:
+    args = parse(argv)
+    from core.errors import UserError
+
+    _check(args, UserError)
+    maybe_initialize_distributed()
+    import jax
+
+    from core import evaluation, reference
+    from core.errors import lookup
+    from metrics import fid as fm
+
+    names = [n.strip() for n in (args.metrics or "").split(",") if n.strip()]
+    for name in names:  # before any sampling or loading
+        lookup(evaluation.METRICS, name, "metric")
+    heldout = [n for n in names if n in evaluation.HELDOUT_METRICS]
+    sample_metrics = [n for n in names if n not in heldout]
+    if heldout and not args.workdir:
+        raise UserError(f"{', '.join(heldout)} need the run's network: give --workdir")
+    want_samples = bool(sample_metrics or args.write_stats or args.save_samples)
+    x, labels, network, config, info = _load_samples(args, want_samples)
+    ds = None
+    if args.dataset:
+        split = args.split or "train"
+        ds = reference.dataset_from_name(
+            args.dataset, split, cache_dir=args.cache_dir, data_dir=args.data_dir
+        )
+    elif config is not None:
+        ds = reference.dataset_from_config(config, args.split, cache_dir=args.cache_dir)
+    ev = evaluation.Evaluator(
+        x,
+        labels=labels,
+        dataset=ds,
+        ref_stats=args.ref_stats,
+        network=network,
+        options=_options(args, evaluation),
+    )
+    result = dict(info)
+    if heldout:  # on every process: `geo` samples over the whole mesh
+        result.update(ev.run(heldout))
+    if jax.process_index() != 0:
+        return
+    if args.write_stats:
+        if x is not None:
+            stats = fm.stats(ev.sample_features)
+        else:
+            stats = ds.stats(
+                functools.partial(fm.inception_features, batch_size=args.inception_batch)
+            )
+        fm.save_stats(args.write_stats, *stats)
+        result["stats"] = args.write_stats
+    if sample_metrics:
+        result.update(ev.run(sample_metrics), num_samples=int(len(x)))
+    if names:
+        result["metrics"] = names
+    if ds is not None:
+        result["reference"] = f"{ds.name}:{ds.split}"
+    _write_json(result, args.out)
+
+
+def _write_json(result: dict, path: str | None) -> None:
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,224 @@
+"""scripts.evaluate on tiny inputs (its modes, FID through a stats file, one-line errors) and
+the in-training evaluation hook. Inception at 299x299 runs at ~1.5 images/s on 2 CPU cores
+at the tests' -O0: 6 images per set (FID is defined below 2048 images: sqrtm's offset)."""
+
+import functools
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from core.errors import UserError
+from core.evaluation import make_eval_hook
+from metrics import fid as fm
+from scripts import evaluate
+from scripts.common import run
+from tests.conftest import PYTHON, ROOT
+
+WEIGHTS = "inception/fid_inception_v3_2015-12-05_fp32.npz"
+
+
+@functools.cache
+def _test_images(tfds_dir: str) -> np.ndarray:
+    import data
+
+    return data.build_source("mnist", split="test[:16]", data_dir=tfds_dir).images
+
+
+@pytest.fixture
+def env(shared_data, monkeypatch, tmp_path):
+    """MNIST test[:16] as uint8, with tfds, the Inception weights and a fresh cache dir."""
+    monkeypatch.setenv("TFDS_DATA_DIR", os.path.join(shared_data, "tfds"))
+    monkeypatch.setenv("DRIFTLAB_INCEPTION_WEIGHTS", os.path.join(shared_data, WEIGHTS))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return _test_images(os.path.join(shared_data, "tfds"))
+
+
+def cli(tmp_path, *args) -> dict:
+    """Run `scripts.evaluate` in this process (Inception loads once); the JSON it wrote."""
+    out = str(tmp_path / f"eval{len(os.listdir(tmp_path))}.json")
+    evaluate.main(["evaluate", *args, "--out", out])
+    with open(out) as f:
+        return json.load(f)
+
+
+def _npz(tmp_path, name: str, x: np.ndarray) -> str:
+    path = str(tmp_path / name)
+    np.savez(path, arr_0=x)
+    return path
+
+
+def _fid_low_rank(fa: np.ndarray, fb: np.ndarray, eps: float = 1e-6) -> float:
+    """pytorch-fid's FID with its singular-case offset, `tr sqrt((S1 + eps I)(S2 + eps I))`,
+    in closed form for n << D samples: S1, S2 map into the span Q of the centred features,
+    so the product is `(C1 + eps)(C2 + eps)` on Q (r x r) and `eps^2 I` on the rest."""
+    a, b = fa - fa.mean(0), fb - fb.mean(0)
+    q, _ = np.linalg.qr(np.concatenate([a, b]).T.astype(np.float64))
+    c1 = (a @ q).T @ (a @ q) / (len(a) - 1)
+    c2 = (b @ q).T @ (b @ q) / (len(b) - 1)
+    eye = np.eye(len(c1))
+    roots = np.sqrt(np.linalg.eigvals((c1 + eps * eye) @ (c2 + eps * eye)).real).sum()
+    diff = fa.mean(0).astype(np.float64) - fb.mean(0)
+    trace_sqrt = roots + (fa.shape[1] - len(c1)) * eps
+    return float(diff @ diff + np.trace(c1) + np.trace(c2) - 2 * trace_sqrt)
+
+
+def test_write_stats_and_ref_stats_wiring(env, tmp_path, monkeypatch):
+    # Fast: the stats file is the samples' Inception statistics in pytorch-fid's layout, and
+    # --ref-stats feeds FID with (sample stats, file stats). The Frechet distance itself
+    # (a 2048^2 sqrtm, ~30 s here) is checked in the slow test below and in test_fid.py.
+    a, b = _npz(tmp_path, "a.npz", env[:6]), _npz(tmp_path, "b.npz", env[6:12])
+    stats = str(tmp_path / "b_stats.npz")
+    cli(tmp_path, "--samples", b, "--write-stats", stats)
+    with np.load(stats) as f:
+        assert sorted(f.files) == ["mu", "sigma"]
+        mu, sigma = fm.stats(fm.inception_features(env[6:12]))
+        np.testing.assert_allclose(f["mu"], mu, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(f["sigma"], sigma, rtol=1e-6, atol=1e-9)
+    seen = []
+    monkeypatch.setattr(fm, "fid_from_stats", lambda *s: seen.append(s) or 42.0)
+    out = cli(tmp_path, "--samples", a, "--ref-stats", stats, "--metrics", "fid")
+    assert out["fid"] == 42.0 and out["samples"] == a
+    ((mu1, sigma1, mu2, sigma2),) = seen
+    np.testing.assert_allclose(mu2, mu, rtol=1e-6)
+    assert mu1.shape == (2048,) and sigma1.shape == (2048, 2048) and np.isfinite(sigma1).all()
+
+
+@pytest.mark.slow
+def test_write_stats_then_ref_stats_fid_equals_direct_fid(env, tmp_path):
+    a, b = _npz(tmp_path, "a.npz", env[:6]), _npz(tmp_path, "b.npz", env[6:12])
+    stats = str(tmp_path / "b_stats.npz")
+    cli(tmp_path, "--samples", b, "--write-stats", stats)
+    out = cli(tmp_path, "--samples", a, "--ref-stats", stats, "--metrics", "fid")
+    fa, fb = fm.inception_features(env[:6]), fm.inception_features(env[6:12])
+    # without the offset, fid.py differs by at most 2 D eps = 4e-3
+    assert out["fid"] == pytest.approx(_fid_low_rank(fa, fb), rel=1e-5, abs=1e-2)
+    # dataset statistics: the same images as a tfds split, written and cached
+    ds_stats = str(tmp_path / "ds_stats.npz")
+    cli(tmp_path, "--dataset", "mnist", "--split", "test[:6]", "--write-stats", ds_stats)
+    np.testing.assert_allclose(fm.load_stats(ds_stats)[0], fa.mean(0), rtol=1e-6, atol=1e-7)
+    cache = os.listdir(tmp_path / "cache" / "driftlab" / "fid_stats")
+    assert sorted(cache) == ["mnist-test_6_-full.features.npy", "mnist-test_6_-full.stats.npz"]
+
+
+def test_samples_against_a_dataset_split(env, tmp_path):
+    samples = _npz(tmp_path, "s.npz", env[:8])  # copies of test images: all memorized
+    out = cli(
+        tmp_path, "--samples", samples, "--dataset", "mnist", "--split", "test[:200]",
+        "--metrics", "memorization", "--mem-space", "pixel",
+    )  # fmt: skip
+    assert out["pixel/memorized"] == 1.0 and out["pixel/ratio_memorized"] == 1.0
+    assert out["reference"] == "mnist:test[:200]" and out["num_samples"] == 8
+    assert out["pixel/nn_train_min"] == 0.0
+
+
+def _error(monkeypatch, capsys, args) -> str:
+    monkeypatch.setattr("sys.argv", ["evaluate", *args])
+    with pytest.raises(SystemExit) as e:
+        run(evaluate.main)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert e.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_bad_input_is_one_line(env, tmp_path, monkeypatch, capsys):
+    a = _npz(tmp_path, "a.npz", env[:8])
+    cases = {
+        "samples file 'nope.npz' not found": ["--samples", "nope.npz"],
+        "unknown metric 'lpips'; known metrics: effdim, fid, geo, is, kid": [
+            "--samples", a, "--metrics", "fid,lpips",
+        ],
+        "unknown dataset 'nosuchdataset'": [
+            "--samples", a, "--dataset", "nosuchdataset", "--metrics", "memorization",
+        ],
+        "reference statistics 'nope_stats.npz' not found": [
+            "--samples", a, "--ref-stats", "nope_stats.npz",
+        ],
+        "FID needs a reference": ["--samples", a, "--metrics", "fid"],
+        "effdim needs the run's network": ["--samples", a, "--metrics", "effdim"],
+        "nll need the run's network: give --workdir": ["--samples", a, "--metrics", "nll"],
+        "not both": ["--samples", a, "--workdir", str(tmp_path)],
+        "nothing to evaluate": ["--metrics", "fid"],
+    }  # fmt: skip
+    for expected, args in cases.items():
+        assert expected in _error(monkeypatch, capsys, args)
+
+
+def test_cli_entry_point_prints_one_line(python_env):
+    proc = subprocess.run(
+        [PYTHON, "-m", "scripts.evaluate", "--samples", "missing.npz"],
+        cwd=ROOT, env=python_env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: samples file 'missing.npz' not found"
+    ], proc.stderr
+
+
+def test_eval_hook_and_workdir_mode(tmp_path, monkeypatch):
+    from core.config import load
+    from core.trainer import train
+
+    monkeypatch.chdir(ROOT)
+    config = load("experiments/quickstart.py:smoke=True")  # 2-D data, MLP, 2 steps
+    config.eval_every = 1  # the trainer adds the evaluation hook itself
+    config.eval.update(num_samples=16, max_train=100, batch_size=16)
+    workdir = str(tmp_path / "run")
+    train(config, workdir)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if "eval/pixel/memorized" in line]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(0.0 <= r["eval/pixel/memorized"] <= 1.0 for r in rows)
+    out = cli(
+        tmp_path, "--workdir", workdir, "--num", "32", "--metrics", "memorization,effdim",
+        "--mem-space", "pixel", "--effdim-num", "3",
+    )  # fmt: skip
+    assert out["step"] == 2 and out["num_samples"] == 32 and out["effdim_ambient"] == 2
+    assert len(out["effdim_per_sample"]) == 3 and os.path.exists(out["effdim_plot"])
+    assert out["reference"] == f"{config.data.name}:train"
+    config.eval.fid = True  # FID of 2-D points is not defined: said before any training
+    with pytest.raises(UserError, match="config.eval.fid needs image data"):
+        make_eval_hook(config, workdir)
+
+
+def test_nll_and_geo_of_a_run(shared_data, tmp_path, monkeypatch):
+    # A 2-step geolocation run: the CLI's held-out NLL is metrics.likelihood's on the
+    # restored EMA network and the test split; geo predicts one place per test event.
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from core import experiment, sampling, sharding
+    from core.config import load
+    from core.trainer import train
+    from metrics import likelihood
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("DRIFTLAB_EARTH_DIR", os.path.join(shared_data, "earth"))
+    config = load("experiments/sphere/earth_geoloc.py:smoke=True,dataset=volcano")
+    workdir = str(tmp_path / "run")
+    train(config, workdir)
+    out = cli(
+        tmp_path, "--workdir", workdir, "--metrics", "nll,geo", "--split", "test",
+        "--nll-steps", "6", "--steps", "3", "--batch", "32",
+    )  # fmt: skip
+    test = experiment.build_source(config, "test")
+    batch = test.__getitems__(np.arange(test.num_examples))
+    assert out["nll_count"] == out["geo/count"] == test.num_examples == 82
+    graphdef, params, _ = sampling.restore_network(workdir, config, sharding.make_mesh())
+    direct = likelihood.mean_nll(
+        nnx.merge(graphdef, jax.device_get(params)), jnp.asarray(batch["x"]),
+        cond=jnp.asarray(batch["cond"]),
+        num_steps=6, manifold="sphere", batch_size=32,
+    )  # fmt: skip
+    assert out["nll"] == pytest.approx(direct, rel=1e-5) and out["nll_divergence"] == "exact"
+    accs = [out[f"geo/acc_{t}km"] for t in (1, 25, 200, 750, 2500)]
+    assert accs == sorted(accs) and 0.0 <= accs[0] and accs[-1] <= 1.0
+    assert 0.0 < out["geo/error_km_mean"] <= np.pi * 6371.0 + 1e-6
+    assert os.path.getsize(out["geo/plot"]) > 0
+    quick = str(tmp_path / "quick")  # unconditional 2-D data: no geolocation
+    train(load("experiments/quickstart.py:smoke=True"), quick)
+    with pytest.raises(UserError, match="geo needs a conditional model"):
+        cli(tmp_path, "--workdir", quick, "--metrics", "geo")

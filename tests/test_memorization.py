@@ -1,0 +1,201 @@
+"""Memorization metrics: exact k-NN against brute force, the memorized / spurious /
+generalized split on known cases, and the effective dimension on a subspace oracle."""
+
+import functools
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from core.errors import UserError
+from metrics import effective_dim as ed
+from metrics import memorization as mem
+from tests import gaussian
+
+
+def _brute(q: np.ndarray, r: np.ndarray, k: int, exclude_self: bool = False):
+    d2 = ((q[:, None, :].astype(np.float64) - r[None, :, :]) ** 2).sum(-1)
+    if exclude_self:
+        np.fill_diagonal(d2, np.inf)
+    idx = np.argsort(d2, axis=1, kind="stable")[:, :k]  # ties: lower index first
+    return np.sqrt(np.take_along_axis(d2, idx, 1)), idx
+
+
+# --- k nearest neighbours --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("refine", [False, True])
+@pytest.mark.parametrize("k", [1, 4])
+def test_knn_equals_brute_force_with_ties_and_ragged_chunks(k, refine):
+    # Small integers: every distance is exact in float32, so ties are exact ties (many,
+    # with 3 values in 4 dims) and indices must agree exactly. 53 reference rows in chunks
+    # of 10 and 23 queries in chunks of 7 leave ragged last chunks on both sides.
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 3, (53, 4)).astype(np.float32)
+    ref[40] = ref[3]  # an exact duplicate across chunk boundaries
+    q = np.concatenate([rng.integers(0, 3, (22, 4)), ref[3:4]]).astype(np.float32)
+    d, i = mem.knn(q, ref, k, query_chunk=7, ref_chunk=10, refine=refine)
+    bd, bi = _brute(q, ref, k)
+    np.testing.assert_array_equal(i, bi)
+    np.testing.assert_allclose(d, bd, atol=1e-6)
+    same = np.flatnonzero((ref == ref[3]).all(axis=1))[:k]  # 3, ..., 40: index order
+    np.testing.assert_array_equal(i[-1, : len(same)], same)
+
+
+def test_knn_float_data_and_one_chunk():
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(300, 16)).astype(np.float32)  # vectors are float32
+    q = rng.normal(size=(40, 16)).astype(np.float32)
+    d, i = mem.knn(q, ref, 5)
+    bd, bi = _brute(q, ref, 5)
+    np.testing.assert_array_equal(i, bi)
+    np.testing.assert_allclose(d, bd, rtol=1e-12)  # refined: exact (float64) distances
+    # raw uint8 images turned into vectors chunk by chunk == vectors given whole
+    images = rng.integers(0, 256, (50, 4, 4, 1)).astype(np.uint8)
+    queries = mem.pixel_vectors(images[:7]) + 0.01
+    lazy = mem.knn(queries, images, 3, transform=mem.pixel_vectors, ref_chunk=16)
+    whole = mem.knn(queries, mem.pixel_vectors(images), 3)
+    np.testing.assert_array_equal(lazy[1], whole[1])
+    np.testing.assert_allclose(lazy[0], whole[0], rtol=1e-12)
+
+
+def test_knn_exclude_self_finds_duplicates_not_self():
+    rng = np.random.default_rng(2)
+    x = rng.permutation(64)[:60].reshape(30, 2).astype(np.float32)  # distinct rows
+    x[17] = x[5]
+    d, i = mem.knn(x, x, 2, exclude_self=True, query_chunk=8, ref_chunk=8)
+    bd, bi = _brute(x, x, 2, exclude_self=True)
+    np.testing.assert_array_equal(i, bi)
+    assert (i != np.arange(30)[:, None]).all()
+    assert i[5, 0] == 17 and i[17, 0] == 5 and d[5, 0] == 0.0
+
+
+def test_knn_rejects_bad_input():
+    x = np.zeros((4, 3), np.float32)
+    with pytest.raises(UserError, match="k=5"):
+        mem.knn(x, x, 5)
+    with pytest.raises(UserError, match="k=4"):
+        mem.knn(x, x, 4, exclude_self=True)
+    with pytest.raises(UserError, match=r"\[Q, D\]"):
+        mem.knn(x, np.zeros((4, 2), np.float32), 1)
+
+
+# --- the tests on distances ------------------------------------------------------------
+
+
+def test_ratio_test_and_classify_by_hand():
+    d = np.array([[0.0, 0.0], [1.0, 2.0], [1.0, 4.0], [2.0, 2.0]])
+    ratio, flagged = mem.ratio_test(d)  # two identical training images: ratio 0
+    np.testing.assert_allclose(ratio, [0.0, 0.5, 0.25, 1.0])
+    np.testing.assert_array_equal(flagged, [True, False, True, False])
+    labels = mem.classify(
+        np.array([0.01, 0.01, 0.5, 0.5]), np.array([0.0, 0.5, 0.0, 0.5]), 0.1, 0.1
+    )
+    names = [mem.CATEGORIES[v] for v in labels]  # memorized takes precedence over spurious
+    assert names == ["memorized", "memorized", "spurious", "generalized"]
+
+
+@functools.cache
+def _mnist(tfds_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    import data
+
+    train = data.build_source("mnist", split="train[:500]", data_dir=tfds_dir).images
+    test = data.build_source("mnist", split="test[:60]", data_dir=tfds_dir).images
+    return train, test
+
+
+@pytest.fixture
+def mnist(shared_data):
+    """uint8 MNIST train[:500] (the training set) and test[:60] (held-out digits)."""
+    return _mnist(os.path.join(shared_data, "tfds"))
+
+
+def test_copies_of_training_images_are_memorized(mnist):
+    train, _ = mnist
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0.0, 0.02 * 127.5, (64, *train.shape[1:]))  # ~2.5 grey levels
+    copies = np.clip(np.round(train[:64] + noise), 0, 255).astype(np.uint8)
+    out = mem.memorization_report(mem.pixel_vectors(copies), mem.pixel_vectors(train))
+    assert out["pixel/memorized"] == 1.0 and out["pixel/ratio_memorized"] == 1.0
+    assert out["pixel/nn_train_mean"] < 0.05
+
+
+def test_fresh_gaussian_noise_is_not_memorized(mnist):
+    train, _ = mnist
+    noise = np.clip(np.random.default_rng(0).normal(size=(64, *train.shape[1:])), -1, 1)
+    out = mem.memorization_report(
+        mem.pixel_vectors(noise.astype(np.float32)), mem.pixel_vectors(train)
+    )
+    assert out["pixel/memorized"] == 0.0 and out["pixel/ratio_memorized"] == 0.0
+    assert out["pixel/spurious"] == 0.0 and out["pixel/generalized"] == 1.0
+
+
+def test_repeated_new_samples_are_spurious(mnist):
+    # 20 held-out digits (no training images), each generated three times with small noise,
+    # plus 20 more held-out digits once: 60 / 80 samples sit on an attractor of their own.
+    train, test = mnist
+    rng = np.random.default_rng(0)
+    base = np.repeat(test[:20].astype(np.float64), 3, axis=0)
+    repeats = np.clip(np.round(base + rng.normal(0, 2.0, base.shape)), 0, 255).astype(np.uint8)
+    samples = np.concatenate([repeats, test[20:40]])
+    out = mem.memorization_report(mem.pixel_vectors(samples), mem.pixel_vectors(train))
+    assert out["pixel/spurious"] == pytest.approx(60 / 80)
+    assert out["pixel/memorized"] == 0.0 and out["pixel/generalized"] == pytest.approx(20 / 80)
+
+
+def test_feature_space_and_cheap_report(mnist):
+    train, _ = mnist
+    rng = np.random.default_rng(0)
+    feats = np.abs(rng.normal(size=(200, 32))).astype(np.float32)
+    near = feats[:10] * 1.5 + 1e-3  # scale is ignored: unit-norm features
+    out = mem.memorization_report(
+        mem.feature_vectors(near), mem.feature_vectors(feats), space="inception"
+    )
+    assert out["inception/memorized"] == 1.0
+    cheap = mem.cheap_report(train[:8], train, max_train=100)  # subset: a lower bound
+    assert 0.0 <= cheap["pixel/memorized"] <= 1.0
+    assert mem.cheap_report(train[:8], train[:50], max_train=100)["pixel/memorized"] == 1.0
+    with pytest.raises(UserError, match="unknown memorization space"):
+        mem.memorization_report(near, feats, space="lpips")
+
+
+# --- effective dimension ---------------------------------------------------------------
+
+
+def _subspace(d: int, k: int, scale: float = 1.0, seed: int = 0):
+    """Orthonormal basis `[d, k]` and the covariance `scale^2 P` of a k-dim subspace."""
+    basis, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, k)))
+    return basis, scale**2 * basis @ basis.T
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_effective_dimension_of_a_linear_subspace_is_k(k, tmp_path):
+    # x1 ~ N(0, s^2 P): the noisy marginal at t is N(0, (1-t)^2 I + t^2 s^2 P), its score
+    # -C^-1 x is known in closed form; its Jacobian has D - k values 1/(1-t)^2 (= 1e4 at
+    # sigma = 0.01) and k values 1/((1-t)^2 + t^2 s^2). The velocity view goes through
+    # models.views like a trained network.
+    d, sigma = 16, 1e-2
+    basis, cov = _subspace(d, k)
+    xs = np.random.default_rng(1).normal(size=(4, k)) @ basis.T
+    velocity = gaussian.optimal_velocity(jnp.zeros(d), cov)
+    svals = ed.spectra(ed.score_view(velocity, "velocity"), xs, sigma=sigma)
+    np.testing.assert_allclose(svals[:, : d - k], 1 / sigma**2, rtol=1e-4)
+    # float32 score (t v - x) / (1 - t): 1e-3 relative on the small values, 1e-7 of s_1
+    np.testing.assert_allclose(svals[:, d - k :], 1 / (sigma**2 + (1 - sigma) ** 2), rtol=3e-3)
+    assert ed.effective_dimensions(svals).tolist() == [k] * 4
+    closed = gaussian.score(jnp.zeros(d), cov)
+    score = lambda x, t, cond=None: closed(x, t)
+    chunked = ed.spectra(score, xs, sigma=sigma, chunk=5)  # 16 columns in ragged chunks
+    np.testing.assert_allclose(chunked, svals, rtol=3e-3)
+    out = ed.evaluate(score, xs, sigma=sigma, plot_path=str(tmp_path / "spectra.png"))
+    assert out["effdim_mean"] == k and os.path.getsize(tmp_path / "spectra.png") > 0
+
+
+def test_effective_dimension_of_a_point_is_zero():
+    # A training set of one point (memorized): the score pulls back in every direction.
+    d = 8
+    velocity = gaussian.optimal_velocity(jnp.ones(d), np.zeros((d, d)))
+    svals = ed.spectra(ed.score_view(velocity, "velocity"), np.ones((2, d)), sigma=1e-2)
+    assert ed.effective_dimensions(svals).tolist() == [0, 0]
+    assert ed.effective_dimension(np.array([5.0, 4.0, 1.0, 0.5]), max_rank=1) == 3
