@@ -9,6 +9,7 @@ Reference data and its cached features / statistics: `core.reference`.
 
 import dataclasses
 import functools
+import inspect
 
 import numpy as np
 from ml_collections import ConfigDict
@@ -259,8 +260,11 @@ def _nll(ev: Evaluator) -> dict:
 
         n, b = len(data["x"]), o.batch
         batches = ({k: v[i : i + b] for k, v in data.items()} for i in range(0, n, b))
-        noise = config.loss.get("noise", "uniform")
-        std = config.loss.get("noise_std", 0.05)
+        from losses.flow_nll import loss_flow_nll
+
+        defaults = {k: p.default for k, p in inspect.signature(loss_flow_nll).parameters.items()}
+        noise = config.loss.get("noise", defaults["noise"])  # the run's own noise
+        std = config.loss.get("noise_std", defaults["noise_std"])
         bpd = dataset_bpd(net, batches, key=key, noise=noise, noise_std=std,
                           use_labels=cond is not None)  # fmt: skip
         return {"bpd": bpd, "nll_split": o.heldout_split}
@@ -328,9 +332,10 @@ METRICS = {
     "memorization": _memorization,
     "effdim": _effdim,
     "nll": _nll,
+    "bpd": _nll,  # the same numbers: bits/dim is there for images and flows
     "geo": _geo,
 }
-HELDOUT_METRICS = ("nll", "geo")  # need the run's network and data, not samples
+HELDOUT_METRICS = ("nll", "bpd", "geo")  # need the run's network and data, not samples
 
 
 # --- sampling a run, and evaluation during training --------------------------------------

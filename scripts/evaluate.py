@@ -22,9 +22,9 @@ the training set (memorization) are `--dataset/--split`, or with `--workdir` the
 data (`config.json`'s `data`); `--ref-stats` replaces the reference statistics for FID.
 Dataset features and statistics are cached in `--cache-dir` (default
 ~/.cache/driftlab/fid_stats). `effdim` needs `--workdir` (the score network).
-Metrics of the run's network on its data split `--split` (default test): nll (nats, and
-bits/dim for images and flows), geo (conditional models on S^2: one prediction per
-held-out example). The JSON (top-level `fid` when asked for) is written to `--out` and
+Metrics of the run's network on its data split `--split` (default test): nll or bpd (the
+same numbers: nats, and bits/dim for images and normalizing flows), geo (conditional
+models on S^2: one prediction per held-out example). The JSON (top-level `fid` when asked for) is written to `--out` and
 printed; plots go beside it (`<out>_effdim.png`, `<out>_geo.png`).
 """
 

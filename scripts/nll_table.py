@@ -1,0 +1,167 @@
+"""Held-out NLL of trained runs, with the checkpoint chosen on the validation split.
+
+  python -m scripts.nll_table --workdirs runs/earth_volcano,runs/earth_earthquake,\
+runs/earth_flood,runs/earth_fire --out docs/earth_nll
+
+For each run: the validation NLL of every kept checkpoint (EMA weights), the checkpoint
+with the lowest one (early stopping, as the Riemannian FM paper selects its models), its
+test NLL (also with twice the ODE steps, to show the integration error), the final
+checkpoint's test NLL, the training time (from the logged steps/s) and a world map (or
+scatter) of samples beside the test data. Writes `<out>.json`, `<out>.md` (a Markdown table
+beside the published Earth numbers, when the runs are Earth datasets) and
+`<out>_<run>.png`.
+"""
+
+import argparse
+import json
+import os
+
+from scripts.common import run
+
+# Test NLL (nats) published for the Earth datasets: Riemannian flow matching (Chen & Lipman
+# 2023, arXiv 2302.03660, Table 2) and Riemannian score-based models (De Bortoli et al.
+# 2022, as reported in that table).
+PUBLISHED = {
+    "Riemannian FM": {"volcano": -7.93, "earthquake": -0.28, "flood": 0.42, "fire": -1.86},
+    "RSGM": {"volcano": -4.92, "earthquake": -0.19, "flood": 0.48, "fire": -1.33},
+}
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m scripts.nll_table",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--workdirs", required=True, help="comma list of run directories")
+    p.add_argument("--out", required=True, help="output prefix: <out>.json, <out>.md")
+    p.add_argument("--nll-steps", type=int, default=100, help="RK4 steps of the likelihood")
+    p.add_argument("--val-split", default="val")
+    p.add_argument("--test-split", default="test")
+    p.add_argument("--num-plot", type=int, default=4096, help="samples on the map")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv[1:])
+
+
+def train_seconds(workdir: str) -> float | None:
+    """Training time from `metrics.jsonl`: the logged steps/s over each logging interval
+    (excludes start-up and checkpoint waits outside the logged intervals)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    rows, last = {}, 0
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if "steps_per_sec" in r:
+                rows[r["step"]] = r["steps_per_sec"]  # a resumed run rewrites its steps
+    total = 0.0
+    for step in sorted(rows):
+        total += (step - last) / rows[step]
+        last = step
+    return total
+
+
+def evaluate_run(args, workdir: str) -> dict:
+    from core import evaluation, sampling, sharding
+    from core.checkpoint import open_for_reading
+
+    config, spec = sampling.load_run(workdir)
+    mesh = sharding.make_mesh()
+    ckpt = open_for_reading(workdir)
+    steps = ckpt.all_steps()
+    ckpt.close()
+
+    def nll(step: int, split: str, nll_steps: int) -> tuple[float, tuple]:
+        network = sampling.restore_network(workdir, config, mesh, step=step)
+        graphdef, params, _ = network
+        options = evaluation.Options(
+            heldout_split=split, nll_steps=nll_steps, seed=args.seed, batch=4096
+        )
+        ev = evaluation.Evaluator(None, network=(graphdef, params, config), options=options)
+        return ev.run(["nll"])["nll"], (graphdef, params)
+
+    val = {step: nll(step, args.val_split, args.nll_steps)[0] for step in steps}
+    for step, value in val.items():
+        print(f"{workdir} step {step}: {args.val_split} NLL {value:.4f}", flush=True)
+    best = min(val, key=val.get)
+    test, (graphdef, params) = nll(best, args.test_split, args.nll_steps)
+    test_fine = nll(best, args.test_split, 2 * args.nll_steps)[0]
+    final = nll(steps[-1], args.test_split, args.nll_steps)[0]
+    name = os.path.basename(os.path.normpath(workdir))
+    plot = f"{args.out}_{name}.png"
+    x, _ = sampling.generate(
+        graphdef, params, config, spec, mesh, num=args.num_plot, batch_size=1024, seed=args.seed
+    )
+    _plot(config, args.test_split, x, plot, f"{name}: step {best}, test NLL {test:.3f}")
+    return {
+        "run": workdir,
+        "dataset": config.data.name,
+        "model": dict(config.model),
+        "batch_size": config.batch_size,
+        "total_steps": config.total_steps,
+        "val_nll": {str(k): v for k, v in val.items()},
+        "best_step": best,
+        "test_nll": test,
+        f"test_nll_{2 * args.nll_steps}_steps": test_fine,
+        "final_step": steps[-1],
+        "final_test_nll": final,
+        "train_seconds": train_seconds(workdir),
+        "plot": plot,
+    }
+
+
+def _plot(config, split: str, x, path: str, title: str) -> None:
+    from core import experiment, plots
+    from metrics import geo
+
+    source = experiment.build_source(config, split)
+    ref = source.__getitems__(range(source.num_examples))["x"]
+    if x.shape[1:] == (3,):
+        geo.plot_world_samples(path, x, reference=ref, title=title)
+    else:
+        plots.save_scatter(x, ref, path, title=title)
+
+
+def table(results: list[dict], nll_steps: int) -> str:
+    lines = [
+        f"| dataset | ours: test NLL (best val ckpt) | {nll_steps * 2} ODE steps | final ckpt"
+        " | " + " | ".join(PUBLISHED) + " | best / total steps | train time |",
+        "|---" * (6 + len(PUBLISHED)) + "|",
+    ]
+    for r in results:
+        pub = [f"{PUBLISHED[k].get(r['dataset'], float('nan')):.2f}" for k in PUBLISHED]
+        secs = r["train_seconds"]
+        lines.append(
+            f"| {r['dataset']} | {r['test_nll']:.3f} | "
+            f"{r[f'test_nll_{2 * nll_steps}_steps']:.3f} | {r['final_test_nll']:.3f} | "
+            + " | ".join(pub)
+            + f" | {r['best_step']} / {r['final_step']} | "
+            + (f"{secs / 60:.1f} min |" if secs else "? |")
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    args = parse(argv)
+    import jax
+
+    results = [evaluate_run(args, w) for w in args.workdirs.split(",") if w]
+    info = {
+        "nll_steps": args.nll_steps,
+        "splits": [args.val_split, args.test_split],
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+        "published": PUBLISHED,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"settings": info, "results": results}, f, indent=2)
+    text = table(results, args.nll_steps)
+    with open(args.out + ".md", "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    run(main)
