@@ -24,8 +24,9 @@ Dataset features and statistics are cached in `--cache-dir` (default
 ~/.cache/driftlab/fid_stats). `effdim` needs `--workdir` (the score network).
 Metrics of the run's network on its data split `--split` (default test): nll or bpd (the
 same numbers: nats, and bits/dim for images and normalizing flows), geo (conditional
-models on S^2: one prediction per held-out example). The JSON (top-level `fid` when asked for) is written to `--out` and
-printed; plots go beside it (`<out>_effdim.png`, `<out>_geo.png`).
+models on S^2: one prediction per held-out example). The JSON (top-level `fid` when asked
+for) is written to `--out` and printed; plots go beside it (`<out>_effdim.png`,
+`<out>_geo.png`).
 """
 
 import argparse
