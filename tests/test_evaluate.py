@@ -252,3 +252,29 @@ def test_bpd_of_a_flow_run(shared_data, tmp_path, monkeypatch):
         use_labels="cond" in data,
     )  # fmt: skip
     assert out["bpd"] == pytest.approx(direct, rel=1e-5) and 0.0 < out["bpd"] < 30.0
+
+
+def test_steps_sweep_of_a_shortcut_run(shared_data, tmp_path, monkeypatch):
+    # One evaluate call per k with the run's own (shortcut) sampler: k = 1 and k = 2 draw
+    # different samples from the same noise, and each number is the evaluate CLI's.
+    from core.config import load
+    from core.trainer import train
+    from scripts import steps_sweep
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("TFDS_DATA_DIR", os.path.join(shared_data, "tfds"))
+    config = load("experiments/shortcut/mnist_dit.py:smoke=True")
+    workdir = str(tmp_path / "sc")
+    train(config, workdir)
+    out = str(tmp_path / "sweep")
+    key = "pixel/nn_train_mean"
+    steps_sweep.main(
+        ["steps_sweep", "--workdirs", workdir, "--steps", "1,2", "--metrics", "memorization",
+         "--out", out, "--plot-key", key, "--num", "8", "--mem-space", "pixel"]
+    )  # fmt: skip
+    with open(out + ".json") as f:
+        by_k = json.load(f)["results"]["sc"]
+    assert sorted(by_k) == ["1", "2"] and by_k["1"][key] != by_k["2"][key]
+    with open(f"{out}_sc_k2.json") as f:
+        assert json.load(f)[key] == by_k["2"][key]
+    assert os.path.getsize(out + ".png") > 0
