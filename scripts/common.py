@@ -90,3 +90,25 @@ def maybe_initialize_distributed() -> None:
         # CPU processes exchange collectives through gloo (GPUs and TPUs have their own).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
+
+
+def sample_run(args, *, want_samples: bool = True, label: int | None = None):
+    """The sampling flags shared by the CLIs (`--workdir --num --batch --step --raw --seed
+    --sampler --steps --cfg`) -> `(samples, labels, (graphdef, params, config), step)`:
+    the checkpoint's weights on a mesh of all devices and, if `want_samples`, `--num`
+    samples in batches of `--batch` rounded up to a multiple of the devices."""
+    from core import sampling, sharding
+
+    config, spec = sampling.load_run(args.workdir)
+    mesh = sharding.make_mesh()
+    graphdef, params, step = sampling.restore_network(
+        args.workdir, config, mesh, step=args.step, ema=not args.raw
+    )
+    if not want_samples:
+        return None, None, (graphdef, params, config), step
+    batch = -(-min(args.batch, args.num) // mesh.size) * mesh.size  # a multiple of devices
+    x, labels = sampling.generate(
+        graphdef, params, config, spec, mesh, num=args.num, batch_size=batch, seed=args.seed,
+        sampler=args.sampler, num_steps=args.steps, cfg_scale=args.cfg, label=label,
+    )  # fmt: skip
+    return x, labels, (graphdef, params, config), step

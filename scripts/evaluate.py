@@ -34,7 +34,7 @@ import functools
 import json
 import os
 
-from scripts.common import maybe_initialize_distributed, run
+from scripts.common import maybe_initialize_distributed, run, sample_run
 
 DEFAULT_METRICS = "fid"
 
@@ -132,41 +132,18 @@ def _options(args, evaluation):
     )
 
 
-def _sample_run(args, want_samples: bool):
-    """(samples, labels, network, config, step) from the run's checkpoint (no samples
-    unless `want_samples`)."""
-    from core import sampling, sharding
-
-    config, spec = sampling.load_run(args.workdir)
-    mesh = sharding.make_mesh()
-    batch = -(-min(args.batch, args.num) // mesh.size) * mesh.size  # a multiple of devices
-    graphdef, params, step = sampling.restore_network(
-        args.workdir, config, mesh, step=args.step, ema=not args.raw
-    )
-    if not want_samples:
-        return None, None, (graphdef, params, config), config, step
-    x, labels = sampling.generate(
-        graphdef,
-        params,
-        config,
-        spec,
-        mesh,
-        num=args.num,
-        batch_size=batch,
-        seed=args.seed,
-        sampler=args.sampler,
-        num_steps=args.steps,
-        cfg_scale=args.cfg,
-    )
-    if args.save_samples:
-        sampling.write_samples(args.save_samples, x, labels)
-    return x, labels, (graphdef, params, config), config, step
-
-
 def _load_samples(args, want_samples: bool):
     """(samples, labels, network, config, info) from `--workdir` or `--samples` (or Nones)."""
     if args.workdir:
-        x, labels, network, config, step = _sample_run(args, want_samples)
+        x, labels, network, step = sample_run(args, want_samples=want_samples)
+        if args.save_samples:
+            import jax
+
+            from core import sampling
+
+            if jax.process_index() == 0:
+                sampling.write_samples(args.save_samples, x, labels)
+        config = network[2]
         return x, labels, network, config, {"workdir": args.workdir, "step": step}
     if args.samples:
         import numpy as np

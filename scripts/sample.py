@@ -9,7 +9,7 @@ models) plus a PNG grid beside the npz. EMA weights unless `--raw`.
 
 import argparse
 
-from scripts.common import maybe_initialize_distributed, run
+from scripts.common import maybe_initialize_distributed, run, sample_run
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -37,28 +37,9 @@ def main(argv: list[str]) -> None:
     maybe_initialize_distributed()
     import jax
 
-    from core import sampling, sharding
+    from core import sampling
 
-    config, spec = sampling.load_run(args.workdir)
-    mesh = sharding.make_mesh()
-    batch = min(args.batch, -(-args.num // mesh.size) * mesh.size)
-    graphdef, params, step = sampling.restore_network(
-        args.workdir, config, mesh, step=args.step, ema=not args.raw
-    )
-    x, labels = sampling.generate(
-        graphdef,
-        params,
-        config,
-        spec,
-        mesh,
-        num=args.num,
-        batch_size=batch,
-        seed=args.seed,
-        sampler=args.sampler,
-        num_steps=args.steps,
-        cfg_scale=args.cfg,
-        label=args.label,
-    )
+    x, labels, _, step = sample_run(args, label=args.label)
     if jax.process_index() == 0:
         png = sampling.write_samples(args.out, x, labels)
         print(f"wrote {len(x)} samples from step {step} to {args.out} (preview {png})")
