@@ -42,13 +42,13 @@ def save_scatter(
     samples: np.ndarray, data: np.ndarray | None, path: str, title: str = ""
 ) -> np.ndarray:
     """Two panels, data and samples, on the same axes; returns the PNG as an array."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     panels = [("data", data), ("samples", samples)] if data is not None else [("samples", samples)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False)
+    fig = Figure(figsize=(4 * len(panels), 4), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False)
     both = np.concatenate([p for _, p in panels if p is not None])[:, :2]
     lo, hi = np.percentile(both, 0.5, axis=0), np.percentile(both, 99.5, axis=0)
     margin = 0.1 * (hi - lo)
@@ -62,11 +62,9 @@ def save_scatter(
         )
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    fig.canvas.draw()
-    picture = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return picture
+    fig.savefig(path)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def _grid(x: np.ndarray, reference, path: str, title: str = "") -> np.ndarray:

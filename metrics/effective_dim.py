@@ -110,15 +110,13 @@ def plot_spectra(
 ) -> None:
     """PNG of the spectra `[N, D]` (log scale, one line per sample) and, with `dims`, the
     histogram of effective dimensions; a dashed line marks each sample's gap."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     svals = np.atleast_2d(svals)
     d = svals.shape[1]
     panels = 2 if dims is not None else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    fig = Figure(figsize=(5.5 * panels, 4), dpi=100)
+    axes = fig.subplots(1, panels, squeeze=False)
     ax = axes[0, 0]
     rank = np.arange(1, d + 1)
     for i, s in enumerate(svals):
@@ -132,8 +130,7 @@ def plot_spectra(
         h.set(xlabel="effective dimension D - i*", ylabel="samples", title=f"D = {d}")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.savefig(path)
 
 
 def report(svals: np.ndarray, max_rank: int | None = None) -> dict:

@@ -123,13 +123,11 @@ def _final_loss(workdir: str) -> float | None:
 
 def plot(results: list[dict], path: str, title: str) -> None:
     """Fractions memorized / spurious / generalized (and the ratio test) against K."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     ks = [r["K"] for r in results]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.subplots()
     for name, style in (("memorized", "o-"), ("spurious", "s-"), ("generalized", "^-")):
         ax.plot(ks, [r[name] for r in results], style, label=name)
     ax.plot(ks, [r["ratio_memorized"] for r in results], "k--", lw=1, label="ratio test < 1/3")
@@ -144,8 +142,7 @@ def plot(results: list[dict], path: str, title: str) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path)
 
 
 def main(argv: list[str]) -> None:
