@@ -39,6 +39,7 @@ class Options:
     effdim_num: int = 16
     effdim_sigma: float = 1e-2
     effdim_chunk: int | None = None
+    swd_projections: int = 256
     inception_batch: int = 50
     plot_prefix: str | None = None
     # metrics of the run's network on held-out data (nll, geo)
@@ -235,6 +236,20 @@ def _effdim(ev: Evaluator) -> dict:
     )
 
 
+def _swd(ev: Evaluator) -> dict:
+    """Sliced 2-Wasserstein distance of the samples to the reference data (vectors; images
+    on the [-1, 1] scale): the distribution metric for low-dimensional data."""
+    from metrics.two_sample import sliced_wasserstein
+
+    as_float = lambda a: a.astype(np.float32) / 127.5 - 1.0 if a.dtype == np.uint8 else a
+    x = as_float(ev._need_samples("swd"))
+    ref = as_float(ev._need_dataset("swd (the reference data)").images)
+    if x.shape[1:] != ref.shape[1:]:
+        raise UserError(f"samples {x.shape} and reference data {ref.shape} differ in shape")
+    o = ev.options
+    return {"swd": sliced_wasserstein(x, ref, num_projections=o.swd_projections, seed=o.seed)}
+
+
 # --- metrics of the network on held-out data ------------------------------------------
 
 LIKELIHOOD_MANIFOLDS = {"flow_matching": "euclidean", "sphere_fm": "sphere"}
@@ -331,6 +346,7 @@ METRICS = {
     "is": _is,
     "memorization": _memorization,
     "effdim": _effdim,
+    "swd": _swd,
     "nll": _nll,
     "bpd": _nll,  # the same numbers: bits/dim is there for images and flows
     "geo": _geo,

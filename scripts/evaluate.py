@@ -17,9 +17,10 @@ dimension.
   python -m scripts.evaluate --workdir runs/earth_volcano --metrics nll --split test
   python -m scripts.evaluate --workdir runs/earth_geoloc --metrics geo --split test
 
-Metrics of samples: fid, kid, pr, is, memorization, effdim. The reference (FID/KID/PR) and
-the training set (memorization) are `--dataset/--split`, or with `--workdir` the run's own
-data (`config.json`'s `data`); `--ref-stats` replaces the reference statistics for FID.
+Metrics of samples: fid, kid, pr, is, memorization, effdim, swd (sliced Wasserstein, for
+low-dimensional data). The reference (FID/KID/PR/swd) and the training set (memorization)
+are `--dataset/--split`, or with `--workdir` the run's own data (`config.json`'s `data`);
+`--ref-stats` replaces the reference statistics for FID.
 Dataset features and statistics are cached in `--cache-dir` (default
 ~/.cache/driftlab/fid_stats). `effdim` needs `--workdir` (the score network).
 Metrics of the run's network on its data split `--split` (default test): nll or bpd (the
@@ -80,6 +81,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     m.add_argument("--effdim-num", type=int, default=16, help="samples for effdim")
     m.add_argument("--effdim-sigma", type=float, default=1e-2, help="noise (t = 1 - sigma)")
     m.add_argument("--effdim-chunk", type=int, default=None, help="Jacobian columns per pass")
+    m.add_argument("--swd-projections", type=int, default=256, help="directions of swd")
     m.add_argument("--nll-steps", type=int, default=100, help="RK4 steps of the likelihood")
     m.add_argument(
         "--nll-divergence", default="auto", help="exact, hutchinson or auto (exact up to 16-d)"
@@ -118,6 +120,7 @@ def _options(args, evaluation):
         effdim_num=args.effdim_num,
         effdim_sigma=args.effdim_sigma,
         effdim_chunk=args.effdim_chunk,
+        swd_projections=args.swd_projections,
         inception_batch=args.inception_batch,
         plot_prefix=os.path.splitext(args.out)[0] if args.out else None,
         heldout_split=args.split or "test",

@@ -1,0 +1,50 @@
+"""Shortcut model vs flow matching on 2-D two moons with an MLP: the one-step claim of
+Frans et al. 2024 at CPU size.
+
+  python -m scripts.train --config experiments/shortcut/moons_mlp.py --workdir runs/moons_sc
+  python -m scripts.train --config experiments/shortcut/moons_mlp.py:method=fm \
+      --workdir runs/moons_fm
+  python -m scripts.steps_sweep --workdirs runs/moons_sc,runs/moons_fm --steps 1,2,4,8,128 \
+      --metrics swd --split test --num 8192 --out docs/moons_swd_vs_steps
+
+Both variants train the same MLP (the flow-matching one ignores `dt`) for the same steps
+at the same batch; `method=fm` samples with k Euler steps, the shortcut model with k
+shortcut steps of size 1/k. Variants: `:method=fm`, `:steps=N`, `:smoke=True`.
+"""
+
+from ml_collections import FieldReference
+
+from core.config import base_config, parse_variant
+from experiments.presets import shrink_for_smoke
+
+
+def get_config(arg: str | None = None):
+    v = parse_variant(arg, method="shortcut", steps=10_000, smoke=False)
+    c = base_config()
+    c.total_steps = v.steps
+    c.batch_size = 512  # 64 self-consistency rows: 9+ for each of the 7 levels
+    c.log_every = 500
+    c.ckpt_every = 2_000
+    c.sample_every = 5_000
+    c.ema_decay = 0.999
+    c.optim.update(lr=1e-3, warmup_steps=500, schedule="cosine")
+    c.data.update(name="moons", split="train")
+    shortcut = v.method == "shortcut"
+    if not shortcut and v.method != "fm":
+        from core.errors import UserError
+
+        raise UserError(f"unknown method {v.method!r}; known: shortcut, fm")
+    c.model = dict(name="mlp", dim=2, hidden=256, depth=3, use_dt=shortcut)
+    if shortcut:
+        max_steps = FieldReference(128)  # shared by the loss and the sampler
+        c.loss = dict(name="shortcut", bootstrap_every=8, max_steps=max_steps, teacher="ema")
+        c.sample.update(sampler="shortcut", num_steps=1, options=dict(max_steps=max_steps))
+    else:
+        c.loss = dict(name="flow_matching", time_sampling="uniform")
+        c.sample.update(sampler="euler", num_steps=1)
+    c.sample.num = 4096
+    if v.smoke:
+        shrink_for_smoke(c)
+        if shortcut:
+            c.loss.update(max_steps=8, bootstrap_every=2)  # batch 8: 4 rows for 3 levels
+    return c
