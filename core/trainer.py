@@ -186,20 +186,20 @@ def train(
         experiment.write_data_spec(workdir, run.spec)
     ckpt = Checkpoints(workdir, max_to_keep=config.keep_ckpts)
     writer = MetricWriter(workdir, enabled=run.main)
-    if config.get("eval_every"):
-        from core.evaluation import make_eval_hook  # imports the metrics: only when asked
-
-        hook = make_eval_hook(
-            config,
-            workdir,
-            writer=writer,
-            mesh=run.mesh,
-            source=run.source,
-            graphdef=run.graphdef,
-            spec=run.spec,
-        )
-        hooks = (*hooks, hook)
     try:
+        if config.get("eval_every"):
+            from core.evaluation import make_eval_hook  # imports the metrics: when asked
+
+            hook = make_eval_hook(
+                config,
+                workdir,
+                writer=writer,
+                mesh=run.mesh,
+                source=run.source,
+                graphdef=run.graphdef,
+                spec=run.spec,
+            )
+            hooks = (*hooks, hook)
         state = run.init_or_restore(ckpt)
         start = int(jax.device_get(state.step))
         writer.truncate_after(start)

@@ -25,6 +25,7 @@ Geometry (`manifold`):
 projected to the tangent space on the sphere: `E[(Pε)ᵀ J (Pε)] = tr(P J P)`.
 """
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -143,6 +144,16 @@ def _pad_rows(a: jax.Array, n: int) -> jax.Array:
     return jnp.concatenate([a, jnp.repeat(a[:1], n - a.shape[0], axis=0)])
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled(graphdef, kwargs: tuple):
+    """One jitted likelihood per network structure and settings: evaluating several
+    checkpoints of a run (same graphdef) compiles once."""
+    options = dict(kwargs)
+    return jax.jit(
+        lambda s, xb, cb, k: log_likelihood(nnx.merge(graphdef, s), xb, cond=cb, key=k, **options)
+    )
+
+
 def log_likelihood_batched(
     net, x: jax.Array, *, batch_size: int = 1024, cond: jax.Array | None = None, **kwargs
 ) -> np.ndarray:
@@ -155,11 +166,7 @@ def log_likelihood_batched(
     key = kwargs.pop("key", None)
     if isinstance(net, nnx.Module):  # params as an argument, not baked-in constants
         graphdef, state = nnx.split(net)
-        fn = jax.jit(
-            lambda s, xb, cb, k: log_likelihood(
-                nnx.merge(graphdef, s), xb, cond=cb, key=k, **kwargs
-            )
-        )
+        fn = _compiled(graphdef, tuple(sorted(kwargs.items())))
     else:
         state = None
         fn = jax.jit(lambda s, xb, cb, k: log_likelihood(net, xb, cond=cb, key=k, **kwargs))
