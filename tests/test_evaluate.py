@@ -183,23 +183,43 @@ def test_eval_hook_and_workdir_mode(tmp_path, monkeypatch):
         make_eval_hook(config, workdir)
 
 
+def _trained(tmp_path, spec: str):
+    """(config, workdir) of the experiment `spec` trained (smoke size) in tmp_path."""
+    from core.config import load
+    from core.trainer import train
+
+    config = load(spec)
+    workdir = str(tmp_path / "run")
+    train(config, workdir)
+    return config, workdir
+
+
+def _restored(config, workdir):
+    """The run's EMA network, restored as the CLI restores it, on the host."""
+    import jax
+    from flax import nnx
+
+    from core import sampling, sharding
+
+    graphdef, params, _ = sampling.restore_network(workdir, config, sharding.make_mesh())
+    return nnx.merge(graphdef, jax.device_get(params))
+
+
 def test_nll_and_geo_of_a_run(shared_data, tmp_path, monkeypatch):
     # A 2-step geolocation run: the CLI's held-out NLL is metrics.likelihood's on the
     # restored EMA network and the test split; geo predicts one place per test event.
-    import jax
     import jax.numpy as jnp
-    from flax import nnx
 
-    from core import experiment, sampling, sharding
+    from core import experiment
     from core.config import load
     from core.trainer import train
     from metrics import likelihood
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("DRIFTLAB_EARTH_DIR", os.path.join(shared_data, "earth"))
-    config = load("experiments/sphere/earth_geoloc.py:smoke=True,dataset=volcano")
-    workdir = str(tmp_path / "run")
-    train(config, workdir)
+    config, workdir = _trained(
+        tmp_path, "experiments/sphere/earth_geoloc.py:smoke=True,dataset=volcano"
+    )
     out = cli(
         tmp_path, "--workdir", workdir, "--metrics", "nll,geo", "--split", "test",
         "--nll-steps", "6", "--steps", "3", "--batch", "32",
@@ -207,10 +227,8 @@ def test_nll_and_geo_of_a_run(shared_data, tmp_path, monkeypatch):
     test = experiment.build_source(config, "test")
     batch = test.__getitems__(np.arange(test.num_examples))
     assert out["nll_count"] == out["geo/count"] == test.num_examples == 82
-    graphdef, params, _ = sampling.restore_network(workdir, config, sharding.make_mesh())
     direct = likelihood.mean_nll(
-        nnx.merge(graphdef, jax.device_get(params)), jnp.asarray(batch["x"]),
-        cond=jnp.asarray(batch["cond"]),
+        _restored(config, workdir), jnp.asarray(batch["x"]), cond=jnp.asarray(batch["cond"]),
         num_steps=6, manifold="sphere", batch_size=32,
     )  # fmt: skip
     assert out["nll"] == pytest.approx(direct, rel=1e-5) and out["nll_divergence"] == "exact"
@@ -226,30 +244,22 @@ def test_nll_and_geo_of_a_run(shared_data, tmp_path, monkeypatch):
 
 def test_bpd_of_a_flow_run(shared_data, tmp_path, monkeypatch):
     # TarFlow (2 steps): the CLI's test bits/dim is metrics.bpd's on the restored EMA flow
-    # with the run's noise, and the same number comes back under `nll` and `bpd`.
+    # with the run's own noise.
     import jax
 
-    from core import experiment, sampling, sharding
-    from core.config import load
-    from core.trainer import train
+    from core import experiment
     from metrics.bpd import dataset_bpd
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("TFDS_DATA_DIR", os.path.join(shared_data, "tfds"))
-    config = load("experiments/nf/mnist_tarflow.py:smoke=True")
-    workdir = str(tmp_path / "run")
-    train(config, workdir)
+    config, workdir = _trained(tmp_path, "experiments/nf/mnist_tarflow.py:smoke=True")
     out = cli(tmp_path, "--workdir", workdir, "--metrics", "bpd", "--split", "test[:24]",
               "--batch", "16")  # fmt: skip
-    graphdef, params, _ = sampling.restore_network(workdir, config, sharding.make_mesh())
     data = experiment.build_source(config, "test[:24]").__getitems__(np.arange(24))
     batches = [{k: v[i : i + 16] for k, v in data.items()} for i in (0, 16)]
-    from flax import nnx
-
     direct = dataset_bpd(
-        nnx.merge(graphdef, jax.device_get(params)), batches, key=jax.random.key(0),
-        noise=config.loss.noise, noise_std=config.loss.noise_std,
-        use_labels="cond" in data,
+        _restored(config, workdir), batches, key=jax.random.key(0),
+        noise=config.loss.noise, noise_std=config.loss.noise_std, use_labels="cond" in data,
     )  # fmt: skip
     assert out["bpd"] == pytest.approx(direct, rel=1e-5) and 0.0 < out["bpd"] < 30.0
 
