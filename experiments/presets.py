@@ -1,6 +1,6 @@
 """Network presets and the smoke shrink shared by the experiment configs."""
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, FieldReference
 
 from data import EARTH, TOYS
 
@@ -53,6 +53,33 @@ def make_conditional(
     c.loss.cond_drop_prob = drop_prob
     c.loss.null_cond = num_classes
     c.sample.cfg_scale = cfg_scale
+    if c.loss.name == "shortcut":  # guidance inside the bootstrap targets, as the paper:
+        # k < max_steps steps are guided by training; max_steps steps (the plain
+        # flow-matching velocity) take `cfg_scale` at sampling
+        c.loss.bootstrap_cfg_scale, c.sample.cfg_scale = cfg_scale, 1.0
+
+
+def shortcut(
+    c: ConfigDict,
+    *,
+    teacher: str = "ema",
+    target_clip: float | None = 4.0,
+    max_steps: int = 128,
+    bootstrap_every: int = 8,
+) -> None:
+    """Shortcut-model training (Frans et al. 2024) and one-step sample grids. The loss and
+    the sampler share `max_steps` (one FieldReference: it fixes the `dt` mapping)."""
+    steps = FieldReference(max_steps)
+    c.loss = dict(
+        name="shortcut",
+        bootstrap_every=bootstrap_every,
+        max_steps=steps,
+        teacher=teacher,
+        bootstrap_cfg_scale=1.0,
+        target_clip=target_clip,
+        time_sampling="uniform",
+    )
+    c.sample.update(sampler="shortcut", num_steps=1, options=dict(max_steps=steps))
 
 
 def shrink_for_smoke(c: ConfigDict) -> None:
@@ -75,6 +102,9 @@ def shrink_for_smoke(c: ConfigDict) -> None:
         c.model.update(DIT_SMOKE)
     elif name == "mlp":
         c.model.update(hidden=32, depth=2)
+    if c.loss.name == "shortcut":
+        c.compute_dtype = "float32"
+        c.loss.update(max_steps=8, bootstrap_every=2)  # batch 8: 4 rows for 3 levels
 
 
 # Riemannian flow matching on the Earth datasets (Chen & Lipman 2023, arXiv 2302.03660):

@@ -18,10 +18,8 @@ are therefore not comparable with the paper's. Sample grids use one step; any po
 up to 128 works. `:smoke=True` is the CPU test size. Not yet trained by this project.
 """
 
-from ml_collections import FieldReference
-
 from core.config import base_config, parse_variant
-from experiments.presets import dit, shrink_for_smoke
+from experiments.presets import dit, shortcut, shrink_for_smoke
 
 
 def get_config(arg: str | None = None):
@@ -37,19 +35,8 @@ def get_config(arg: str | None = None):
     c.optim.update(lr=1e-4, warmup_steps=0, weight_decay=0.1, grad_clip=0.0)
     c.data.update(name="celeb_a_hq/256", split="train", random_flip=True)
     c.model = dict(dit(3, v.size), use_dt=True)
-    max_steps = FieldReference(128)  # shared by the loss and the sampler (the dt mapping)
-    c.loss = dict(
-        name="shortcut",
-        bootstrap_every=8,
-        max_steps=max_steps,
-        teacher="ema",
-        bootstrap_cfg_scale=1.0,
-        target_clip=4.0,
-        time_sampling="uniform",
-    )
-    c.sample.update(sampler="shortcut", num_steps=1, num=16, options=dict(max_steps=max_steps))
+    shortcut(c)
+    c.sample.num = 16
     if v.smoke:
         shrink_for_smoke(c)
-        c.compute_dtype = "float32"
-        c.loss.update(max_steps=8, bootstrap_every=2)  # batch 8: 4 rows for 3 levels
     return c

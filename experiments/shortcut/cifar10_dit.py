@@ -13,10 +13,8 @@ two up to `loss.max_steps` (one value with `sample.options.max_steps`) works. Va
 project: no expected FID.
 """
 
-from ml_collections import FieldReference
-
 from core.config import base_config, parse_variant
-from experiments.presets import dit, make_conditional, shrink_for_smoke
+from experiments.presets import dit, make_conditional, shortcut, shrink_for_smoke
 
 
 def get_config(arg: str | None = None):
@@ -32,22 +30,10 @@ def get_config(arg: str | None = None):
     c.optim.update(lr=1e-4, warmup_steps=5_000, weight_decay=0.0, grad_clip=1.0)  # as FM's DiT
     c.data.update(name="cifar10", split="train", random_flip=True)
     c.model = dict(dit(3, v.size), use_dt=True)
-    max_steps = FieldReference(128)  # shared by the loss and the sampler (the dt mapping)
-    c.loss = dict(
-        name="shortcut",
-        bootstrap_every=8,
-        max_steps=max_steps,
-        teacher="ema",
-        bootstrap_cfg_scale=1.0,
-        target_clip=4.0,
-        time_sampling="uniform",
-    )
-    c.sample.update(sampler="shortcut", num_steps=1, num=64, options=dict(max_steps=max_steps))
+    shortcut(c)
+    c.sample.num = 64
     if v.cond:
         make_conditional(c, num_classes=10)
-        c.loss.bootstrap_cfg_scale, c.sample.cfg_scale = c.sample.cfg_scale, 1.0
     if v.smoke:
         shrink_for_smoke(c)
-        c.compute_dtype = "float32"
-        c.loss.update(max_steps=8, bootstrap_every=2)  # batch 8: 4 rows for 3 levels
     return c
