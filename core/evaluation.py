@@ -357,38 +357,6 @@ HELDOUT_METRICS = ("nll", "bpd", "geo")  # need the run's network and data, not 
 # --- sampling a run, and evaluation during training --------------------------------------
 
 
-class _Sampler:
-    """EMA samples with fixed noise, the sampling program compiled once."""
-
-    def __init__(self, config: ConfigDict, graphdef, spec: dict, mesh, num: int, batch: int):
-        import jax
-
-        from core import sharding
-
-        batch = -(-min(batch, num) // mesh.size) * mesh.size
-        self.num, self.batch, self.sharding = num, batch, sharding.batch_sharding(mesh)
-        fn = experiment.make_sample_fn(graphdef, config, tuple(spec["example_shape"]))
-        self.fn = jax.jit(fn, out_shardings=self.sharding)
-        classes = spec["num_classes"] if experiment.null_cond(config) is not None else 0
-        self.labels = [
-            jax.device_put(experiment.sample_labels(batch, classes, i * batch), self.sharding)
-            for i in range(-(-num // batch))
-        ]
-        self.key = jax.random.fold_in(jax.random.key(config.seed), 2**30 + 1)
-
-    def __call__(self, params) -> np.ndarray:
-        import jax
-        from jax.experimental import multihost_utils
-
-        xs = []
-        for i, labels in enumerate(self.labels):
-            x = self.fn(params, jax.random.fold_in(self.key, i), labels)
-            if jax.process_count() > 1:
-                x = multihost_utils.process_allgather(x, tiled=True)
-            xs.append(np.asarray(jax.device_get(x)))
-        return np.concatenate(xs)[: self.num]
-
-
 def make_eval_hook(
     config: ConfigDict,
     workdir: str,
@@ -409,6 +377,7 @@ def make_eval_hook(
     import jax
 
     from core import sharding
+    from core.sampling import Generator
     from core.writer import MetricWriter
 
     every = int(config.get("eval_every", 0) or 0)
@@ -423,7 +392,9 @@ def make_eval_hook(
     if e.fid and len(spec["example_shape"]) != 3:
         raise UserError("config.eval.fid needs image data; set config.eval.fid=False")
     num = max(e.num_samples, e.num_fid if e.fid else 0)
-    sampler = _Sampler(config, graphdef, spec, mesh, num, e.batch_size)
+    batch = -(-min(e.batch_size, num) // mesh.size) * mesh.size
+    sampler = Generator(graphdef, config, spec, mesh, num=num, batch_size=batch)
+    key = jax.random.fold_in(jax.random.key(config.seed), 2**30 + 1)  # fixed eval noise
     rows = mem.subsample(np.arange(source.num_examples), e.max_train, config.seed)
     train = source.__getitems__(rows)["x"]  # float32, images in [-1, 1]
     ds = dataset_from_config(config, e.get("ref_split"))
@@ -432,7 +403,7 @@ def make_eval_hook(
     def hook(step: int, state) -> None:
         if step % every:
             return
-        x = sampler(state.ema)
+        x, _ = sampler(state.ema, key)
         if jax.process_index() != 0:
             return
         out = mem.cheap_report(x[: e.num_samples], train, max_train=e.max_train)

@@ -46,6 +46,67 @@ def restore_network(
     return graphdef, params, step
 
 
+class Generator:
+    """`num` samples of a run's network in batches, the sampling program compiled once:
+    `gen(params, key) -> (samples float32 on the host, labels or None)`; batch `i` draws
+    its noise from `fold_in(key, i)`. Call it again with new params (e.g. during training)
+    without recompiling.
+
+    Labels cycle through the classes, or are all `label`; `conds` gives one condition per
+    sample instead (labels `[num]` or embeddings `[num, E]`, e.g. a test split's), and
+    then the labels returned are None."""
+
+    def __init__(
+        self,
+        graphdef,
+        config: ConfigDict,
+        spec: dict,
+        mesh,
+        *,
+        num: int,
+        batch_size: int,
+        sampler: str | None = None,
+        num_steps: int | None = None,
+        cfg_scale: float | None = None,
+        label: int | None = None,
+        conds: np.ndarray | None = None,
+    ):
+        sharding.check_batch_size(mesh, batch_size)
+        if conds is not None and len(conds) != num:
+            raise UserError(f"generate: {len(conds)} conditions for {num} samples")
+        fn = experiment.make_sample_fn(
+            graphdef,
+            config,
+            tuple(spec["example_shape"]),
+            sampler=sampler,
+            num_steps=num_steps,
+            cfg_scale=cfg_scale,
+        )
+        data_sharding = sharding.batch_sharding(mesh)
+        self.fn = jax.jit(fn, out_shardings=data_sharding)
+        num_classes = spec["num_classes"] if experiment.null_cond(config) is not None else 0
+        self.num, self.returns_labels = num, bool(num_classes) and conds is None
+        self.labels = []
+        for i in range(math.ceil(num / batch_size)):
+            if conds is not None:
+                part = np.asarray(conds[i * batch_size : (i + 1) * batch_size])
+                labels = np.concatenate([part, np.repeat(part[:1], batch_size - len(part), 0)])
+            elif label is None:
+                labels = experiment.sample_labels(batch_size, num_classes, offset=i * batch_size)
+            else:
+                labels = np.full((batch_size,), label, np.int32)
+            self.labels.append(jax.device_put(labels, data_sharding))
+
+    def __call__(self, params, key: jax.Array) -> tuple[np.ndarray, np.ndarray | None]:
+        xs, ys = [], []
+        for i, labels in enumerate(self.labels):
+            xs.append(to_host(self.fn(params, jax.random.fold_in(key, i), labels)))
+            if self.returns_labels:
+                ys.append(to_host(labels))
+        x = np.concatenate(xs)[: self.num]
+        return x, (np.concatenate(ys)[: self.num] if self.returns_labels else None)
+
+
 def generate(
     graphdef,
     params,
@@ -56,47 +117,12 @@ def generate(
     num: int,
     batch_size: int,
     seed: int = 0,
-    sampler: str | None = None,
-    num_steps: int | None = None,
-    cfg_scale: float | None = None,
-    label: int | None = None,
-    conds: np.ndarray | None = None,
+    **options,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """`num` samples (float32, on the host) and their labels (None if unconditional).
-
-    Labels cycle through the classes, or are all `label`; `conds` gives one condition per
-    sample instead (labels `[num]` or embeddings `[num, E]`, e.g. a test split's), and
-    then the second output is None."""
-    sharding.check_batch_size(mesh, batch_size)
-    if conds is not None and len(conds) != num:
-        raise UserError(f"generate: {len(conds)} conditions for {num} samples")
-    fn = experiment.make_sample_fn(
-        graphdef,
-        config,
-        tuple(spec["example_shape"]),
-        sampler=sampler,
-        num_steps=num_steps,
-        cfg_scale=cfg_scale,
-    )
-    data_sharding = sharding.batch_sharding(mesh)
-    fn = jax.jit(fn, out_shardings=data_sharding)
-    num_classes = spec["num_classes"] if experiment.null_cond(config) is not None else 0
-    base = jax.random.key(seed)
-    xs, ys = [], []
-    for i in range(math.ceil(num / batch_size)):
-        if conds is not None:
-            part = np.asarray(conds[i * batch_size : (i + 1) * batch_size])
-            labels = np.concatenate([part, np.repeat(part[:1], batch_size - len(part), 0)])
-        elif label is None:
-            labels = experiment.sample_labels(batch_size, num_classes, offset=i * batch_size)
-        else:
-            labels = np.full((batch_size,), label, np.int32)
-        labels = jax.device_put(labels, data_sharding)
-        x = fn(params, jax.random.fold_in(base, i), labels)
-        xs.append(to_host(x))
-        ys.append(to_host(labels))
-    x = np.concatenate(xs)[:num]
-    return x, (np.concatenate(ys)[:num] if num_classes and conds is None else None)
+    """`num` samples (float32, on the host) and their labels (None if unconditional) from
+    `key(seed)`; `options` as `Generator`'s (sampler, num_steps, cfg_scale, label, conds)."""
+    gen = Generator(graphdef, config, spec, mesh, num=num, batch_size=batch_size, **options)
+    return gen(params, jax.random.key(seed))
 
 
 def to_host(x: jax.Array) -> np.ndarray:
