@@ -13,6 +13,7 @@ beside the published Earth numbers, when the runs are Earth datasets) and
 """
 
 import argparse
+import functools
 import json
 import os
 
@@ -72,24 +73,29 @@ def evaluate_run(args, workdir: str) -> dict:
     steps = ckpt.all_steps()
     ckpt.close()
 
-    def nll(step: int, split: str, nll_steps: int) -> tuple[float, tuple]:
-        network = sampling.restore_network(workdir, config, mesh, step=step)
-        graphdef, params, _ = network
+    @functools.cache
+    def network(step: int) -> tuple:
+        graphdef, params, _ = sampling.restore_network(workdir, config, mesh, step=step)
+        return graphdef, params, config
+
+    @functools.cache  # the best checkpoint is often the last: computed once
+    def nll(step: int, split: str, nll_steps: int) -> float:
         options = evaluation.Options(
             heldout_split=split, nll_steps=nll_steps, seed=args.seed, batch=4096
         )
-        ev = evaluation.Evaluator(None, network=(graphdef, params, config), options=options)
-        return ev.run(["nll"])["nll"], (graphdef, params)
+        ev = evaluation.Evaluator(None, network=network(step), options=options)
+        return ev.run(["nll"])["nll"]
 
-    val = {step: nll(step, args.val_split, args.nll_steps)[0] for step in steps}
+    val = {step: nll(step, args.val_split, args.nll_steps) for step in steps}
     for step, value in val.items():
         print(f"{workdir} step {step}: {args.val_split} NLL {value:.4f}", flush=True)
     best = min(val, key=val.get)
-    test, (graphdef, params) = nll(best, args.test_split, args.nll_steps)
-    test_fine = nll(best, args.test_split, 2 * args.nll_steps)[0]
-    final = nll(steps[-1], args.test_split, args.nll_steps)[0]
+    test = nll(best, args.test_split, args.nll_steps)
+    test_fine = nll(best, args.test_split, 2 * args.nll_steps)
+    final = nll(steps[-1], args.test_split, args.nll_steps)
     name = os.path.basename(os.path.normpath(workdir))
     plot = f"{args.out}_{name}.png"
+    graphdef, params, _ = network(best)
     x, _ = sampling.generate(
         graphdef, params, config, spec, mesh, num=args.num_plot, batch_size=1024, seed=args.seed
     )
