@@ -37,13 +37,7 @@ def make_optimizer(
 
     Weight decay applies to matrices and kernels (ndim >= 2), not to biases or norms.
     """
-    warmup = max(int(warmup_steps), 0)
-    if schedule == "constant":
-        lr_fn = optax.warmup_constant_schedule(0.0, lr, max(warmup, 1)) if warmup else lr
-    elif schedule == "cosine":
-        lr_fn = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(total_steps, 2))
-    else:
-        raise UserError(f"unknown optim.schedule {schedule!r}; known: constant, cosine")
+    lr_fn = _schedule(lr, total_steps, warmup_steps, schedule)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
     parts.append(
@@ -52,13 +46,31 @@ def make_optimizer(
     return optax.chain(*parts)
 
 
+def _schedule(lr: float, total_steps: int, warmup_steps: int, schedule: str):
+    """The learning rate as a float (constant, no warm-up) or an optax schedule."""
+    warmup = max(int(warmup_steps), 0)
+    if schedule == "constant":
+        return optax.warmup_constant_schedule(0.0, lr, warmup) if warmup else lr
+    if schedule == "cosine":
+        warmup = max(warmup, 1)  # optax's cosine schedule starts with at least one warm-up step
+        if warmup >= total_steps:
+            raise UserError(
+                f"optim.warmup_steps={warmup} leaves no steps for the cosine decay "
+                f"(total_steps={total_steps}); set optim.warmup_steps below total_steps"
+            )
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps)
+    raise UserError(f"unknown optim.schedule {schedule!r}; known: constant, cosine")
+
+
 def learning_rate(tx_config: dict, total_steps: int, step: int) -> float:
     """The learning rate `make_optimizer(**tx_config)` uses at `step` (for logging)."""
-    lr, warmup = tx_config["lr"], int(tx_config.get("warmup_steps", 0))
-    if tx_config.get("schedule", "constant") == "cosine":
-        fn = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(total_steps, 2))
-        return float(fn(step))
-    return float(lr * min(1.0, step / warmup)) if warmup else float(lr)
+    fn = _schedule(
+        tx_config["lr"],
+        total_steps,
+        tx_config.get("warmup_steps", 0),
+        tx_config.get("schedule", "constant"),
+    )
+    return float(fn(step)) if callable(fn) else float(fn)
 
 
 def init_state(params, tx: optax.GradientTransformation) -> TrainState:

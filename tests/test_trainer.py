@@ -155,3 +155,19 @@ def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_p
     after = restore_params(tmp_path / "run", 4)
     for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_learning_rate_schedule_and_a_warmup_longer_than_training_is_one_clear_error():
+    from core.errors import UserError
+    from core.train_state import learning_rate, make_optimizer
+
+    opt = dict(lr=1e-3, warmup_steps=100, schedule="cosine")
+    assert learning_rate(opt, 1100, 50) == pytest.approx(5e-4)  # linear warm-up
+    assert learning_rate(opt, 1100, 100) == pytest.approx(1e-3)
+    assert learning_rate(opt, 1100, 600) == pytest.approx(5e-4)  # half-way down the cosine
+    assert learning_rate(opt, 1100, 1100) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(dict(lr=1e-3, warmup_steps=100), 50, 25) == pytest.approx(2.5e-4)
+    with pytest.raises(UserError, match=r"optim.warmup_steps=100 .*total_steps=50"):
+        make_optimizer(lr=1e-3, total_steps=50, warmup_steps=100, schedule="cosine")
+    with pytest.raises(UserError, match=r"unknown optim.schedule 'linear'"):
+        make_optimizer(lr=1e-3, total_steps=50, schedule="linear")
