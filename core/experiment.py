@@ -78,7 +78,13 @@ def build_source(config: ConfigDict, split: str | None = None):
             options[key] = d[key]
     if d.use_labels:
         options["use_labels"] = True
-    return data_lib.build_source(d.name, split=split or d.split, **options)
+    split = split or d.split
+    if d.name == "npz" and split != d.split and "{split}" not in (d.get("path") or ""):
+        raise UserError(
+            f"split {split!r} asked of npz data {d.path!r}, which is the {d.split!r} split "
+            "only; name one file per split with {split} in data.path (data/x_{split}.npz)"
+        )
+    return data_lib.build_source(d.name, split=split, **options)
 
 
 def data_spec(source) -> dict:

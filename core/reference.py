@@ -8,6 +8,7 @@ The cache is `cache_dir` (default `$XDG_CACHE_HOME` or `~/.cache`, then
 
 import dataclasses
 import functools
+import hashlib
 import os
 import re
 from collections.abc import Callable
@@ -96,12 +97,31 @@ class Dataset:
 def dataset_from_name(
     name: str, split: str = "train", *, cache_dir: str | None = None, **options
 ) -> Dataset:
-    """A dataset by name (`data.build_source` options: `data_dir`, `image_size`, ...)."""
+    """A dataset by name (`data.build_source` options: `data_dir`, `image_size`, ...); a name
+    ending in `.npz` is that file (`{split}` in it is replaced by the split)."""
     import data
 
     options = {k: v for k, v in options.items() if v is not None}
+    if name.endswith(".npz"):
+        name, options["path"] = "npz", name
     build = lambda: data.build_source(name, split=split, **options)
-    return Dataset(name, split, build, options.get("image_size"), cache_dir)
+    cache_name = _cache_name(name, options.get("path"), split)
+    return Dataset(cache_name, split, build, options.get("image_size"), cache_dir)
+
+
+def _cache_name(name: str, path: str | None, split: str) -> str:
+    """The dataset's name in cache tags. An npz file is named by its stem and a digest of its
+    full path, size and modification time: two files, or a rewritten file, never share
+    cached features."""
+    if name != "npz" or path is None:
+        return name
+    import data
+
+    path = os.path.abspath(data.npz_path(path, split))
+    stat = os.stat(path) if os.path.exists(path) else None
+    key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}" if stat else path
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return f"npz_{os.path.splitext(os.path.basename(path))[0]}_{digest}"
 
 
 def dataset_from_config(
@@ -110,4 +130,5 @@ def dataset_from_config(
     """The run's own training data (`config.data`), or another `split` of it."""
     split = split or config.data.split
     build = lambda: experiment.build_source(config, split)
-    return Dataset(config.data.name, split, build, config.data.get("image_size"), cache_dir)
+    name = _cache_name(config.data.name, config.data.get("path"), split)
+    return Dataset(name, split, build, config.data.get("image_size"), cache_dir)

@@ -58,7 +58,9 @@ def _construct(cls, name: str, args: tuple, options: dict) -> Source:
 
 def build_source(name: str, *, split: str = "train", **options) -> Source:
     """The dataset `name`: a toy (`8gaussians`, `moons`, `checkerboard`; options
-    `num_examples`, `seed`), `npz` (options `path`, `use_labels`; one file is one split),
+    `num_examples`, `seed`), `npz` (options `path`, `use_labels`; one file per split:
+    `{split}` in the path is replaced by the split, `data/mnist_{split}.npz`; a path
+    without it is one split only),
     or any tfds dataset (`mnist`, `cifar10`, `celeb_a`, `imagenet2012`, ...; options
     `data_dir`, `use_labels`, `image_size`, `in_memory`, `cache_dir`, `num_workers`).
     On the sphere: the Earth event datasets `volcano`, `earthquake`, `flood`, `fire`
@@ -78,10 +80,16 @@ def build_source(name: str, *, split: str = "train", **options) -> Source:
     if name == "npz":
         if "path" not in options:
             raise UserError("dataset 'npz' needs the option path=<file.npz>")
+        options["path"] = npz_path(options["path"], split)
         return _construct(ArraySource, name, (), options)
     from data.tfds import TfdsSource  # imports tensorflow_datasets (~0.5 s)
 
     return _construct(TfdsSource, name, (name, split), options)
+
+
+def npz_path(path: str, split: str) -> str:
+    """The file of `split`: `path` with `{split}` replaced (a path without it is returned)."""
+    return path.replace("{split}", split)
 
 
 def __getattr__(attr: str):

@@ -49,7 +49,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     src = p.add_argument_group("samples and reference")
     src.add_argument("--workdir", help="run directory: sample its checkpoint")
     src.add_argument("--samples", help="samples .npz (arr_0 uint8 NHWC, arr_1 labels)")
-    src.add_argument("--dataset", help="reference / training dataset (tfds name, ...)")
+    src.add_argument(
+        "--dataset",
+        help="reference / training dataset: a tfds name, or an .npz file ({split} = the split)",
+    )
     src.add_argument("--split", default=None, help="dataset split (default train)")
     src.add_argument("--data-dir", default=None, help="tfds data_dir (default $TFDS_DATA_DIR)")
     src.add_argument("--ref-stats", help="reference FID statistics .npz (mu, sigma)")

@@ -263,3 +263,31 @@ def test_tfds_name_split_and_option_errors(shared_data):
         build_source("mnist", split="validation", data_dir=data_dir)
     with pytest.raises(UserError, match="colour"):
         build_source("mnist", colour=True)
+
+
+def test_npz_files_per_split_and_one_file_is_one_split(tmp_path):
+    from core import config as config_lib
+    from core import experiment, reference
+
+    x_train, _ = images_npz(tmp_path / "d_train.npz", n=64)
+    x_test, _ = images_npz(tmp_path / "d_test.npz", n=16)
+    c = config_lib.load("experiments/flow_matching/mnist_unet.py")
+    c.data.update(name="npz", path=str(tmp_path / "d_{split}.npz"))
+    assert experiment.build_source(c).num_examples == 64
+    test = experiment.build_source(c, "test")
+    np.testing.assert_array_equal(test.x, x_test)
+    c.data.path = str(tmp_path / "d_train.npz")  # one file: the config's split only
+    assert experiment.build_source(c, "train").num_examples == 64
+    with pytest.raises(UserError, match=r"split 'test' asked of npz data .*d_train.npz"):
+        experiment.build_source(c, "test")
+    # evaluation caches features per file: the splits, and a rewritten file, get new tags
+    tags = {
+        split: reference.dataset_from_name(str(tmp_path / "d_{split}.npz"), split).tag
+        for split in ("train", "test")
+    }
+    assert tags["train"] != tags["test"] and all(t.startswith("npz_d_") for t in tags.values())
+    template = str(tmp_path / "d_{split}.npz")
+    assert reference.dataset_from_name(template, "test").images.shape[0] == 16
+    images_npz(tmp_path / "d_test.npz", n=17)
+    os.utime(tmp_path / "d_test.npz", ns=(1, 1))
+    assert reference.dataset_from_name(str(tmp_path / "d_{split}.npz"), "test").tag != tags["test"]
