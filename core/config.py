@@ -21,6 +21,10 @@ def base_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0
     c.total_steps = 10_000
+    # wall-clock budget of the training loop in seconds (0 = none): the run stops at the first
+    # step past it as if that were the last (checkpoint, log, samples); the learning-rate
+    # schedule still follows total_steps, and a later run resumes from there
+    c.train_seconds = 0.0
     c.batch_size = 128
     c.log_every = 100
     c.ckpt_every = 1_000

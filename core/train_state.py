@@ -53,11 +53,8 @@ def _schedule(lr: float, total_steps: int, warmup_steps: int, schedule: str):
         return optax.warmup_constant_schedule(0.0, lr, warmup) if warmup else lr
     if schedule == "cosine":
         warmup = max(warmup, 1)  # optax's cosine schedule starts with at least one warm-up step
-        if warmup >= total_steps:
-            raise UserError(
-                f"optim.warmup_steps={warmup} leaves no steps for the cosine decay "
-                f"(total_steps={total_steps}); set optim.warmup_steps below total_steps"
-            )
+        if warmup >= total_steps:  # a run no longer than its warm-up (a quick check): no decay
+            return optax.warmup_constant_schedule(0.0, lr, warmup)
         return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total_steps)
     raise UserError(f"unknown optim.schedule {schedule!r}; known: constant, cosine")
 

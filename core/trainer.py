@@ -235,12 +235,14 @@ def _loop(
         mininterval=1.0,
         desc="train",
     )
+    budget = _Budget(config.get("train_seconds", 0.0), config.log_every)
+    step = start
     with run.batches(start) as batches, bar:
         for step in range(start + 1, config.total_steps + 1):
             state, metrics = step_fn(state, next(batches))
             metrics_log.add(metrics)
             bar.update(1)
-            last = step == config.total_steps
+            last = step == config.total_steps or budget.spent(step)
             if _every(step, config.ckpt_every, last):
                 metrics_log.check_finite(step)  # before saving: never save past a NaN
                 ckpt.save(state)
@@ -250,7 +252,36 @@ def _loop(
                 grid.write(state, step, writer, final=last)
             for hook in hooks:
                 hook(step, state)
+            if last:
+                break
+    if step < config.total_steps and run.main:
+        print(
+            f"train_seconds={config.train_seconds:g} spent: stopped at step {step} of "
+            f"{config.total_steps} (checkpoint saved; run again to go on)"
+        )
     return state
+
+
+class _Budget:
+    """The wall-clock budget `train_seconds` (0 = none), counted from the start of the loop
+    (the first step's compilation included). Every
+    process must stop at the same step: with several, process 0's clock decides, read at
+    `log_every` steps only (a broadcast each time)."""
+
+    def __init__(self, seconds: float, log_every: int):
+        self.seconds = float(seconds or 0.0)
+        self.every = 1 if jax.process_count() == 1 else max(int(log_every), 1)
+        self.t0 = time.monotonic()
+
+    def spent(self, step: int) -> bool:
+        if self.seconds <= 0 or step % self.every:
+            return False
+        over = time.monotonic() - self.t0 >= self.seconds
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            over = bool(multihost_utils.broadcast_one_to_all(np.int32(over)))
+        return over
 
 
 class _MetricsLog:

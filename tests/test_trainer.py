@@ -157,7 +157,7 @@ def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_p
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_learning_rate_schedule_and_a_warmup_longer_than_training_is_one_clear_error():
+def test_learning_rate_schedule_with_warmup_cosine_and_a_run_shorter_than_its_warmup():
     from core.errors import UserError
     from core.train_state import learning_rate, make_optimizer
 
@@ -167,7 +167,19 @@ def test_learning_rate_schedule_and_a_warmup_longer_than_training_is_one_clear_e
     assert learning_rate(opt, 1100, 600) == pytest.approx(5e-4)  # half-way down the cosine
     assert learning_rate(opt, 1100, 1100) == pytest.approx(0.0, abs=1e-12)
     assert learning_rate(dict(lr=1e-3, warmup_steps=100), 50, 25) == pytest.approx(2.5e-4)
-    with pytest.raises(UserError, match=r"optim.warmup_steps=100 .*total_steps=50"):
-        make_optimizer(lr=1e-3, total_steps=50, warmup_steps=100, schedule="cosine")
+    assert learning_rate(opt, 50, 50) == pytest.approx(5e-4)  # warm-up only, no decay
+    make_optimizer(lr=1e-3, total_steps=50, warmup_steps=100, schedule="cosine")  # builds
     with pytest.raises(UserError, match=r"unknown optim.schedule 'linear'"):
         make_optimizer(lr=1e-3, total_steps=50, schedule="linear")
+
+
+def test_train_seconds_stops_early_as_if_last_and_a_rerun_goes_on(tmp_path):
+    c = quick_config(total_steps=10_000, ckpt_every=10_000, log_every=10_000, sample_every=10_000)
+    c.train_seconds = 1e-9
+    train(c, str(tmp_path / "run"))  # the budget is spent after the first step
+    assert Checkpoints(str(tmp_path / "run")).all_steps() == [1]
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1]
+    assert (tmp_path / "run" / "samples.png").exists()  # the final grid, as for a last step
+    c.update(total_steps=3, train_seconds=0.0)
+    train(c, str(tmp_path / "run"))
+    assert Checkpoints(str(tmp_path / "run")).all_steps() == [1, 3]
