@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+import models
 from core import experiment, sharding
 from core.train_state import init_state, make_optimizer
 from core.trainer import make_train_step
@@ -22,13 +23,18 @@ from models.flops import TRAIN_FACTOR, count_flops
 
 
 def forward_flops(config: ConfigDict, example_shape: tuple[int, ...]) -> int:
-    """Matrix FLOPs of one forward pass on one example (batch 1, the config's conditioning)."""
+    """Matrix FLOPs of one forward pass on one example (batch 1, the config's conditioning):
+    `net(x, t)` of a velocity network, `net.forward(x)` (data -> latent) of a flow."""
     graphdef, abstract = experiment.abstract_network(experiment.network_factory(config))
     x = jax.ShapeDtypeStruct((1, *example_shape), jnp.float32)
-    t = jax.ShapeDtypeStruct((1,), jnp.float32)
     kwargs = {}
     if config.model.get("num_classes", 0):
         kwargs["cond"] = jax.ShapeDtypeStruct((1,), jnp.int32)
+    if models.is_flow(config.model.name):
+        return count_flops(
+            lambda p, x, **kw: nnx.merge(graphdef, p).forward(x, **kw), abstract, x, **kwargs
+        )
+    t = jax.ShapeDtypeStruct((1,), jnp.float32)
     if config.model.get("use_dt", False):
         kwargs["dt"] = jax.ShapeDtypeStruct((1,), jnp.float32)
     return count_flops(

@@ -17,6 +17,18 @@ def test_forward_flops_of_the_dit_config_equal_the_closed_form():
     assert 45e9 < dit_forward_flops("B/2", 32, 3) < 47e9
 
 
+def test_forward_flops_of_a_flow_count_its_forward_pass():
+    # TarFlow on MNIST: per block, proj_in, then per layer qkv + out projection + MLP per
+    # token ((4 + 2r) W² MACs) and causal attention computed in full (2 T² W), then proj_out
+    config = config_lib.load("experiments/nf/mnist_tarflow.py")
+    m = config.model
+    tokens, token_dim, w = (28 // m.patch) ** 2, m.patch**2, m.width
+    ratio = m.get("mlp_ratio", 4)  # the TarFlow default
+    per_layer = tokens * (4 + 2 * ratio) * w * w + 2 * tokens * tokens * w
+    per_block = tokens * token_dim * w + m.layers_per_block * per_layer + tokens * w * 2 * token_dim
+    assert forward_flops(config, (28, 28, 1)) == 2 * m.num_blocks * per_block
+
+
 def test_mfu_arithmetic():
     out = mfu(forward=10**9, images_per_sec=1000.0, peak_tflops=6.0)
     assert out["train_tflops"] == 3.0 and out["mfu"] == 0.5

@@ -267,3 +267,36 @@ def test_sampler_rejects_guidance_for_a_flow_without_it():
         sample_tarflow(fresh("realnvp"), X, cond=LABELS, cfg_scale=2.0, denoise=False)
     x = sample_tarflow(fresh("realnvp"), X, cond=LABELS, denoise=False)
     np.testing.assert_array_equal(x, X)
+
+
+def test_flow_inverse_script_times_both_inverses_and_they_agree(tmp_path, capsys):
+    # A 2-step conditional TarFlow on random digits-shaped images; the script inverts the
+    # same latents both ways (guided, as the run samples) and reports how far they differ.
+    import json
+
+    from core.errors import UserError
+    from core.trainer import train
+    from scripts import flow_inverse
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", arr_0=images, arr_1=rng.integers(0, 10, 64))
+    config = load(f"{ROOT}/experiments/nf/mnist_tarflow.py:smoke=True,cond=True")
+    config.data.update(name="npz", path=str(tmp_path / "d.npz"), split="train")
+    config.data.options = {}
+    train(config, str(tmp_path / "run"))
+    out = tmp_path / "inverse.json"
+    argv = ["x", "--workdir", str(tmp_path / "run"), "--num", "6", "--batch", "4"]
+    flow_inverse.main([*argv, "--tols", "1e-6", "--cfg", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["num"] == 8 and result["cfg_scale"] == 2.0  # whole batches
+    seq, jac = result["methods"]["sequential"], result["methods"]["jacobi_tol1e-06"]
+    tokens = (28 // config.model.patch) ** 2
+    assert seq["passes_per_block"] == [tokens - 1] * config.model.num_blocks
+    assert 1 <= jac["mean_passes_per_block"] <= tokens
+    assert jac["max_abs_diff"] < 1e-4 and jac["uint8_pixels_differing"] < 1e-3
+    assert jac["images_per_sec"] > 0 and jac["speedup"] > 0
+    quick = load(f"{ROOT}/experiments/quickstart.py:smoke=True")
+    train(quick, str(tmp_path / "fm"))
+    with pytest.raises(UserError, match="no Jacobi inverse"):
+        flow_inverse.main(["x", "--workdir", str(tmp_path / "fm")])
