@@ -291,3 +291,22 @@ def test_npz_files_per_split_and_one_file_is_one_split(tmp_path):
     images_npz(tmp_path / "d_test.npz", n=17)
     os.utime(tmp_path / "d_test.npz", ns=(1, 1))
     assert reference.dataset_from_name(str(tmp_path / "d_{split}.npz"), "test").tag != tags["test"]
+
+
+def test_export_npz_writes_the_stored_images_and_labels_of_each_split(shared_data, tmp_path):
+    from scripts import export_npz
+
+    data_dir = os.path.join(shared_data, "tfds")
+    out = str(tmp_path / "m_{split}.npz")
+    export_npz.main(["x", "--dataset", "mnist", "--splits", "test[:300],train[:100]",
+                     "--out", out, "--data-dir", data_dir])  # fmt: skip
+    for split, n in (("test[:300]", 300), ("train[:100]", 100)):
+        tfds_source = build_source("mnist", split=split, data_dir=data_dir, use_labels=True)
+        npz_source = build_source("npz", path=out, split=split, use_labels=True)
+        assert npz_source.num_examples == n and npz_source.num_classes == 10
+        everything = np.arange(n)
+        for a, b in zip(tfds_source.__getitems__(everything).values(),
+                        npz_source.__getitems__(everything).values()):  # fmt: skip
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(UserError, match=r"needs \{split\}"):
+        export_npz.main(["x", "--dataset", "mnist", "--out", str(tmp_path / "m.npz")])
