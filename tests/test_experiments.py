@@ -23,6 +23,7 @@ CONFIGS = sorted(
     if os.path.basename(p) not in SKIP and not os.path.basename(p).startswith("_")
 )
 CONDITIONAL = [p for p in CONFIGS if "cond=" in open(os.path.join(ROOT, p)).read()]
+WITH_FM_BASELINE = [p for p in CONFIGS if ":method=fm" in open(os.path.join(ROOT, p)).read()]
 OFFLINE_TFDS = {"mnist"}
 TOY_OR_FILES = {"8gaussians", "moons", "checkerboard", "npz", "earth"}
 
@@ -32,6 +33,8 @@ def variants():
         yield f"{path}:smoke=True"
     for path in CONDITIONAL:
         yield f"{path}:smoke=True,cond=True"
+    for path in WITH_FM_BASELINE:
+        yield f"{path}:smoke=True,method=fm"
 
 
 @pytest.mark.parametrize("spec", list(variants()))

@@ -6,19 +6,28 @@ samples in 1, 2, 4, ..., 128 steps.
 
 One GPU. Sample grids use one step; any power of two up to `loss.max_steps` works
 (`--config.sample.num_steps=4`; `loss.max_steps` and `sample.options.max_steps` are one
-value). Variants: `:size=S/4` (or B/2 ...); `:cond=True` (class-conditional with label
-dropout and, as in the paper, guidance 1.5 inside the bootstrap targets: k < 128 steps are
-guided by training and sample with cfg_scale 1, while 128 steps are the plain flow-matching
-velocity and take `cfg_scale=1.5` at sampling). `:smoke=True` is the CPU test size (batch 8,
-max_steps 8). Not yet trained by this project: no expected FID.
+value). Variants: `:size=S/4` (or B/2 ...); `:method=fm` (the flow-matching baseline: the
+same DiT without the `dt` input, same data, batch, optimizer, EMA and uniform time
+sampling, sampled with k Euler steps; compare with `scripts.steps_sweep`); `:teacher=current`
+(bootstrap targets from the current parameters instead of the EMA: on two moons the EMA
+teacher left k < 16 steps blurry after 5k steps, see BENCHMARKS.md); `:cond=True`
+(class-conditional with label dropout and, as in the paper, guidance 1.5 inside the
+bootstrap targets: k < 128 steps are guided by training and sample with cfg_scale 1, while
+128 steps are the plain flow-matching velocity and take `cfg_scale=1.5` at sampling).
+`:smoke=True` is the CPU test size (batch 8, max_steps 8). Not yet trained by this project:
+no expected FID.
 """
 
 from core.config import base_config, parse_variant
+from core.errors import UserError
 from experiments.presets import dit, make_conditional, shortcut, shrink_for_smoke
 
 
 def get_config(arg: str | None = None):
-    v = parse_variant(arg, size="S/2", cond=False, smoke=False)
+    v = parse_variant(arg, size="S/2", method="shortcut", teacher="ema", cond=False, smoke=False)
+    if v.method not in ("shortcut", "fm"):
+        raise UserError(f"unknown method {v.method!r}; known: shortcut, fm")
+    is_shortcut = v.method == "shortcut"
     c = base_config()
     c.total_steps = 50_000
     c.batch_size = 128  # 16 self-consistency rows: 2+ for each of the 7 bootstrap levels
@@ -29,8 +38,12 @@ def get_config(arg: str | None = None):
     c.compute_dtype = "bfloat16"
     c.optim.update(lr=1e-4, warmup_steps=1_000)
     c.data.update(name="mnist", split="train")
-    c.model = dict(dit(1, v.size), use_dt=True)
-    shortcut(c)
+    c.model = dict(dit(1, v.size), use_dt=is_shortcut)
+    if is_shortcut:
+        shortcut(c, teacher=v.teacher)
+    else:
+        c.loss = dict(name="flow_matching", time_sampling="uniform")
+        c.sample.update(sampler="euler", num_steps=1)
     c.sample.num = 64
     if v.cond:
         make_conditional(c, num_classes=10)
