@@ -82,11 +82,12 @@ def inception_features(
     batch_size = min(batch_size, len(images))
     graphdef, params = nnx.split(net)
     fn = _feature_fn(graphdef, with_logits)
-    outs = []
+    outs = []  # device arrays, fetched at the end: the next batch is dispatched meanwhile
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
         pad = np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)
-        outs.append(jax.tree.map(np.asarray, fn(params, np.concatenate([batch, pad]))))
+        outs.append(fn(params, np.concatenate([batch, pad])))
+    outs = jax.tree.map(np.asarray, outs)
     n = len(images)
     if with_logits:
         return tuple(np.concatenate(parts)[:n] for parts in zip(*outs))
