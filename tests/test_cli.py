@@ -152,3 +152,24 @@ def test_sample_help(flag, python_env):
     proc = run_cli(["scripts.sample", flag], python_env)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "--workdir" in out
+
+
+def test_plot_metrics_reads_the_logged_series_and_names_a_missing_key(tmp_path):
+    import json
+
+    from core.errors import UserError
+    from scripts import plot_metrics
+
+    rows = [{"step": 100, "loss": 2.0}, {"step": 150, "fid": 30.0}, {"step": 200, "loss": 1.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plot_metrics.read_series(str(tmp_path), "loss") == ([100, 200], [2.0, 1.5])
+    assert plot_metrics.read_series(str(tmp_path), "fid") == ([150], [30.0])
+    out = tmp_path / "curves.png"
+    plot_metrics.main(["x", "--workdir", str(tmp_path), "--keys", "loss,fid", "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(UserError, match="logged 'grad_norm'"):
+        plot_metrics.main(
+            ["x", "--workdir", str(tmp_path), "--keys", "grad_norm", "--out", str(out)]
+        )
+    with pytest.raises(UserError, match="metrics.jsonl not found"):
+        plot_metrics.main(["x", "--workdir", str(tmp_path / "nope"), "--out", str(out)])
