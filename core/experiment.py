@@ -136,7 +136,16 @@ def make_sample_fn(
     conditional = null is not None or int(config.model.get("cond_dim", 0)) > 0
     null = 0 if null is None else null
     options = _plain(s.get("options", ConfigDict()))
-    own_guidance = "cfg_scale" in inspect.signature(sample).parameters
+    accepted = inspect.signature(sample).parameters
+    own_guidance = "cfg_scale" in accepted
+    reserved = {"net", "x_init", "key", "num_steps", "cond", "cfg_scale", "null_cond"}
+    unknown = sorted(k for k in options if k not in accepted or k in reserved)
+    if unknown:
+        known = ", ".join(k for k in accepted if k not in reserved) or "none"
+        raise UserError(
+            f"sampler {sampler or s.sampler!r} has no option(s) {', '.join(unknown)} "
+            f"(sample.options); its options: {known}"
+        )
     if own_guidance:
         options.update(cfg_scale=scale, null_cond=null if conditional else None)
 

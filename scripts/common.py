@@ -92,14 +92,47 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize(**kwargs)
 
 
+def add_sample_option_flag(parser) -> None:
+    parser.add_argument(
+        "--sample-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="sampler option over config.sample.options (repeatable), e.g. denoise=false",
+    )
+
+
+def parse_sample_options(pairs: list[str]) -> dict:
+    """`["denoise=false", "inverse=jacobi"]` -> `{"denoise": False, "inverse": "jacobi"}`
+    (values read as JSON where they parse, else as strings)."""
+    import json
+
+    from core.errors import UserError
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--sample-option wants KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 def sample_run(args, *, want_samples: bool = True, label: int | None = None):
     """The sampling flags shared by the CLIs (`--workdir --num --batch --step --raw --seed
-    --sampler --steps --cfg`) -> `(samples, labels, (graphdef, params, config), step)`:
-    the checkpoint's weights on a mesh of all devices and, if `want_samples`, `--num`
-    samples in batches of `--batch` rounded up to a multiple of the devices."""
+    --sampler --steps --cfg --sample-option`) -> `(samples, labels, (graphdef, params,
+    config), step)`: the checkpoint's weights on a mesh of all devices and, if
+    `want_samples`, `--num` samples in batches of `--batch` rounded up to a multiple of the
+    devices."""
     from core import sampling, sharding
 
     config, spec = sampling.load_run(args.workdir)
+    options = parse_sample_options(getattr(args, "sample_option", []))
+    if options:
+        config.sample.options.update(options)
     mesh = sharding.make_mesh()
     graphdef, params, step = sampling.restore_network(
         args.workdir, config, mesh, step=args.step, ema=not args.raw

@@ -35,7 +35,7 @@ import functools
 import json
 import os
 
-from scripts.common import maybe_initialize_distributed, run, sample_run
+from scripts.common import add_sample_option_flag, maybe_initialize_distributed, run, sample_run
 
 DEFAULT_METRICS = "fid"
 
@@ -71,6 +71,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     smp.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
     smp.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
     smp.add_argument("--seed", type=int, default=0)
+    add_sample_option_flag(smp)
     m = p.add_argument_group("metric options")
     m.add_argument("--inception-batch", type=int, default=50)
     m.add_argument("--kid-subsets", type=int, default=100)

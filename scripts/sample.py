@@ -9,7 +9,7 @@ models) plus a PNG grid beside the npz. EMA weights unless `--raw`.
 
 import argparse
 
-from scripts.common import maybe_initialize_distributed, run, sample_run
+from scripts.common import add_sample_option_flag, maybe_initialize_distributed, run, sample_run
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -29,6 +29,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
     p.add_argument("--batch", type=int, default=256, help="samples per device call")
     p.add_argument("--seed", type=int, default=0)
+    add_sample_option_flag(p)
     return p.parse_args(argv[1:])
 
 

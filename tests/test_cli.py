@@ -173,3 +173,20 @@ def test_plot_metrics_reads_the_logged_series_and_names_a_missing_key(tmp_path):
         )
     with pytest.raises(UserError, match="metrics.jsonl not found"):
         plot_metrics.main(["x", "--workdir", str(tmp_path / "nope"), "--out", str(out)])
+
+
+def test_sample_options_parse_as_json_and_unknown_ones_are_named():
+    from core import config as config_lib
+    from core import experiment
+    from core.errors import UserError
+    from scripts.common import parse_sample_options
+
+    parsed = parse_sample_options(["denoise=false", "inverse=jacobi", "jacobi_tol=1e-4", "n=3"])
+    assert parsed == {"denoise": False, "inverse": "jacobi", "jacobi_tol": 1e-4, "n": 3}
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        parse_sample_options(["denoise"])
+    config = config_lib.load(QUICK)
+    graphdef, _ = experiment.abstract_network(experiment.network_factory(config))
+    config.sample.options.update(parse_sample_options(["max_steps=4"]))
+    with pytest.raises(UserError, match=r"sampler 'heun' has no option\(s\) max_steps"):
+        experiment.make_sample_fn(graphdef, config, (2,))
