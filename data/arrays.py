@@ -64,9 +64,12 @@ def _check_labels(y: np.ndarray | None, n: int, path: str) -> np.ndarray:
 
 
 class ArraySource:
-    """All of an `.npz` file in memory; `use_labels` also returns `"cond"` (int32)."""
+    """All of an `.npz` file in memory (`in_memory` is accepted, as tfds sources take it, and
+    must be True); `use_labels` also returns `"cond"` (int32)."""
 
-    def __init__(self, path: str, *, use_labels: bool = False):
+    def __init__(self, path: str, *, use_labels: bool = False, in_memory: bool = True):
+        if not in_memory:
+            raise UserError(f"npz data is always read into memory ({path}): in_memory=False")
         x, y = _read(path)
         self.path = path
         self.x = _check_data(x, path)

@@ -7,7 +7,6 @@ what model-FLOPs utilisation measures). Training costs `TRAIN_FACTOR = 3` forwar
 (the backward pass is two matmuls per forward matmul: input and weight gradients).
 """
 
-import functools
 import math
 
 import jax
@@ -30,7 +29,7 @@ def count_flops(fn, *args, **kwargs) -> int:
     most expensive branch). A `while` loop has no static trip count: a ValueError.
     Elementwise ops are not counted."""
     with attention_implementation("xla"):
-        closed = jax.make_jaxpr(functools.partial(fn, **kwargs))(*args)
+        closed = jax.make_jaxpr(lambda a, kw: fn(*a, **kw))(args, kwargs)  # kwargs traced too
     return _jaxpr_flops(closed.jaxpr)
 
 

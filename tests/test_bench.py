@@ -17,6 +17,15 @@ def test_forward_flops_of_the_dit_config_equal_the_closed_form():
     assert 45e9 < dit_forward_flops("B/2", 32, 3) < 47e9
 
 
+def test_forward_flops_count_the_step_size_input_of_a_shortcut_dit():
+    # the shortcut DiT is the flow-matching DiT plus a dt embedder: a 256 -> 384 -> 384 MLP
+    shortcut = config_lib.load("experiments/shortcut/mnist_dit.py")
+    baseline = config_lib.load("experiments/shortcut/mnist_dit.py:method=fm")
+    hidden = 384  # DiT-S
+    extra = forward_flops(shortcut, (28, 28, 1)) - forward_flops(baseline, (28, 28, 1))
+    assert extra == 2 * (256 * hidden + hidden * hidden)
+
+
 def test_forward_flops_of_a_flow_count_its_forward_pass():
     # TarFlow on MNIST: per block, proj_in, then per layer qkv + out projection + MLP per
     # token ((4 + 2r) W² MACs) and causal attention computed in full (2 T² W), then proj_out

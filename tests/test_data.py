@@ -196,6 +196,8 @@ def test_npz_errors(tmp_path):
     np.savez(tmp_path / "nolabels.npz", np.zeros((4, 5), np.float32))
     with pytest.raises(UserError, match="no labels"):
         ArraySource(str(tmp_path / "nolabels.npz"), use_labels=True)
+    with pytest.raises(UserError, match="always read into memory"):
+        ArraySource(str(tmp_path / "nolabels.npz"), in_memory=False)
 
 
 # --- tfds --------------------------------------------------------------------------------

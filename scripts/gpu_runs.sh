@@ -1,0 +1,201 @@
+#!/usr/bin/env bash
+# The GPU figures of BENCHMARKS.md, in parts that each fit one 10-minute call on one H100.
+#
+#   scripts/gpu_runs.sh bench     # train-step MFU of DiT-S/2, DiT-B/2 and the CIFAR U-Net (bf16,
+#                                 # batch 256); step rates of the MNIST configs (to size the
+#                                 # runs below); FID of 50,000 given images, end to end
+#   scripts/gpu_runs.sh unet      # MNIST U-Net: UNET_STEPS steps, sample grid, loss curve, FID
+#   scripts/gpu_runs.sh shortcut  # shortcut DiT and flow-matching DiT, SC_STEPS steps each;
+#                                 # FID at 1, 2, 4, 8, 128 steps; 1- and 128-step grids
+#   scripts/gpu_runs.sh tarflow   # TarFlow: TF_STEPS steps, test bits/dim, FID, grids with and
+#                                 # without the denoising step, sequential vs Jacobi inverse
+#
+# The GPU machine has no tensorflow-datasets, no network and takes at most 64 MiB per call, so
+# data, weights and the two missing packages travel as files (about 58 MB, git-ignored), made
+# once where ../shared/data is:
+#
+#   TFDS_DATA_DIR=../shared/data/tfds python -m scripts.export_npz --dataset mnist \
+#       --out .devdata/mnist_{split}.npz
+#   python -c "import numpy as np; d = np.load('../shared/data/inception/fid_inception_v3_2015-12-05_fp32.npz'); \
+#       np.savez('.devdata/inception_fp16.npz', **{k: d[k].astype(np.float16) for k in d.files})"
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux2014_x86_64 -d .whl ml_collections==1.1.0 tensorboardX==2.6.5
+#
+# Each part writes $RESULTS/<part>/ (default gpu_results/; log.txt, JSON, PNG) and, where $OUT
+# is set, packs it into $OUT/<part>.tgz. Training lengths are environment variables
+# (UNET_STEPS, SC_STEPS, TF_STEPS): set them from the step rates `bench` measures, as the cosine
+# schedules follow total_steps; the *_SECONDS budgets (train_seconds) are only a safety net.
+# TINY=1 rehearses every part on a CPU in minutes (smoke-size networks, meaningless numbers).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+DEVDATA=${DEVDATA:-.devdata}
+RESULTS=${RESULTS:-gpu_results}
+RUNS=${RUNS:-runs/gpu}
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/driftlab-jax-cache}
+
+if ! "$PY" -c "import ml_collections, tensorboardX" 2>/dev/null; then  # carried wheels
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/driftlab-site .whl/*.whl
+    export PYTHONPATH=/tmp/driftlab-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+if [ "${TINY:-0}" = 1 ]; then
+    BENCH_BATCH=8 BENCH_STEPS=2 SAMPLE_BATCH=8 NUM_FID=16 NUM_SWEEP=16 SWEEP_STEPS=1,2
+    UNET_STEPS=3 SC_STEPS=3 TF_STEPS=3 NUM_GIVEN=64 INCEPTION_BATCH=16
+    INVERSE_NUM=8 INVERSE_BATCH=8 MNIST_BENCH_BATCH=(--batch 8)
+    tiny_data=$RUNS/tiny_data
+    mkdir -p "$tiny_data"
+    "$PY" -c "
+import sys
+import numpy as np
+src, dst = sys.argv[1:]
+for split, n in (('train', 96), ('test', 48)):
+    with np.load(f'{src}/mnist_{split}.npz') as f:
+        np.savez(f'{dst}/mnist_{split}.npz', arr_0=f['arr_0'][:n], arr_1=f['arr_1'][:n])
+" "$DEVDATA" "$tiny_data"
+    DATA_PATH="$tiny_data/mnist_{split}.npz"
+else
+    BENCH_BATCH=256 BENCH_STEPS=50 SAMPLE_BATCH=1000 NUM_FID=10000 NUM_SWEEP=${NUM_SWEEP:-5000}
+    SWEEP_STEPS=1,2,4,8,128 NUM_GIVEN=50000 INCEPTION_BATCH=500
+    INVERSE_NUM=2048 INVERSE_BATCH=512 MNIST_BENCH_BATCH=()
+    UNET_STEPS=${UNET_STEPS:-20000} SC_STEPS=${SC_STEPS:-8000} TF_STEPS=${TF_STEPS:-10000}
+    DATA_PATH="$DEVDATA/mnist_{split}.npz"
+fi
+if [ -f "$DEVDATA/inception_fp16.npz" ]; then  # the fp32 file does not fit a device call
+    export DRIFTLAB_INCEPTION_WEIGHTS=${DRIFTLAB_INCEPTION_WEIGHTS:-$DEVDATA/inception_fp16.npz}
+fi
+NPZ=(--config.data.name=npz "--config.data.path=$DATA_PATH" --config.data.split=train)
+EVAL=(--batch "$SAMPLE_BATCH" --inception-batch "$INCEPTION_BATCH")
+
+spec() {  # the experiment spec; with TINY=1 its smoke size
+    if [ "${TINY:-0}" != 1 ]; then
+        echo "$1"
+    elif [[ $1 == *:* ]]; then
+        echo "$1,smoke=True"
+    else
+        echo "$1:smoke=True"
+    fi
+}
+
+train() {  # train CONFIG WORKDIR STEPS SECONDS [flags]: a time-boxed run on the npz data
+    local config workdir=$2 steps=$3 seconds=$4
+    config=$(spec "$1")
+    shift 4
+    "$PY" -m scripts.train --config "$config" --workdir "$workdir" "${NPZ[@]}" \
+        --config.total_steps="$steps" --config.train_seconds="$seconds" \
+        --config.ckpt_every="$steps" --config.sample_every="$steps" --config.log_every=100 "$@"
+}
+
+part_bench() {
+    local out=$1 s t0 t1
+    for s in cifar10_dit.py:size=S/2 cifar10_dit.py:size=B/2 cifar10_unet.py; do
+        "$PY" -m scripts.bench --config "experiments/flow_matching/$(spec "$s")" \
+            --batch "$BENCH_BATCH" --dtype bfloat16 --steps "$BENCH_STEPS" --out "$out/bench.jsonl"
+    done
+    # step rates of the MNIST configs at their own batch sizes (to size the runs below)
+    for s in flow_matching/mnist_unet.py shortcut/mnist_dit.py:teacher=current \
+        shortcut/mnist_dit.py:method=fm nf/mnist_tarflow.py; do
+        "$PY" -m scripts.bench --config "experiments/$(spec "$s")" --steps "$BENCH_STEPS" \
+            --no-sampling "${MNIST_BENCH_BATCH[@]}" --out "$out/bench_mnist.jsonl"
+    done
+    # FID of NUM_GIVEN given images (MNIST train) against cached statistics (MNIST test), end
+    # to end: a fresh process that reads the .npz, runs Inception and compares
+    "$PY" -m scripts.evaluate --dataset "$DATA_PATH" --split test \
+        --write-stats "$RUNS/mnist_test_stats.npz" --inception-batch "$INCEPTION_BATCH"
+    "$PY" -c "
+import sys
+import numpy as np
+x = np.load(sys.argv[1])['arr_0'][: int(sys.argv[3])]
+np.savez(sys.argv[2], arr_0=x)
+" "${DATA_PATH/\{split\}/train}" "$RUNS/given.npz" "$NUM_GIVEN"
+    t0=$(date +%s.%N)
+    "$PY" -m scripts.evaluate --samples "$RUNS/given.npz" --ref-stats "$RUNS/mnist_test_stats.npz" \
+        --metrics fid --inception-batch "$INCEPTION_BATCH" --out "$out/fid_given.json"
+    t1=$(date +%s.%N)
+    "$PY" -c "
+import json, sys
+n, t0, t1, weights = sys.argv[1:]
+print(json.dumps({'num': int(n), 'wall_s': float(t1) - float(t0), 'weights': weights}))
+" "$NUM_GIVEN" "$t0" "$t1" "${DRIFTLAB_INCEPTION_WEIGHTS:-default}" | tee "$out/fid_given_time.json"
+}
+
+part_unet() {
+    local out=$1 run=$RUNS/mnist_unet
+    # EMA 0.999: the config's 0.9999 averages over ~10k steps, too long for a short run
+    train experiments/flow_matching/mnist_unet.py "$run" "$UNET_STEPS" "${UNET_SECONDS:-420}" \
+        --config.ema_decay=0.999
+    cp "$run/samples.png" "$out/mnist_unet_samples.png"
+    cp "$run/metrics.jsonl" "$out/mnist_unet_metrics.jsonl"
+    "$PY" -m scripts.plot_metrics --workdir "$run" --keys loss,grad_norm --logy \
+        --out "$out/mnist_unet_loss.png"
+    "$PY" -m scripts.evaluate --workdir "$run" --num "$NUM_FID" --metrics fid "${EVAL[@]}" \
+        --out "$out/mnist_unet_fid.json"
+}
+
+part_shortcut() {
+    local out=$1 sc=$RUNS/mnist_shortcut fm=$RUNS/mnist_fm run k name
+    # teacher=current: on two moons the EMA teacher left k < 16 blurry at a short budget
+    train experiments/shortcut/mnist_dit.py:teacher=current "$sc" "$SC_STEPS" "${SC_SECONDS:-170}"
+    train experiments/shortcut/mnist_dit.py:method=fm "$fm" "$SC_STEPS" "${SC_SECONDS:-170}"
+    "$PY" -m scripts.steps_sweep --workdirs "$sc,$fm" --steps "$SWEEP_STEPS" --metrics fid \
+        --num "$NUM_SWEEP" "${EVAL[@]}" --out "$RUNS/fid_vs_steps"
+    cp "$RUNS/fid_vs_steps.json" "$RUNS/fid_vs_steps.png" "$out/"
+    for run in "$sc" "$fm"; do
+        name=$(basename "$run")
+        for k in 1 "${SWEEP_STEPS##*,}"; do
+            "$PY" -m scripts.sample --workdir "$run" --num 64 --steps "$k" \
+                --out "$RUNS/${name}_k$k.npz"
+            cp "$RUNS/${name}_k$k.png" "$out/"
+        done
+        cp "$run/metrics.jsonl" "$out/${name}_metrics.jsonl"
+    done
+}
+
+part_tarflow() {
+    local out=$1 run=$RUNS/mnist_tarflow
+    train experiments/nf/mnist_tarflow.py "$run" "$TF_STEPS" "${TF_SECONDS:-330}"
+    cp "$run/metrics.jsonl" "$out/mnist_tarflow_metrics.jsonl"
+    "$PY" -m scripts.evaluate --workdir "$run" --metrics bpd --split test "${EVAL[@]}" \
+        --out "$out/mnist_tarflow_bpd.json"
+    "$PY" -m scripts.evaluate --workdir "$run" --num "$NUM_FID" --metrics fid "${EVAL[@]}" \
+        --out "$out/mnist_tarflow_fid.json"
+    "$PY" -m scripts.sample --workdir "$run" --num 64 --out "$RUNS/tarflow_denoised.npz"
+    "$PY" -m scripts.sample --workdir "$run" --num 64 --sample-option denoise=false \
+        --out "$RUNS/tarflow_raw.npz"
+    cp "$RUNS/tarflow_denoised.png" "$RUNS/tarflow_raw.png" "$out/"
+    "$PY" -m scripts.flow_inverse --workdir "$run" --num "$INVERSE_NUM" --batch "$INVERSE_BATCH" \
+        --out "$out/mnist_tarflow_inverse.json"
+}
+
+if [ $# -lt 1 ]; then
+    sed -n '2,11p' "$0"
+    exit 2
+fi
+for part in "$@"; do
+    if ! declare -F "part_$part" >/dev/null; then
+        echo "unknown part '$part'; known: bench, unet, shortcut, tarflow"
+        exit 2
+    fi
+done
+for part in "$@"; do
+    out=$RESULTS/$part
+    rm -rf "$out"
+    mkdir -p "$out" "$RUNS"
+    set +e
+    (
+        set -e
+        echo "# $part $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null || echo -)"
+        "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
+        nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || true
+        "part_$part" "$out"
+    ) 2>&1 | tee "$out/log.txt"
+    status=${PIPESTATUS[0]}
+    set -e
+    echo "# $part exit $status" | tee -a "$out/log.txt"
+    if [ -n "${OUT:-}" ]; then tar -czf "$OUT/$part.tgz" -C "$RESULTS" "$part"; fi
+    if [ "$status" != 0 ]; then exit "$status"; fi
+done
