@@ -4,7 +4,9 @@ size `d`. It then samples in 1, 2, 4, ..., `max_steps` steps (`samplers/shortcut
 
 A batch of `B` rows is split statically:
 
-- the first `B // bootstrap_every` rows are self-consistency rows. Row `i` gets the level
+- `n = B // bootstrap_every` rows are self-consistency rows: every `B // n`-th row (rows
+  0, k, 2k, ...; spread so that a data-sharded batch keeps its share of them on each device
+  and the step moves no rows between devices). The `i`-th of them gets the level
   `l = J - (i mod J)` (`J = log2(max_steps)`; coarsest first, so every level `1..J` gets a
   row), the step `2d = 2^l / max_steps` and a time on its grid, `t = k · 2d`,
   `k ~ U{0, ..., 1/(2d) - 1}`. With the teacher `s'` (EMA or current parameters, never
@@ -112,6 +114,43 @@ def self_consistency_target(
     return jax.lax.stop_gradient(clip_(0.5 * (s1 + s2)))
 
 
+def bootstrap_rows(batch_size: int, n: int) -> np.ndarray:
+    """The batch rows `[n]` that hold the self-consistency targets: every `B // n`-th row
+    (0, k, 2k, ...), so that under a data-sharded batch each device holds its share of them
+    and gathers and scatters of those rows are reshapes, with no cross-device traffic (a
+    prefix of the batch would live on the first devices only)."""
+    if n == 0:
+        return np.zeros((0,), int)
+    return np.arange(n) * (batch_size // n)
+
+
+def _strided(rows: np.ndarray) -> int | None:
+    """`k` when `rows` is `0, k, 2k, ...` (k >= 1), else None."""
+    if rows.size == 0 or rows[0] != 0:
+        return None
+    k = int(rows[1] - rows[0]) if rows.size > 1 else 1
+    return k if k >= 1 and np.array_equal(rows, np.arange(rows.size) * k) else None
+
+
+def take_rows(a: jax.Array, rows: np.ndarray) -> jax.Array:
+    """`a[rows]` for static `rows`; strided rows as a reshape (no gather under sharding)."""
+    k = _strided(rows)
+    if k is None:
+        return a[rows]
+    m = rows.size * k
+    return a[:m].reshape(rows.size, k, *a.shape[1:])[:, 0]
+
+
+def put_rows(a: jax.Array, rows: np.ndarray, values: jax.Array) -> jax.Array:
+    """`a.at[rows].set(values)` for static `rows`; strided rows as a reshape."""
+    k = _strided(rows)
+    if k is None:
+        return a.at[rows].set(values)
+    m = rows.size * k
+    head = a[:m].reshape(rows.size, k, *a.shape[1:]).at[:, 0].set(values)
+    return jnp.concatenate([head.reshape(m, *a.shape[1:]), a[m:]])
+
+
 def shortcut_targets(
     teacher,
     x0: jax.Array,
@@ -121,20 +160,24 @@ def shortcut_targets(
     cond: jax.Array | None = None,
     **target_kw,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`(x_t, dt, target)` for rows at static `levels` `[B]`: a prefix of levels >= 1
-    (self-consistency rows, `self_consistency_target(**target_kw)`) then levels 0 (the
-    smallest step: flow-matching rows, `dt = 0`, target `x1 - x0`)."""
-    n = int(np.sum(levels > 0))
-    if np.any(levels[:n] < 1) or np.any(levels[n:] != 0):
-        raise ValueError("levels must be a prefix of bootstrap levels (>= 1) then zeros")
+    """`(x_t, dt, target)` for rows at static `levels` `[B]`: rows of level >= 1 get the
+    self-consistency target (`self_consistency_target(**target_kw)`), rows of level 0 (the
+    smallest step: flow-matching rows, `dt = 0`) the target `x1 - x0`. Any layout works;
+    `bootstrap_rows`' strided one moves no data between devices."""
+    rows = np.flatnonzero(levels > 0)
     tb = broadcast_to(t, x1)
     x_t = (1.0 - tb) * x0 + tb * x1
     target = x1 - x0
-    if n:
+    if rows.size:
         boot = self_consistency_target(
-            teacher, x_t[:n], t[:n], levels[:n], None if cond is None else cond[:n], **target_kw
+            teacher,
+            take_rows(x_t, rows),
+            take_rows(t, rows),
+            levels[rows],
+            None if cond is None else take_rows(cond, rows),
+            **target_kw,
         )
-        target = jnp.concatenate([boot, target[n:]])
+        target = put_rows(target, rows, boot)
     dt = jnp.asarray(level_dt(levels, target_kw["max_steps"]), jnp.float32)
     return x_t, dt, target
 
@@ -142,9 +185,10 @@ def shortcut_targets(
 def _level_metrics(per_example: jax.Array, levels: np.ndarray, max_steps: int) -> dict:
     """Mean loss of the flow-matching rows and of each bootstrap level, named by the number
     of sampling steps it serves (`loss_k1` is the one-step level)."""
-    metrics = {"loss_fm": jnp.mean(per_example[levels == 0])}
+    masked_mean = lambda mask: jnp.sum(jnp.where(mask, per_example, 0.0)) / np.sum(mask)
+    metrics = {"loss_fm": masked_mean(levels == 0)}  # static masks: no gathers
     for level in np.unique(levels[levels > 0]):
-        metrics[f"loss_k{max_steps // 2**level}"] = jnp.mean(per_example[levels == level])
+        metrics[f"loss_k{max_steps // 2**level}"] = masked_mean(levels == level)
     return metrics
 
 
@@ -174,17 +218,16 @@ def loss_shortcut(
             "pass ema_net= or use teacher='current'"
         )
     x1 = batch["x"].astype(jnp.float32)
-    n = bootstrap_size(x1.shape[0], bootstrap_every, max_steps)
-    levels = np.concatenate([bootstrap_levels(n, max_steps), np.zeros(x1.shape[0] - n, int)])
+    batch_size = x1.shape[0]
+    n = bootstrap_size(batch_size, bootstrap_every, max_steps)
+    rows = bootstrap_rows(batch_size, n)
+    levels = np.zeros(batch_size, int)
+    levels[rows] = bootstrap_levels(n, max_steps)
     k_grid, k_t, k_noise, k_drop = jax.random.split(key, 4)
-    t_fm = sample_time(
-        k_t,
-        x1.shape[0] - n,
-        time_sampling=time_sampling,
-        logit_mean=logit_mean,
-        logit_std=logit_std,
+    t = sample_time(
+        k_t, batch_size, time_sampling=time_sampling, logit_mean=logit_mean, logit_std=logit_std
     )
-    t = jnp.concatenate([grid_times(k_grid, levels[:n], max_steps), t_fm])
+    t = put_rows(t, rows, grid_times(k_grid, levels[rows], max_steps))
     x0 = jax.random.normal(k_noise, x1.shape)
     cond = drop_cond(k_drop, batch.get("cond"), cond_drop_prob, null_cond)
     if cond is not None and bootstrap_cfg_scale != 1.0 and null_cond is None:

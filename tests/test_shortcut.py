@@ -8,6 +8,8 @@ and the exact shortcut (average velocity) is `(phi(x) - x) / d`.
 """
 
 import functools
+import json
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +24,18 @@ import samplers
 from core.errors import UserError
 from core.train_state import init_state
 from core.trainer import make_train_step
-from losses.shortcut import bootstrap_levels, loss_shortcut, shortcut_targets
+from losses.shortcut import (
+    bootstrap_levels,
+    bootstrap_rows,
+    loss_shortcut,
+    put_rows,
+    shortcut_targets,
+    take_rows,
+)
 from samplers.guidance import cfg
 from samplers.ode import sample_rk4
 from samplers.shortcut import num_levels, sample_shortcut, steps_dt
+from tests.conftest import PYTHON, ROOT
 from tests.gaussian import optimal_velocity
 
 MU = jnp.array([1.0, -0.5])
@@ -98,7 +108,7 @@ def test_exact_shortcut_has_zero_self_consistency_loss():
     hp = dict(teacher="current", bootstrap_every=2, max_steps=M)
     run = lambda net: jax.jit(lambda b: loss_shortcut(net, b, jax.random.key(3), **hp))(batch)
     per_example, metrics = run(exact_shortcut(MU, SIGMA, M))
-    assert float(jnp.max(per_example[:128])) < 1e-7
+    assert float(jnp.max(per_example[bootstrap_rows(256, 128)])) < 1e-7
     assert {f"loss_k{2**i}" for i in range(7)} | {"loss_fm"} == set(metrics)
     # the flow-matching limit at the finest level: exact above it, Euler's O(1/M) error there
     per_example, metrics = run(exact_shortcut(MU, SIGMA, M, finest="velocity"))
@@ -153,12 +163,15 @@ def test_dt_enters_the_network_normalised_and_the_sampler_uses_the_same_map():
 
     loss_shortcut(spy, {"x": jnp.zeros((64, 2))}, jax.random.key(0), teacher="current")
     (t1, dt1), _, (t, dt) = seen  # teacher, teacher, student
-    levels = bootstrap_levels(8, M)
-    np.testing.assert_allclose(dt[:8], [steps_dt(M // 2**lv, M) for lv in levels])
-    np.testing.assert_allclose(dt[:8], levels / 7)
+    levels, rows = bootstrap_levels(8, M), bootstrap_rows(64, 8)  # rows 0, 8, ..., 56
+    fm_rows = np.setdiff1d(np.arange(64), rows)
+    np.testing.assert_array_equal(rows, np.arange(0, 64, 8))
+    np.testing.assert_allclose(dt[rows], [steps_dt(M // 2**lv, M) for lv in levels])
+    np.testing.assert_allclose(dt[rows], levels / 7)
     np.testing.assert_allclose(dt1, (levels - 1) / 7)
-    np.testing.assert_array_equal(dt[8:], 0.0)
-    assert np.all(np.isclose((t[:8] * 2.0**7 / 2.0**levels) % 1, 0)) and np.all(t[:8] < 1)
+    np.testing.assert_array_equal(dt[fm_rows], 0.0)
+    np.testing.assert_array_equal(t1, t[rows])  # the teacher sees the student's rows
+    assert np.all(np.isclose((t[rows] * 2.0**7 / 2.0**levels) % 1, 0)) and np.all(t[rows] < 1)
     for k in (1, 16, 128):
         x = sample_shortcut(dt_out, jnp.zeros((2, 2)), num_steps=k)
         np.testing.assert_allclose(x, steps_dt(k, M), atol=1e-6)
@@ -178,7 +191,23 @@ def test_bootstrap_guidance_acts_on_the_finest_level_and_ema_is_the_teacher():
     assert all(float(metrics[f"loss_k{2**i}"]) == 0.0 for i in range(6))
     five = lambda x, t, *, cond=None, dt=None: jnp.full_like(x, 5.0)
     per_example, _ = loss_shortcut(labelled, batch, jax.random.key(0), ema_net=five)
-    np.testing.assert_allclose(per_example[:8], 16.0)
+    np.testing.assert_allclose(per_example[bootstrap_rows(64, 8)], 16.0)
+
+
+def test_row_helpers_equal_numpy_indexing_for_strided_and_other_rows():
+    a = jnp.arange(2 * 13, dtype=jnp.float32).reshape(13, 2)
+    for rows in (
+        bootstrap_rows(13, 4),
+        bootstrap_rows(13, 1),
+        np.array([1, 5, 6]),
+        np.array([0, 2, 3]),
+    ):
+        np.testing.assert_array_equal(take_rows(a, rows), np.asarray(a)[rows])
+        values = -jnp.ones((rows.size, 2))
+        expected = np.asarray(a).copy()
+        expected[rows] = -1
+        np.testing.assert_array_equal(put_rows(a, rows, values), expected)
+    np.testing.assert_array_equal(bootstrap_rows(13, 4), [0, 3, 6, 9])
 
 
 def test_loss_decreases_and_one_step_samples_match_the_gaussian():
@@ -228,3 +257,45 @@ def test_sampler_gives_finite_samples_of_the_right_shape_for_every_k():
     for bad in (0, 3, 256, 2.5):
         with pytest.raises(UserError, match="power of two"):
             sample_shortcut(mlp, jnp.ones((5, 3)), num_steps=bad)
+
+
+SHARDED_STEP = """
+import json, re
+import jax, numpy as np
+from core import config as config_lib, experiment, sharding
+from core.train_state import init_state, make_optimizer
+from core.trainer import make_train_step
+
+c = config_lib.load("experiments/shortcut/moons_mlp.py:smoke=True")
+c.loss.update(bootstrap_every=8, max_steps=8)
+mesh = sharding.make_mesh(-1, 1)  # 8 data shards of 8 rows: one bootstrap row each
+graphdef, abstract = experiment.abstract_network(experiment.network_factory(c), 0)
+tx = make_optimizer(**c.optim, total_steps=c.total_steps)
+state = jax.eval_shape(lambda p: init_state(p, tx), abstract)
+shard = sharding.state_shardings(mesh, state, c.mesh.fsdp_min_size)
+state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shard)
+x = jax.ShapeDtypeStruct((64, 2), np.float32, sharding=sharding.batch_sharding(mesh))
+step = make_train_step(graphdef, experiment.build_loss(c), tx, ema_decay=c.ema_decay, seed=0)
+hlo = jax.jit(step).lower(state, {"x": x}).compile().as_text()
+ops = ["all-reduce", "all-gather", "collective-permute", "all-to-all", "reduce-scatter"]
+print(json.dumps({op: len(re.findall(rf" {op}(?:-start)?\\(", hlo)) for op in ops}))
+"""
+
+
+def test_sharded_step_moves_no_rows_between_devices(python_env):
+    # The bootstrap rows are spread over the batch (every k-th row), so on a data-sharded
+    # mesh the step needs no gathers or permutes: only the all-reduce of the gradients and
+    # metrics. (With the rows as a prefix of the batch, XLA gathered and permuted them.)
+    flags = python_env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    proc = subprocess.run(
+        [PYTHON, "-c", SHARDED_STEP],
+        cwd=ROOT,
+        env=dict(python_env, XLA_FLAGS=flags),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert counts["all-reduce"] >= 1, counts
+    assert all(counts[op] == 0 for op in counts if op != "all-reduce"), counts
