@@ -4,6 +4,7 @@ Layout: `<workdir>/checkpoints/<step>/{params, ema, opt_state}`. A save killed h
 leaves only a temporary folder, which Orbax ignores; the last committed step is intact.
 """
 
+import logging
 import os
 
 import jax
@@ -13,6 +14,16 @@ from core.errors import UserError
 from core.train_state import TrainState
 
 ITEMS = ("params", "ema", "opt_state")
+
+
+class _QuietReadOnly(logging.Filter):
+    """Drops orbax's warning that a directory opened read-only is read-only (we asked)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -36,7 +47,8 @@ class Checkpoints:
     ):
         self.directory = checkpoint_dir(workdir)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            max_to_keep=None if read_only else max_to_keep,  # orbax warns about both when
+            save_interval_steps=0 if read_only else 1,  # reading, unless they are unset
             enable_async_checkpointing=async_save,
             create=not read_only,
             read_only=read_only,
