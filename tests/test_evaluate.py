@@ -288,3 +288,39 @@ def test_steps_sweep_of_a_shortcut_run(shared_data, tmp_path, monkeypatch):
     with open(f"{out}_sc_k2.json") as f:
         assert json.load(f)[key] == by_k["2"][key]
     assert os.path.getsize(out + ".png") > 0
+
+
+def test_nll_table_picks_the_checkpoint_with_the_lowest_validation_nll(
+    shared_data, tmp_path, monkeypatch
+):
+    # Two checkpoints of a 2-step volcano run: the table's best step is the argmin of its
+    # validation NLLs, and its test NLL is what `evaluate --step best` prints.
+    from core.config import load
+    from core.trainer import train
+    from scripts import nll_table
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("DRIFTLAB_EARTH_DIR", os.path.join(shared_data, "earth"))
+    config = load("experiments/sphere/earth_volcano.py:smoke=True")
+    config.ckpt_every = 1
+    workdir = str(tmp_path / "earth_volcano")
+    train(config, workdir)
+    out = str(tmp_path / "table")
+    nll_table.main(["nll_table", "--workdirs", workdir, "--out", out, "--nll-steps", "4",
+                    "--num-plot", "32"])  # fmt: skip
+    with open(out + ".json") as f:
+        (row,) = json.load(f)["results"]
+    val = {int(k): v for k, v in row["val_nll"].items()}
+    assert sorted(val) == [1, 2] and row["best_step"] == min(val, key=val.get)
+    direct = cli(tmp_path, "--workdir", workdir, "--metrics", "nll", "--split", "test",
+                 "--nll-steps", "4", "--step", str(row["best_step"]))  # fmt: skip
+    assert row["test_nll"] == pytest.approx(direct["nll"], rel=1e-6)
+    with open(out + ".md") as f:
+        line = [ln for ln in f if ln.startswith("| volcano")][0]
+    assert "-7.93" in line and "-4.92" in line and f"{row['test_nll']:.3f}" in line
+    # training time from the logged rates; a resumed run's rewritten steps count once
+    rows = [(100, 10.0), (200, 5.0), (200, 4.0), (300, 20.0)]
+    log = tmp_path / "fake" / "metrics.jsonl"
+    log.parent.mkdir()
+    log.write_text("".join(json.dumps({"step": s, "steps_per_sec": r}) + "\n" for s, r in rows))
+    assert nll_table.train_seconds(str(log.parent)) == pytest.approx(10 + 25 + 5)
