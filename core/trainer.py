@@ -264,9 +264,8 @@ def _loop(
 
 class _Budget:
     """The wall-clock budget `train_seconds` (0 = none), counted from the start of the loop
-    (the first step's compilation included). Every
-    process must stop at the same step: with several, process 0's clock decides, read at
-    `log_every` steps only (a broadcast each time)."""
+    (the first step's compilation included). Every process must stop at the same step: with
+    several, process 0's clock decides, read at `log_every` steps only (a broadcast each)."""
 
     def __init__(self, seconds: float, log_every: int):
         self.seconds = float(seconds or 0.0)
