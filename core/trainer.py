@@ -19,11 +19,10 @@ from flax import nnx
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from core import experiment, plots, sharding
+from core import experiment, plots, sampling, sharding
 from core.checkpoint import Checkpoints
 from core.config import to_json
 from core.errors import TrainingDiverged, UserError
-from core.sampling import to_host
 from core.train_state import TrainState, init_state, learning_rate, make_optimizer
 from core.writer import MetricWriter
 from data.pipeline import Batches, prefetch
@@ -324,27 +323,30 @@ class _MetricsLog:
 
 
 class _SampleGrid:
-    """Periodic PNG of samples from the EMA weights, with fixed noise (and conditions)."""
+    """Periodic PNG of samples from the EMA weights, with fixed noise (and conditions):
+    `core.sampling.Generator`, compiled once for the run."""
 
     def __init__(self, run: _Run):
         self.run = run
         cfg_ = run.config
         shape = tuple(run.spec["example_shape"])
-        self.fn = jax.jit(experiment.make_sample_fn(run.graphdef, cfg_, shape))
-        self.key = jax.random.fold_in(jax.random.key(cfg_.seed), 2**30)
         kind = cfg_.sample.plot
         self.kind = ("grid" if len(shape) == 3 else "scatter") if kind == "auto" else kind
-        n_ref = min(cfg_.sample.num * 8, run.source.num_examples)
+        num = int(cfg_.sample.num)
+        n_ref = min(num * 8, run.source.num_examples)
         reference = run.source.__getitems__(np.arange(n_ref))
         self.reference = None if self.kind == "grid" else reference["x"]
+        conds = None
         if cfg_.model.get("cond_dim", 0):  # condition embeddings: those of the first examples
-            rows = np.arange(cfg_.sample.num) % n_ref
-            self.cond = jnp.asarray(reference["cond"][rows])
-        else:
-            self.cond = experiment.sample_labels(cfg_.sample.num, run.spec["num_classes"])
+            conds = reference["cond"][np.arange(num) % n_ref]
+        batch = -(-num // run.mesh.size) * run.mesh.size  # one call, a multiple of devices
+        self.generate = sampling.Generator(
+            run.graphdef, cfg_, run.spec, run.mesh, num=num, batch_size=batch, conds=conds
+        )
+        self.key = jax.random.fold_in(jax.random.key(cfg_.seed), 2**30)
 
     def write(self, state: TrainState, step: int, writer: MetricWriter, final: bool) -> None:
-        x = to_host(self.fn(state.ema, self.key, self.cond))  # every process takes part
+        x, _ = self.generate(state.ema, self.key)  # every process takes part
         if not self.run.main:
             return
         path = os.path.join(self.run.workdir, "samples", f"step_{step:08d}.png")
