@@ -189,7 +189,8 @@ for part in "$@"; do
     (
         set -e
         echo "# $part $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null || echo -)"
-        "$PY" -c "import jax; print('jax', jax.__version__, jax.devices())"
+        "$PY" -c "import importlib.metadata as m, jax; print(jax.devices(), *(f'{p} {m.version(p)}' \
+for p in ('jax', 'flax', 'optax', 'orbax-checkpoint', 'numpy')))"
         nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || true
         "part_$part" "$out"
     ) 2>&1 | tee "$out/log.txt"
