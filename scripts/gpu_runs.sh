@@ -9,6 +9,9 @@
 #                                 # FID at 1, 2, 4, 8, 128 steps; 1- and 128-step grids
 #   scripts/gpu_runs.sh tarflow   # TarFlow: TF_STEPS steps, test bits/dim, FID, grids with and
 #                                 # without the denoising step, sequential vs Jacobi inverse
+#   scripts/gpu_runs.sh earth     # sphere flow matching on the Earth datasets ($DATASETS, all
+#                                 # four by default): EARTH_STEPS steps each of a EARTH_HIDDEN x
+#                                 # EARTH_DEPTH MLP at batch EARTH_BATCH; test NLL table, maps
 #
 # The GPU machine has no tensorflow-datasets, no network and takes at most 64 MiB per call, so
 # data, weights and the two missing packages travel as files (about 58 MB, git-ignored), made
@@ -20,6 +23,7 @@
 #       np.savez('.devdata/inception_fp16.npz', **{k: d[k].astype(np.float16) for k in d.files})"
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --platform manylinux2014_x86_64 -d .whl ml_collections==1.1.0 tensorboardX==2.6.5
+#   mkdir -p .devdata/earth && cp ../shared/data/earth/*.csv .devdata/earth/
 #
 # Each part writes $RESULTS/<part>/ (default gpu_results/; log.txt, JSON, PNG) and, where $OUT
 # is set, packs it into $OUT/<part>.tgz. Training lengths are environment variables
@@ -64,6 +68,12 @@ else
     INVERSE_NUM=2048 INVERSE_BATCH=512 MNIST_BENCH_BATCH=()
     UNET_STEPS=${UNET_STEPS:-20000} SC_STEPS=${SC_STEPS:-8000} TF_STEPS=${TF_STEPS:-10000}
     DATA_PATH="$DEVDATA/mnist_{split}.npz"
+fi
+EARTH_STEPS=${EARTH_STEPS:-$([ "${TINY:-0}" = 1 ] && echo 4 || echo 20000)}
+EARTH_SECONDS=${EARTH_SECONDS:-110}
+NLL_STEPS=$([ "${TINY:-0}" = 1 ] && echo 4 || echo 100)
+if [ -d "$DEVDATA/earth" ]; then
+    export DRIFTLAB_EARTH_DIR=${DRIFTLAB_EARTH_DIR:-$DEVDATA/earth}
 fi
 if [ -f "$DEVDATA/inception_fp16.npz" ]; then  # the fp32 file does not fit a device call
     export DRIFTLAB_INCEPTION_WEIGHTS=${DRIFTLAB_INCEPTION_WEIGHTS:-$DEVDATA/inception_fp16.npz}
@@ -171,13 +181,34 @@ part_tarflow() {
         --out "$out/mnist_tarflow_inverse.json"
 }
 
+part_earth() {
+    local out=$1 d runs=() size=()
+    if [ "${TINY:-0}" != 1 ]; then  # a GPU size between the CPU runs and the paper's
+        size=(--config.model.hidden="${EARTH_HIDDEN:-512}" --config.model.depth="${EARTH_DEPTH:-6}"
+            --config.batch_size="${EARTH_BATCH:-4096}" --config.optim.lr="${EARTH_LR:-5e-4}"
+            --config.optim.weight_decay=0.0)
+    fi
+    for d in ${DATASETS:-volcano earthquake flood fire}; do
+        # validation NLL picks the checkpoint (nll_table): keep ten along the run
+        "$PY" -m scripts.train --config "$(spec "experiments/sphere/earth_$d.py")" \
+            --workdir "$RUNS/earth_$d" --config.total_steps="$EARTH_STEPS" \
+            --config.train_seconds="$EARTH_SECONDS" --config.keep_ckpts=10 \
+            --config.ckpt_every=$(( (EARTH_STEPS + 9) / 10 )) --config.sample_every="$EARTH_STEPS" \
+            --config.log_every=500 "${size[@]}"
+        cp "$RUNS/earth_$d/metrics.jsonl" "$out/earth_${d}_metrics.jsonl"
+        runs+=("$RUNS/earth_$d")
+    done
+    "$PY" -m scripts.nll_table --workdirs "$(IFS=,; echo "${runs[*]}")" --nll-steps "$NLL_STEPS" \
+        --out "$out/earth_nll"
+}
+
 if [ $# -lt 1 ]; then
-    sed -n '2,11p' "$0"
+    sed -n '2,14p' "$0"
     exit 2
 fi
 for part in "$@"; do
     if ! declare -F "part_$part" >/dev/null; then
-        echo "unknown part '$part'; known: bench, unet, shortcut, tarflow"
+        echo "unknown part '$part'; known: bench, unet, shortcut, tarflow, earth"
         exit 2
     fi
 done
