@@ -10,6 +10,7 @@ are NHWC in [-1, 1]. Host-side numpy only: device placement is the caller's `put
 """
 
 import inspect
+import re
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -60,7 +61,7 @@ def build_source(name: str, *, split: str = "train", **options) -> Source:
     """The dataset `name`: a toy (`8gaussians`, `moons`, `checkerboard`; options
     `num_examples`, `seed`), `npz` (options `path`, `use_labels`; one file per split:
     `{split}` in the path is replaced by the split, `data/mnist_{split}.npz`; a path
-    without it is one split only),
+    without it is one split only; `train[:64]` takes rows of it),
     or any tfds dataset (`mnist`, `cifar10`, `celeb_a`, `imagenet2012`, ...; options
     `data_dir`, `use_labels`, `image_size`, `in_memory`, `cache_dir`, `num_workers`).
     On the sphere: the Earth event datasets `volcano`, `earthquake`, `flood`, `fire`
@@ -80,16 +81,33 @@ def build_source(name: str, *, split: str = "train", **options) -> Source:
     if name == "npz":
         if "path" not in options:
             raise UserError("dataset 'npz' needs the option path=<file.npz>")
-        options["path"] = npz_path(options["path"], split)
-        return _construct(ArraySource, name, (), options)
+        base, rows = split_rows(split)
+        options["path"] = npz_path(options["path"], base)
+        source = _construct(ArraySource, name, (), options)
+        return source.select(rows) if rows is not None else source
     from data.tfds import TfdsSource  # imports tensorflow_datasets (~0.5 s)
 
     return _construct(TfdsSource, name, (name, split), options)
 
 
+def split_rows(split: str) -> tuple[str, slice | None]:
+    """`"train[:64]"` -> `("train", slice(None, 64))`; a split without rows -> `(split, None)`.
+    (The integer slices of tfds's split syntax, for npz files.)"""
+    m = re.fullmatch(r"\s*([\w.-]+)\s*\[\s*(-?\d*)\s*:\s*(-?\d*)\s*\]\s*", split)
+    if m is None:
+        if "[" in split:
+            raise UserError(
+                f"npz splits take integer rows, as train[:64] or test[10:20]: {split!r}"
+            )
+        return split, None
+    start, stop = (int(v) if v else None for v in m.group(2, 3))
+    return m.group(1), slice(start, stop)
+
+
 def npz_path(path: str, split: str) -> str:
-    """The file of `split`: `path` with `{split}` replaced (a path without it is returned)."""
-    return path.replace("{split}", split)
+    """The file of `split` (rows ignored): `path` with `{split}` replaced (a path without it
+    is returned)."""
+    return path.replace("{split}", split_rows(split)[0])
 
 
 def __getattr__(attr: str):

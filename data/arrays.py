@@ -81,6 +81,14 @@ class ArraySource:
     def __len__(self) -> int:
         return self.num_examples
 
+    def select(self, rows: slice) -> "ArraySource":
+        """Keep only `rows` of the file (e.g. `slice(None, 64)`); the class count stays the
+        file's, as a tfds split's does."""
+        self.x = self.x[rows]
+        self.y = None if self.y is None else self.y[rows]
+        self.num_examples = len(self.x)
+        return self
+
     def __getitems__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         batch = {"x": to_float(self.x[indices])}
         if self.y is not None:

@@ -70,6 +70,7 @@ def export(dataset: str, split: str, path: str, *, labels: bool, data_dir: str |
 def main(argv: list[str]) -> None:
     args = parse(argv)
     from core.errors import UserError
+    from data import npz_path
 
     if "{split}" not in args.out:
         raise UserError(f"--out {args.out!r} needs {{split}} in it (one file per split)")
@@ -77,7 +78,7 @@ def main(argv: list[str]) -> None:
         info = export(
             args.dataset,
             split,
-            args.out.replace("{split}", split),
+            npz_path(args.out, split),  # train[:100] writes the train file, of 100 rows
             labels=not args.no_labels,
             data_dir=args.data_dir,
         )

@@ -9,6 +9,8 @@
 #                                 # FID at 1, 2, 4, 8, 128 steps; 1- and 128-step grids
 #   scripts/gpu_runs.sh tarflow   # TarFlow: TF_STEPS steps, test bits/dim, FID, grids with and
 #                                 # without the denoising step, sequential vs Jacobi inverse
+#   scripts/gpu_runs.sh memorization  # MNIST U-Net on train[:K] for K in $MEM_KS, MEM_STEPS
+#                                 # steps each: memorized / spurious / generalized against K
 #   scripts/gpu_runs.sh earth     # sphere flow matching on the Earth datasets ($DATASETS, all
 #                                 # four by default): EARTH_STEPS steps each of a EARTH_HIDDEN x
 #                                 # EARTH_DEPTH MLP at batch EARTH_BATCH; test NLL table, maps
@@ -181,6 +183,15 @@ part_tarflow() {
         --out "$out/mnist_tarflow_inverse.json"
 }
 
+part_memorization() {
+    local out=$1 tiny=()
+    [ "${TINY:-0}" = 1 ] && tiny=(--tiny --steps 2 --num 8 --batch 8 --sample-steps 2)
+    # the script's defaults: 10k steps per K at batch 128, 1024 samples, EMA 0.999
+    "$PY" -m scripts.memorization_sweep --workdir "$RUNS/mem_sweep" --data-path "$DATA_PATH" \
+        --ks "${MEM_KS:-4,16,64,256}" ${MEM_STEPS:+--steps "$MEM_STEPS"} "${tiny[@]}" \
+        --out "$out/memorization_vs_K"
+}
+
 part_earth() {
     local out=$1 d runs=() size=()
     if [ "${TINY:-0}" != 1 ]; then  # a GPU size between the CPU runs and the paper's
@@ -203,12 +214,12 @@ part_earth() {
 }
 
 if [ $# -lt 1 ]; then
-    sed -n '2,14p' "$0"
+    sed -n '2,16p' "$0"
     exit 2
 fi
 for part in "$@"; do
     if ! declare -F "part_$part" >/dev/null; then
-        echo "unknown part '$part'; known: bench, unet, shortcut, tarflow, earth"
+        echo "unknown part '$part'; known: bench, unet, shortcut, tarflow, memorization, earth"
         exit 2
     fi
 done

@@ -8,6 +8,8 @@ K = 2^k, sample, and split the samples into memorized / spurious / generalized (
   # a CPU-sized check of the whole pipeline (smoke U-Net, few steps, few samples)
   python -m scripts.memorization_sweep --tiny --workdir /tmp/mem_sweep --out /tmp/mem_vs_K
 
+Without tensorflow-datasets, `--data-path data/mnist_{split}.npz` (`scripts.export_npz`).
+
 Writes `<out>.json` (settings and, per K, the fractions and distance statistics) and
 `<out>.png` (fractions against K). Each K trains in `<workdir>/K<K>` and resumes there.
 """
@@ -62,6 +64,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ema", type=float, help="EMA decay")
     p.add_argument("--sample-steps", type=int, help="Heun steps for sampling")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--data-path", default=None, help="MNIST as .npz files (mnist_{split}.npz) instead of tfds"
+    )
     args = p.parse_args(argv[1:])
     for key, value in (TINY if args.tiny else FULL).items():
         if getattr(args, key, None) is None:
@@ -77,6 +82,8 @@ def make_config(args, k: int):
     c = config_lib.load(spec)
     c.data.split = f"train[:{k}]"
     c.data.options.in_memory = True
+    if args.data_path:
+        c.data.update(name="npz", path=args.data_path)
     c.update(total_steps=args.steps, batch_size=args.batch, seed=args.seed, ema_decay=args.ema)
     c.update(log_every=max(1, args.steps // 20), ckpt_every=args.steps, sample_every=0)
     c.optim.update(lr=args.lr, warmup_steps=args.warmup)
@@ -163,6 +170,7 @@ def main(argv: list[str]) -> None:
     settings = {
         key: getattr(args, key)
         for key in (
+            "data_path",
             "tiny",
             "ks",
             "steps",

@@ -199,3 +199,30 @@ def test_effective_dimension_of_a_point_is_zero():
     svals = ed.spectra(ed.score_view(velocity, "velocity"), np.ones((2, d)), sigma=1e-2)
     assert ed.effective_dimensions(svals).tolist() == [0, 0]
     assert ed.effective_dimension(np.array([5.0, 4.0, 1.0, 0.5]), max_rank=1) == 3
+
+
+def test_memorization_sweep_on_npz_data_resumes_to_the_same_numbers(tmp_path):
+    # The smoke U-Net on 4 images of an npz "MNIST": the fraction triple sums
+    # to one, and a second call finds the finished run and reproduces its numbers.
+    import json
+
+    from scripts import memorization_sweep
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "m_train.npz", arr_0=rng.integers(0, 256, (32, 28, 28, 1), np.uint8))
+    argv = ["x", "--tiny", "--workdir", str(tmp_path / "sweep"), "--out", str(tmp_path / "out"),
+            "--ks", "4", "--steps", "2", "--num", "8", "--batch", "8", "--sample-steps", "2",
+            "--data-path", str(tmp_path / "m_{split}.npz")]  # fmt: skip
+    memorization_sweep.main(argv)
+    first = json.loads((tmp_path / "out.json").read_text())
+    assert [r["K"] for r in first["results"]] == [4]
+    for r in first["results"]:
+        assert r["memorized"] + r["spurious"] + r["generalized"] == pytest.approx(1.0)
+    assert first["settings"]["data_path"].endswith("m_{split}.npz")
+    assert (tmp_path / "out.png").stat().st_size > 0
+    memorization_sweep.main(argv)
+    again = json.loads((tmp_path / "out.json").read_text())
+    for a, b in zip(first["results"], again["results"]):
+        assert {k: v for k, v in a.items() if k != "train_seconds"} == {
+            k: v for k, v in b.items() if k != "train_seconds"
+        }
