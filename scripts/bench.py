@@ -11,17 +11,13 @@ H100 SXM dense bf16), and sampling images/s. See core/benchmark.py for the FLOP 
 import argparse
 import json
 
-from scripts.common import run
+from scripts.common import argument_parser, run
 
 SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m scripts.bench",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argument_parser("bench", __doc__)
     p.add_argument("--config", required=True, help="experiment config path[:variant]")
     p.add_argument("--batch", type=int, default=None, help="default: the config's")
     p.add_argument("--dtype", default=None, help="compute dtype (default: the config's)")

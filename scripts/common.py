@@ -23,6 +23,17 @@ def run(main: Callable[[list[str]], int | None]) -> None:
     sys.exit(code or 0)
 
 
+def argument_parser(name: str, doc: str | None):
+    """The argparse parser of `python -m scripts.<name>`, its help the module docstring."""
+    import argparse
+
+    return argparse.ArgumentParser(
+        prog=f"python -m scripts.{name}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def parse_config_flags(argv: list[str]):
     """Parse `--config path[:variant] [--config.key=value ...] --workdir DIR`.
 

@@ -35,17 +35,19 @@ import functools
 import json
 import os
 
-from scripts.common import add_sample_option_flag, maybe_initialize_distributed, run, sample_run
+from scripts.common import (
+    add_sample_option_flag,
+    argument_parser,
+    maybe_initialize_distributed,
+    run,
+    sample_run,
+)
 
 DEFAULT_METRICS = "fid"
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m scripts.evaluate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argument_parser("evaluate", __doc__)
     src = p.add_argument_group("samples and reference")
     src.add_argument("--workdir", help="run directory: sample its checkpoint")
     src.add_argument("--samples", help="samples .npz (arr_0 uint8 NHWC, arr_1 labels)")

@@ -12,15 +12,11 @@ stored bytes; `arr_1` int64 labels where the dataset has them), which `data.name
 import argparse
 import os
 
-from scripts.common import run
+from scripts.common import argument_parser, run
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m scripts.export_npz",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argument_parser("export_npz", __doc__)
     p.add_argument("--dataset", required=True, help="dataset name (tfds, toy, ...)")
     p.add_argument("--splits", default="train,test", help="comma list of splits")
     p.add_argument("--out", required=True, help="output path with {split} in it")

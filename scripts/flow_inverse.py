@@ -17,15 +17,11 @@ import argparse
 import json
 import time
 
-from scripts.common import run
+from scripts.common import argument_parser, run
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m scripts.flow_inverse",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argument_parser("flow_inverse", __doc__)
     p.add_argument("--workdir", required=True, help="run directory of a flow (TarFlow)")
     p.add_argument("--num", type=int, default=2048, help="latents inverted by every method")
     p.add_argument("--batch", type=int, default=512, help="latents per device call")

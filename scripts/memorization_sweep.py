@@ -19,7 +19,7 @@ import json
 import os
 import time
 
-from scripts.common import run
+from scripts.common import argument_parser, run
 
 CONFIG = "experiments/flow_matching/mnist_unet.py"
 FULL = dict(
@@ -47,11 +47,7 @@ TINY = dict(
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m scripts.memorization_sweep",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argument_parser("memorization_sweep", __doc__)
     p.add_argument("--workdir", required=True, help="one run directory per K inside")
     p.add_argument("--out", required=True, help="output prefix: <out>.json, <out>.png")
     p.add_argument("--tiny", action="store_true", help="CPU-sized settings (smoke U-Net)")

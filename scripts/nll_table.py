@@ -17,7 +17,7 @@ import functools
 import json
 import os
 
-from scripts.common import run
+from scripts.common import argument_parser, run
 
 # Test NLL (nats) published for the Earth datasets: Riemannian flow matching (Chen & Lipman
 # 2023, arXiv 2302.03660, Table 2) and Riemannian score-based models (De Bortoli et al.
@@ -29,11 +29,7 @@ PUBLISHED = {
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m scripts.nll_table",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argument_parser("nll_table", __doc__)
     p.add_argument("--workdirs", required=True, help="comma list of run directories")
     p.add_argument("--out", required=True, help="output prefix: <out>.json, <out>.md")
     p.add_argument("--nll-steps", type=int, default=100, help="RK4 steps of the likelihood")

@@ -11,15 +11,11 @@ import argparse
 import json
 import os
 
-from scripts.common import run
+from scripts.common import argument_parser, run
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m scripts.plot_metrics",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argument_parser("plot_metrics", __doc__)
     p.add_argument("--workdir", required=True, help="run directory (comma list for several)")
     p.add_argument("--keys", default="loss", help="comma list of metrics.jsonl keys")
     p.add_argument("--out", required=True, help="output PNG")

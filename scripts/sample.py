@@ -9,15 +9,17 @@ models) plus a PNG grid beside the npz. EMA weights unless `--raw`.
 
 import argparse
 
-from scripts.common import add_sample_option_flag, maybe_initialize_distributed, run, sample_run
+from scripts.common import (
+    add_sample_option_flag,
+    argument_parser,
+    maybe_initialize_distributed,
+    run,
+    sample_run,
+)
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m scripts.sample",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argument_parser("sample", __doc__)
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--num", type=int, default=64)

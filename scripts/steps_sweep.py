@@ -16,15 +16,11 @@ import argparse
 import json
 import os
 
-from scripts.common import run
+from scripts.common import argument_parser, run
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(
-        prog="python -m scripts.steps_sweep",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = argument_parser("steps_sweep", __doc__)
     p.add_argument("--workdirs", required=True, help="comma list of run directories")
     p.add_argument("--steps", required=True, help="comma list of step counts")
     p.add_argument("--metrics", default="fid", help="comma list (scripts.evaluate's)")

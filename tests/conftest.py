@@ -50,3 +50,19 @@ def python_env():
 
 
 PYTHON = sys.executable
+
+
+def run_python(args: list[str], env: dict, *, devices: int = 1, timeout: float = 300):
+    """`python ARGS` at the repository root, in `env`, with `devices` simulated CPU devices;
+    the finished `subprocess.CompletedProcess` (text output captured)."""
+    import subprocess
+
+    flags = env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    return subprocess.run(
+        [PYTHON, *args],
+        cwd=ROOT,
+        env=dict(env, XLA_FLAGS=flags),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -8,7 +8,7 @@ import subprocess
 
 import numpy as np
 
-from tests.conftest import PYTHON, ROOT
+from tests.conftest import PYTHON, ROOT, run_python
 
 ARGS = [
     "-m",
@@ -52,15 +52,7 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path, python_env):
                 text=True,
             )
         )
-    flags = python_env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    single = subprocess.run(
-        [PYTHON, *ARGS, "--workdir", str(tmp_path / "single")],
-        cwd=ROOT,
-        env=dict(python_env, XLA_FLAGS=flags),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    single = run_python([*ARGS, "--workdir", str(tmp_path / "single")], python_env, devices=2)
     assert single.returncode == 0, single.stderr[-2000:]
     for p in procs:
         _, err = p.communicate(timeout=300)

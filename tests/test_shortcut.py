@@ -9,7 +9,6 @@ and the exact shortcut (average velocity) is `(phi(x) - x) / d`.
 
 import functools
 import json
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +34,7 @@ from losses.shortcut import (
 from samplers.guidance import cfg
 from samplers.ode import sample_rk4
 from samplers.shortcut import num_levels, sample_shortcut, steps_dt
-from tests.conftest import PYTHON, ROOT
+from tests.conftest import run_python
 from tests.gaussian import optimal_velocity
 
 MU = jnp.array([1.0, -0.5])
@@ -286,15 +285,7 @@ def test_sharded_step_moves_no_rows_between_devices(python_env):
     # The bootstrap rows are spread over the batch (every k-th row), so on a data-sharded
     # mesh the step needs no gathers or permutes: only the all-reduce of the gradients and
     # metrics. (With the rows as a prefix of the batch, XLA gathered and permuted them.)
-    flags = python_env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    proc = subprocess.run(
-        [PYTHON, "-c", SHARDED_STEP],
-        cwd=ROOT,
-        env=dict(python_env, XLA_FLAGS=flags),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_python(["-c", SHARDED_STEP], python_env, devices=8)
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     assert counts["all-reduce"] >= 1, counts

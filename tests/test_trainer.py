@@ -13,7 +13,7 @@ from core import config as config_lib
 from core.checkpoint import Checkpoints, open_for_reading
 from core.errors import TrainingDiverged
 from core.trainer import train
-from tests.conftest import PYTHON, ROOT
+from tests.conftest import PYTHON, ROOT, run_python
 
 
 def quick_config(**overrides):
@@ -79,16 +79,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
 
 
 def test_one_step_is_the_same_on_every_mesh(tmp_path, python_env):
-    flags = python_env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    env = dict(python_env, XLA_FLAGS=flags)
-    proc = subprocess.run(
-        [PYTHON, "-c", SHARDING_SCRIPT, str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_python(["-c", SHARDING_SCRIPT, str(tmp_path)], python_env, devices=8)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     ref = out.pop("1x1")
