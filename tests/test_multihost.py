@@ -18,6 +18,7 @@ ARGS = [
     "--config.total_steps=3",
     "--config.batch_size=16",
     "--config.ckpt_every=3",
+    "--config.train_seconds=1e6",  # never spent, but the processes agree on it every step
 ]
 
 
@@ -32,7 +33,8 @@ def losses(workdir) -> list[float]:
         return [json.loads(line)["loss"] for line in f]
 
 
-def test_two_processes_equal_one_process_with_two_devices(tmp_path, python_env):
+def launch_pair(workdir, python_env, *extra) -> list[subprocess.Popen]:
+    """`scripts.train` as two processes joined by `jax.distributed` on a free port."""
     port = free_port()
     procs = []
     for i in range(2):
@@ -44,7 +46,7 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path, python_env):
         )
         procs.append(
             subprocess.Popen(
-                [PYTHON, *ARGS, "--workdir", str(tmp_path / "multi")],
+                [PYTHON, *ARGS, "--workdir", str(workdir), *extra],
                 cwd=ROOT,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -52,12 +54,26 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path, python_env):
                 text=True,
             )
         )
-    single = run_python([*ARGS, "--workdir", str(tmp_path / "single")], python_env, devices=2)
-    assert single.returncode == 0, single.stderr[-2000:]
+    return procs
+
+
+def finish(procs) -> None:
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
+
+
+def test_two_processes_equal_one_process_with_two_devices(tmp_path, python_env):
+    procs = launch_pair(tmp_path / "multi", python_env)
+    single = run_python([*ARGS, "--workdir", str(tmp_path / "single")], python_env, devices=2)
+    assert single.returncode == 0, single.stderr[-2000:]
+    finish(procs)
     multi, one = losses(tmp_path / "multi"), losses(tmp_path / "single")
     assert len(multi) == 3
     np.testing.assert_allclose(multi, one, rtol=1e-6)
     assert os.path.isdir(tmp_path / "multi" / "checkpoints" / "3")
+    # a spent wall-clock budget: process 0's clock decides, both stop after the first step
+    # together (a disagreement would leave one process waiting in a collective)
+    finish(launch_pair(tmp_path / "budget", python_env, "--config.train_seconds=1e-9"))
+    assert len(losses(tmp_path / "budget")) == 1
+    assert os.path.isdir(tmp_path / "budget" / "checkpoints" / "1")
