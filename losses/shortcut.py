@@ -124,17 +124,19 @@ def bootstrap_rows(batch_size: int, n: int) -> np.ndarray:
     return np.arange(n) * (batch_size // n)
 
 
-def _strided(rows: np.ndarray) -> int | None:
-    """`k` when `rows` is `0, k, 2k, ...` (k >= 1), else None."""
+def _strided(rows: np.ndarray, length: int) -> int | None:
+    """`k` when `rows` is `0, k, 2k, ...` (k >= 1) and `rows.size * k <= length` (whole
+    blocks of `k` rows), else None."""
     if rows.size == 0 or rows[0] != 0:
         return None
     k = int(rows[1] - rows[0]) if rows.size > 1 else 1
-    return k if k >= 1 and np.array_equal(rows, np.arange(rows.size) * k) else None
+    strided = k >= 1 and np.array_equal(rows, np.arange(rows.size) * k)
+    return k if strided and rows.size * k <= length else None
 
 
 def take_rows(a: jax.Array, rows: np.ndarray) -> jax.Array:
     """`a[rows]` for static `rows`; strided rows as a reshape (no gather under sharding)."""
-    k = _strided(rows)
+    k = _strided(rows, a.shape[0])
     if k is None:
         return a[rows]
     m = rows.size * k
@@ -143,7 +145,7 @@ def take_rows(a: jax.Array, rows: np.ndarray) -> jax.Array:
 
 def put_rows(a: jax.Array, rows: np.ndarray, values: jax.Array) -> jax.Array:
     """`a.at[rows].set(values)` for static `rows`; strided rows as a reshape."""
-    k = _strided(rows)
+    k = _strided(rows, a.shape[0])
     if k is None:
         return a.at[rows].set(values)
     m = rows.size * k

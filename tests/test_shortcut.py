@@ -200,6 +200,7 @@ def test_row_helpers_equal_numpy_indexing_for_strided_and_other_rows():
         bootstrap_rows(13, 1),
         np.array([1, 5, 6]),
         np.array([0, 2, 3]),
+        np.array([0, 5, 10]),  # strided, but the last block of 5 would pass the end
     ):
         np.testing.assert_array_equal(take_rows(a, rows), np.asarray(a)[rows])
         values = -jnp.ones((rows.size, 2))
