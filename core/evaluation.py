@@ -322,7 +322,7 @@ def _geo(ev: Evaluator) -> dict:
     if "cond" not in data or tuple(data["x"].shape[1:]) != (3,) or not _conditional(config):
         raise UserError("geo needs a conditional model of places on S^2 (e.g. earth_geoloc)")
     o, mesh = ev.options, sharding.make_mesh()
-    batch = -(-min(o.batch, len(data["x"])) // mesh.size) * mesh.size
+    batch = sharding.sample_batch(mesh, o.batch, len(data["x"]))
     spec = {"example_shape": [3], "num_classes": 0}
     pred, _ = sampling.generate(
         graphdef, params, config, spec, mesh, num=len(data["x"]), batch_size=batch,
@@ -392,7 +392,7 @@ def make_eval_hook(
     if e.fid and len(spec["example_shape"]) != 3:
         raise UserError("config.eval.fid needs image data; set config.eval.fid=False")
     num = max(e.num_samples, e.num_fid if e.fid else 0)
-    batch = -(-min(e.batch_size, num) // mesh.size) * mesh.size
+    batch = sharding.sample_batch(mesh, e.batch_size, num)
     sampler = Generator(graphdef, config, spec, mesh, num=num, batch_size=batch)
     key = jax.random.fold_in(jax.random.key(config.seed), 2**30 + 1)  # fixed eval noise
     rows = mem.subsample(np.arange(source.num_examples), e.max_train, config.seed)

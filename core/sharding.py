@@ -70,6 +70,12 @@ def check_batch_size(mesh: Mesh, global_batch: int) -> None:
         )
 
 
+def sample_batch(mesh: Mesh, batch: int, num: int) -> int:
+    """The batch for drawing `num` samples at most `batch` at a time: `min(batch, num)`
+    rounded up to a multiple of the mesh's devices (the extra samples are dropped)."""
+    return -(-min(batch, num) // mesh.size) * mesh.size
+
+
 def place_batch(batch: dict, mesh: Mesh) -> dict:
     """Host-local numpy batch -> global arrays split over the mesh (works multi-host)."""
     sharding = batch_sharding(mesh)

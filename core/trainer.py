@@ -339,7 +339,7 @@ class _SampleGrid:
         conds = None
         if cfg_.model.get("cond_dim", 0):  # condition embeddings: those of the first examples
             conds = reference["cond"][np.arange(num) % n_ref]
-        batch = -(-num // run.mesh.size) * run.mesh.size  # one call, a multiple of devices
+        batch = sharding.sample_batch(run.mesh, num, num)  # one call
         self.generate = sampling.Generator(
             run.graphdef, cfg_, run.spec, run.mesh, num=num, batch_size=batch, conds=conds
         )

@@ -82,6 +82,22 @@ def shortcut(
     c.sample.update(sampler="shortcut", num_steps=1, options=dict(max_steps=steps))
 
 
+def shortcut_or_flow_matching(c: ConfigDict, method: str, **shortcut_kw) -> None:
+    """`method="shortcut"`: `shortcut(c, **shortcut_kw)`; `"fm"`: its flow-matching baseline
+    with everything else equal (uniform t, k Euler steps, the network without a `dt` input).
+    Set `c.model` first: this sets its `use_dt`."""
+    if method not in ("shortcut", "fm"):
+        from core.errors import UserError
+
+        raise UserError(f"unknown method {method!r}; known: shortcut, fm")
+    c.model.use_dt = method == "shortcut"
+    if method == "shortcut":
+        shortcut(c, **shortcut_kw)
+    else:
+        c.loss = dict(name="flow_matching", time_sampling="uniform")
+        c.sample.update(sampler="euler", num_steps=1)
+
+
 def shrink_for_smoke(c: ConfigDict) -> None:
     """A CPU-sized run of the same experiment: tiny network, 2 steps, small batch."""
     c.total_steps = 2

@@ -150,7 +150,7 @@ def sample_run(args, *, want_samples: bool = True, label: int | None = None):
     )
     if not want_samples:
         return None, None, (graphdef, params, config), step
-    batch = -(-min(args.batch, args.num) // mesh.size) * mesh.size  # a multiple of devices
+    batch = sharding.sample_batch(mesh, args.batch, args.num)
     x, labels = sampling.generate(
         graphdef, params, config, spec, mesh, num=args.num, batch_size=batch, seed=args.seed,
         sampler=args.sampler, num_steps=args.steps, cfg_scale=args.cfg, label=label,

@@ -76,7 +76,7 @@ def main(argv: list[str]) -> None:
     guide = {}
     if null is not None and scale != 1.0:
         guide = dict(cfg_scale=scale, null_cond=null, anneal=bool(options.get("guidance_anneal")))
-    batch = -(-min(args.batch, args.num) // mesh.size) * mesh.size
+    batch = sharding.sample_batch(mesh, args.batch, args.num)
     n_batches = -(-args.num // batch)
     data = sharding.batch_sharding(mesh)
     shape = (batch, *spec["example_shape"])

@@ -101,7 +101,7 @@ def run_one(args, k: int) -> dict:
     train_s = time.perf_counter() - t0
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     graphdef, _ = experiment.abstract_network(experiment.network_factory(config))
-    batch = -(-min(256, args.num) // mesh.size) * mesh.size
+    batch = sharding.sample_batch(mesh, 256, args.num)
     spec = experiment.read_data_spec(workdir)
     x, _ = sampling.generate(
         graphdef, state.ema, config, spec, mesh, num=args.num, batch_size=batch, seed=args.seed

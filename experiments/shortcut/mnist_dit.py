@@ -19,15 +19,11 @@ no expected FID.
 """
 
 from core.config import base_config, parse_variant
-from core.errors import UserError
-from experiments.presets import dit, make_conditional, shortcut, shrink_for_smoke
+from experiments.presets import dit, make_conditional, shortcut_or_flow_matching, shrink_for_smoke
 
 
 def get_config(arg: str | None = None):
     v = parse_variant(arg, size="S/2", method="shortcut", teacher="ema", cond=False, smoke=False)
-    if v.method not in ("shortcut", "fm"):
-        raise UserError(f"unknown method {v.method!r}; known: shortcut, fm")
-    is_shortcut = v.method == "shortcut"
     c = base_config()
     c.total_steps = 50_000
     c.batch_size = 128  # 16 self-consistency rows: 2+ for each of the 7 bootstrap levels
@@ -38,12 +34,8 @@ def get_config(arg: str | None = None):
     c.compute_dtype = "bfloat16"
     c.optim.update(lr=1e-4, warmup_steps=1_000)
     c.data.update(name="mnist", split="train")
-    c.model = dict(dit(1, v.size), use_dt=is_shortcut)
-    if is_shortcut:
-        shortcut(c, teacher=v.teacher)
-    else:
-        c.loss = dict(name="flow_matching", time_sampling="uniform")
-        c.sample.update(sampler="euler", num_steps=1)
+    c.model = dit(1, v.size)
+    shortcut_or_flow_matching(c, v.method, teacher=v.teacher)
     c.sample.num = 64
     if v.cond:
         make_conditional(c, num_classes=10)

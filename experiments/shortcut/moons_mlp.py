@@ -14,7 +14,7 @@ with `:steps=5000` (numbers in BENCHMARKS.md).
 """
 
 from core.config import base_config, parse_variant
-from experiments.presets import shortcut, shrink_for_smoke
+from experiments.presets import shortcut_or_flow_matching, shrink_for_smoke
 
 
 def get_config(arg: str | None = None):
@@ -28,19 +28,10 @@ def get_config(arg: str | None = None):
     c.ema_decay = 0.999
     c.optim.update(lr=1e-3, warmup_steps=500, schedule="cosine")
     c.data.update(name="moons", split="train")
-    is_shortcut = v.method == "shortcut"
-    if not is_shortcut and v.method != "fm":
-        from core.errors import UserError
-
-        raise UserError(f"unknown method {v.method!r}; known: shortcut, fm")
-    c.model = dict(name="mlp", dim=2, hidden=256, depth=3, use_dt=is_shortcut)
-    if is_shortcut:
-        # teacher="current": at this budget (5k steps, EMA 0.999) the EMA teacher lags the
-        # chain of 7 levels and k < 16 steps stay blurry (BENCHMARKS.md, moons section)
-        shortcut(c, teacher="current", target_clip=None)
-    else:
-        c.loss = dict(name="flow_matching", time_sampling="uniform")
-        c.sample.update(sampler="euler", num_steps=1)
+    c.model = dict(name="mlp", dim=2, hidden=256, depth=3)
+    # teacher="current": at this budget (5k steps, EMA 0.999) the EMA teacher lags the chain
+    # of 7 levels and k < 16 steps stay blurry (BENCHMARKS.md, moons section)
+    shortcut_or_flow_matching(c, v.method, teacher="current", target_clip=None)
     c.sample.num = 4096
     if v.smoke:
         shrink_for_smoke(c)
