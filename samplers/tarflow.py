@@ -24,6 +24,19 @@ def tweedie_denoise(log_prob, x: jax.Array, noise_std: float) -> jax.Array:
     return x + noise_std**2 * score
 
 
+def guidance_options(
+    cfg_scale: float, *, conditional: bool, null_cond: int | None = None, anneal: bool = False
+) -> dict:
+    """The keyword arguments of `TarFlow.inverse` for guidance weight `cfg_scale`: none
+    when the weight is 1 or the flow is unconditional (nothing to guide)."""
+    if cfg_scale == 1.0 or not conditional:
+        return {}
+    options = dict(cfg_scale=cfg_scale, anneal=bool(anneal))
+    if null_cond is not None:
+        options["null_cond"] = null_cond
+    return options
+
+
 def _inverse_options(net, **options) -> dict:
     """The non-default inverse options, checked against what `net.inverse` accepts."""
     accepted = inspect.signature(net.inverse).parameters
@@ -64,11 +77,9 @@ def sample_tarflow(
     1 to w over each block's tokens (the paper's annealed guidance).
     """
     del num_steps, key
-    options = {}
-    if cfg_scale != 1.0 and cond is not None:
-        options.update(cfg_scale=cfg_scale, anneal=guidance_anneal)
-        if null_cond is not None:
-            options["null_cond"] = null_cond
+    options = guidance_options(
+        cfg_scale, conditional=cond is not None, null_cond=null_cond, anneal=guidance_anneal
+    )
     if inverse != "sequential":
         options.update(method=inverse, tol=jacobi_tol, max_iters=jacobi_max_iters)
     z = temperature * jnp.asarray(x_init, jnp.float32)

@@ -1,4 +1,4 @@
-"""Benchmark the train step and the sampler of an experiment on synthetic data:
+r"""Benchmark the train step and the sampler of an experiment on synthetic data:
 
   python -m scripts.bench --config experiments/flow_matching/cifar10_dit.py:size=B/2 \
       --batch 256 [--dtype bfloat16] [--steps 50] [--peak-tflops 989] [--out bench.jsonl]

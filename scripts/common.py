@@ -103,6 +103,20 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize(**kwargs)
 
 
+def add_sampling_flags(parser, *, num: int) -> None:
+    """The flags `sample_run` reads: which weights (`--step --raw`), how many samples
+    (`--num --batch --seed`) and how (`--sampler --steps --cfg --sample-option`)."""
+    parser.add_argument("--num", type=int, default=num)
+    parser.add_argument("--batch", type=int, default=256, help="samples per device call")
+    parser.add_argument("--steps", type=int, default=None, help="default: the config's")
+    parser.add_argument("--sampler", default=None, help="default: the config's")
+    parser.add_argument("--cfg", type=float, default=None, help="guidance weight (1 = none)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    parser.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
+    parser.add_argument("--seed", type=int, default=0)
+    add_sample_option_flag(parser)
+
+
 def add_sample_option_flag(parser) -> None:
     parser.add_argument(
         "--sample-option",

@@ -1,4 +1,4 @@
-"""Evaluate samples: FID, KID, precision/recall, Inception Score, memorization, effective
+r"""Evaluate samples: FID, KID, precision/recall, Inception Score, memorization, effective
 dimension.
 
   # sample from a run's checkpoint (sharded over all devices), then evaluate
@@ -36,7 +36,7 @@ import json
 import os
 
 from scripts.common import (
-    add_sample_option_flag,
+    add_sampling_flags,
     argument_parser,
     maybe_initialize_distributed,
     run,
@@ -65,15 +65,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     out.add_argument("--write-stats", help="write FID statistics of the samples / dataset")
     out.add_argument("--save-samples", help="with --workdir: also write the samples .npz")
     smp = p.add_argument_group("sampling (--workdir)")
-    smp.add_argument("--num", type=int, default=10_000)
-    smp.add_argument("--batch", type=int, default=256, help="samples per device call")
-    smp.add_argument("--steps", type=int, default=None, help="default: the config's")
-    smp.add_argument("--sampler", default=None, help="default: the config's")
-    smp.add_argument("--cfg", type=float, default=None, help="guidance weight (1 = none)")
-    smp.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
-    smp.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
-    smp.add_argument("--seed", type=int, default=0)
-    add_sample_option_flag(smp)
+    add_sampling_flags(smp, num=10_000)
     m = p.add_argument_group("metric options")
     m.add_argument("--inception-batch", type=int, default=50)
     m.add_argument("--kid-subsets", type=int, default=100)

@@ -1,4 +1,4 @@
-"""Write dataset splits as `.npz` files, for machines without tensorflow-datasets.
+r"""Write dataset splits as `.npz` files, for machines without tensorflow-datasets.
 
   TFDS_DATA_DIR=../shared/data/tfds python -m scripts.export_npz --dataset mnist \
       --splits train,test --out .devdata/mnist_{split}.npz

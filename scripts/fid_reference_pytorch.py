@@ -1,4 +1,4 @@
-"""Reference numbers from pytorch-fid itself, for tests/test_fid.py (torch side; not a
+r"""Reference numbers from pytorch-fid itself, for tests/test_fid.py (torch side; not a
 driftlab dependency: run it in a separate venv).
 
     python3 -m venv /tmp/torchvenv

@@ -1,4 +1,4 @@
-"""Speed and agreement of a trained flow's inverses: sequential (KV cache) against Jacobi.
+r"""Speed and agreement of a trained flow's inverses: sequential (KV cache) against Jacobi.
 
   python -m scripts.flow_inverse --workdir runs/mnist_tarflow --num 2048 --batch 512 \
       --tols 1e-3,1e-4,1e-5 --out docs/tarflow_inverse.json
@@ -59,6 +59,7 @@ def main(argv: list[str]) -> None:
 
     from core import experiment, sampling, sharding
     from core.errors import UserError
+    from samplers.tarflow import guidance_options
 
     tols = [float(t) for t in args.tols.split(",") if t.strip()]
     config, spec = sampling.load_run(args.workdir)
@@ -73,9 +74,9 @@ def main(argv: list[str]) -> None:
     temperature = float(options.get("temperature", 1.0))
     scale = float(config.sample.cfg_scale if args.cfg is None else args.cfg)
     null = experiment.null_cond(config)
-    guide = {}
-    if null is not None and scale != 1.0:
-        guide = dict(cfg_scale=scale, null_cond=null, anneal=bool(options.get("guidance_anneal")))
+    guide = guidance_options(
+        scale, conditional=null is not None, null_cond=null, anneal=options.get("guidance_anneal")
+    )
     batch = sharding.sample_batch(mesh, args.batch, args.num)
     n_batches = -(-args.num // batch)
     data = sharding.batch_sharding(mesh)

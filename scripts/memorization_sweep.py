@@ -1,4 +1,4 @@
-"""Memorization against training-set size: train the same model on MNIST `train[:K]` for
+r"""Memorization against training-set size: train the same model on MNIST `train[:K]` for
 K = 2^k, sample, and split the samples into memorized / spurious / generalized (Pham et al.
 2025; `metrics.memorization`), plus the distance-ratio test.
 

@@ -1,4 +1,4 @@
-"""Held-out NLL of trained runs, with the checkpoint chosen on the validation split.
+r"""Held-out NLL of trained runs, with the checkpoint chosen on the validation split.
 
   python -m scripts.nll_table --workdirs runs/earth_volcano,runs/earth_earthquake,\
 runs/earth_flood,runs/earth_fire --out docs/earth_nll

@@ -1,4 +1,4 @@
-"""Plot numbers of a run's `metrics.jsonl` against the training step (one panel per key).
+r"""Plot numbers of a run's `metrics.jsonl` against the training step (one panel per key).
 
   python -m scripts.plot_metrics --workdir runs/mnist_unet --keys loss,grad_norm \
       --out docs/mnist_unet_loss.png [--logy]

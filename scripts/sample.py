@@ -1,4 +1,4 @@
-"""Sample from a run's checkpoint:
+r"""Sample from a run's checkpoint:
 
   python -m scripts.sample --workdir runs/x --num 10000 --steps 50 --sampler heun \
       [--cfg 2.0] [--step N] [--raw] --out samples.npz
@@ -10,7 +10,7 @@ models) plus a PNG grid beside the npz. EMA weights unless `--raw`.
 import argparse
 
 from scripts.common import (
-    add_sample_option_flag,
+    add_sampling_flags,
     argument_parser,
     maybe_initialize_distributed,
     run,
@@ -22,16 +22,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argument_parser("sample", __doc__)
     p.add_argument("--workdir", required=True)
     p.add_argument("--out", required=True, help="output .npz")
-    p.add_argument("--num", type=int, default=64)
-    p.add_argument("--steps", type=int, default=None, help="default: the config's")
-    p.add_argument("--sampler", default=None, help="default: the config's")
-    p.add_argument("--cfg", type=float, default=None, help="guidance weight (1 = none)")
     p.add_argument("--label", type=int, default=None, help="one class for all samples")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
-    p.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
-    p.add_argument("--batch", type=int, default=256, help="samples per device call")
-    p.add_argument("--seed", type=int, default=0)
-    add_sample_option_flag(p)
+    add_sampling_flags(p, num=64)
     return p.parse_args(argv[1:])
 
 

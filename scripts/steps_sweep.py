@@ -1,4 +1,4 @@
-"""A metric against the number of sampling steps, for one or several runs.
+r"""A metric against the number of sampling steps, for one or several runs.
 
   # shortcut model vs flow matching, FID at 1, 2, 4, 8 and 128 steps
   python -m scripts.steps_sweep --workdirs runs/mnist_shortcut,runs/mnist_fm \

@@ -1,4 +1,4 @@
-"""Flow matching on CIFAR-10 with DiT-B/2 (bf16, batch 256, AdamW 1e-4), the setting of
+r"""Flow matching on CIFAR-10 with DiT-B/2 (bf16, batch 256, AdamW 1e-4), the setting of
 `scripts/bench.py`'s DiT numbers.
 
   python -m scripts.train --config experiments/flow_matching/cifar10_dit.py \

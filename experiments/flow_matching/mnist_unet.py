@@ -1,4 +1,4 @@
-"""Flow matching on MNIST (28×28×1) with an ADM-style U-Net (or `:net=dit`, DiT-S/2).
+r"""Flow matching on MNIST (28×28×1) with an ADM-style U-Net (or `:net=dit`, DiT-S/2).
 
   TFDS_DATA_DIR=../shared/data/tfds python -m scripts.train \
       --config experiments/flow_matching/mnist_unet.py --workdir runs/mnist_unet

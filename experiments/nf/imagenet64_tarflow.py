@@ -1,4 +1,4 @@
-"""TarFlow on ImageNet 64×64, the paper's setting (Zhai et al. 2024, Table/README of
+r"""TarFlow on ImageNet 64×64, the paper's setting (Zhai et al. 2024, Table/README of
 apple/ml-tarflow): patch 2 (1024 tokens of 12 values), width 768, 8 flow blocks × 8
 causal transformer layers (head size 64), Gaussian noise σ = 0.05, batch 256, AdamW
 lr 1e-4 (β2 = 0.95, weight decay 1e-4) with one epoch of warm-up and cosine decay, 200

@@ -1,4 +1,4 @@
-"""TarFlow on MNIST (28×28×1): 4 autoregressive flow blocks of 4 causal transformer layers
+r"""TarFlow on MNIST (28×28×1): 4 autoregressive flow blocks of 4 causal transformer layers
 over 4×4 patches (49 tokens of 16 values), width 128, trained by exact maximum likelihood
 on data with Gaussian noise σ = 0.1, sampled by inverting the flow and one Tweedie
 denoising step. The small MNIST setting of apple/ml-tarflow's notebook (AdamW β2 = 0.95,

@@ -1,4 +1,4 @@
-"""Shortcut model on CelebA-HQ 256×256, the paper's setting (Frans et al. 2024):
+r"""Shortcut model on CelebA-HQ 256×256, the paper's setting (Frans et al. 2024):
 DiT-B, batch 64, 410k steps, AdamW 1e-4 (weight decay 0.1, no warm-up or clipping, as the
 official code), EMA 0.999 as the bootstrap teacher, bootstrap_every 8 with 128 max steps,
 unconditional. One GPU or more.

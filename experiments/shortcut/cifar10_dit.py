@@ -1,4 +1,4 @@
-"""Shortcut model (Frans et al. 2024) on CIFAR-10 (32×32×3) with DiT-B/2: one network that
+r"""Shortcut model (Frans et al. 2024) on CIFAR-10 (32×32×3) with DiT-B/2: one network that
 samples in 1, 2, 4, ..., 128 steps.
 
   python -m scripts.train --config experiments/shortcut/cifar10_dit.py \

@@ -1,4 +1,4 @@
-"""Shortcut model (Frans et al. 2024) on MNIST (28×28×1) with DiT-S/2: one network that
+r"""Shortcut model (Frans et al. 2024) on MNIST (28×28×1) with DiT-S/2: one network that
 samples in 1, 2, 4, ..., 128 steps.
 
   TFDS_DATA_DIR=../shared/data/tfds python -m scripts.train \

@@ -1,4 +1,4 @@
-"""Shortcut model vs flow matching on 2-D two moons with an MLP: the one-step claim of
+r"""Shortcut model vs flow matching on 2-D two moons with an MLP: the one-step claim of
 Frans et al. 2024 at CPU size.
 
   python -m scripts.train --config experiments/shortcut/moons_mlp.py --workdir runs/moons_sc

@@ -1,4 +1,4 @@
-"""Riemannian flow matching on the sphere: the earthquake events of the Earth datasets.
+r"""Riemannian flow matching on the sphere: the earthquake events of the Earth datasets.
 
   python -m scripts.train --config experiments/sphere/earth_earthquake.py \
       --workdir runs/earth_earthquake

@@ -1,4 +1,4 @@
-"""Riemannian flow matching on the sphere: the fire events of the Earth datasets.
+r"""Riemannian flow matching on the sphere: the fire events of the Earth datasets.
 
   python -m scripts.train --config experiments/sphere/earth_fire.py \
       --workdir runs/earth_fire

@@ -1,4 +1,4 @@
-"""Riemannian flow matching on the sphere: the flood events of the Earth datasets.
+r"""Riemannian flow matching on the sphere: the flood events of the Earth datasets.
 
   python -m scripts.train --config experiments/sphere/earth_flood.py \
       --workdir runs/earth_flood

@@ -1,4 +1,4 @@
-"""Conditional flow matching on the sphere: geolocation from an embedding.
+r"""Conditional flow matching on the sphere: geolocation from an embedding.
 
   python -m scripts.train --config experiments/sphere/earth_geoloc.py \
       --workdir runs/earth_geoloc
