@@ -69,7 +69,7 @@ def evaluate_run(args, workdir: str) -> dict:
     steps = ckpt.all_steps()
     ckpt.close()
 
-    @functools.cache
+    @functools.lru_cache(maxsize=2)  # the newest two: weights of every checkpoint add up
     def network(step: int) -> tuple:
         graphdef, params, _ = sampling.restore_network(workdir, config, mesh, step=step)
         return graphdef, params, config
