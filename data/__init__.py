@@ -74,7 +74,7 @@ def build_source(name: str, *, split: str = "train", **options) -> Source:
         from data.earth import EarthSource, GeolocSource, VMFMixtureSource
 
         if name == "vmf_mixture":
-            return _construct(VMFMixtureSource, name, (), options)
+            return _construct(VMFMixtureSource, name, (split,), options)
         if name == "earth_geoloc":
             return _construct(GeolocSource, name, (split,), options)
         return _construct(EarthSource, name, (name, split), options)

@@ -102,6 +102,31 @@ def geodesic_velocity(x0: jax.Array, x1: jax.Array, t: jax.Array) -> jax.Array:
     return -r * jnp.sin(t * r) * x0 + jnp.cos(t * r) * u
 
 
+def check_unit_vectors(x, what: str, tol: float = 1e-3) -> None:
+    """Host-side input check (not for jitted code): `x` `[..., D]` (D >= 2) must be finite
+    points of norm 1 within `tol`; else one UserError naming `what`, how many points fail
+    and the first (latitude/longitude in degrees or unnormalised vectors land here)."""
+    import numpy as np
+
+    from core.errors import UserError
+
+    a = np.asarray(x, np.float64)
+    if a.ndim < 1 or a.shape[-1] < 2:
+        raise UserError(
+            f"{what}: points on a sphere need shape [..., D] with D >= 2, got {a.shape}"
+        )
+    norms = np.linalg.norm(a, axis=-1)
+    bad = ~np.isfinite(norms) | (np.abs(norms - 1.0) > tol)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        where = first[0] if len(first) == 1 else first
+        raise UserError(
+            f"{what}: {int(bad.sum())} of {bad.size} points are not finite unit vectors "
+            f"(|x| = 1 within {tol:g}); the first, at index {where}, has |x| = "
+            f"{norms[first]:.6g} (latitude/longitude must go through latlon_to_xyz)"
+        )
+
+
 def log_area(dim: int) -> float:
     """`log` of the area of the unit sphere S^{dim-1} ⊂ R^dim: `log(2 π^{d/2} / Γ(d/2))`."""
     return math.log(2.0) + 0.5 * dim * math.log(math.pi) - math.lgamma(0.5 * dim)

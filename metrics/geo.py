@@ -4,8 +4,10 @@
   1 / 25 / 200 / 750 / 2500 km (street / city / region / country / continent), and GeoScore
   `5000 exp(-d / 1492.7 km)` (the GeoGuessr-style score used by OSV-5M and
   arXiv 2412.06781), averaged over examples.
-- `plot_world_samples(path, samples)`: an equirectangular (longitude × latitude) scatter with
-  a 30° graticule; no basemap or coastline data is downloaded.
+- `plot_world_samples(path, samples)`: an equirectangular (longitude × latitude) scatter
+  over Natural Earth's 1:110m coastlines (public domain; `metrics/data/land_110m.npz`, made
+  by `scripts.make_coastlines`, 37 kB in the repository: nothing is downloaded) and a 30°
+  graticule.
 """
 
 import os
@@ -13,8 +15,10 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from manifolds.sphere import EARTH_RADIUS_KM, great_circle_km, xyz_to_latlon
+from core.errors import UserError
+from manifolds.sphere import EARTH_RADIUS_KM, check_unit_vectors, great_circle_km, xyz_to_latlon
 
+COASTLINES = os.path.join(os.path.dirname(__file__), "data", "land_110m.npz")
 ACCURACY_KM = (1.0, 25.0, 200.0, 750.0, 2500.0)
 GEOSCORE_MAX = 5000.0
 GEOSCORE_SCALE_KM = 1492.7
@@ -35,7 +39,9 @@ def geo_metrics(
     """
     pred, true = np.asarray(pred), np.asarray(true)
     if pred.shape != true.shape or pred.ndim != 2 or pred.shape[-1] != 3:
-        raise ValueError(f"geo_metrics needs pred and true [N, 3], got {pred.shape}, {true.shape}")
+        raise UserError(f"geo_metrics needs pred and true [N, 3], got {pred.shape}, {true.shape}")
+    check_unit_vectors(pred, "geo_metrics: predictions")
+    check_unit_vectors(true, "geo_metrics: true locations")
     d = np.asarray(
         great_circle_km(jnp.asarray(pred, jnp.float32), jnp.asarray(true, jnp.float32), radius_km),
         np.float64,
@@ -57,26 +63,43 @@ def plot_world_samples(
 ) -> str:
     """Scatter unit vectors `[N, 3]` on an equirectangular world map; writes a PNG at `path`.
 
-    `reference` (e.g. the test data) is drawn beneath in grey. Returns `path`.
+    Samples are small translucent red dots; `reference` (e.g. the test data) is drawn on
+    top of them as black rings, so that both stay visible. Returns `path`.
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
 
     fig = Figure(figsize=(10, 5.2), dpi=120)
     ax = fig.subplots()
-    for pts, color, label in ((reference, "0.55", "data"), (samples, "tab:red", "samples")):
-        if pts is None:
-            continue
-        latlon = np.asarray(xyz_to_latlon(jnp.asarray(pts[:max_points], jnp.float32)))
-        size = 1.5 if latlon.shape[0] > 5000 else 5.0
+    with np.load(COASTLINES) as f:
+        coast = f["lonlat"]
+    ax.plot(coast[:, 0], coast[:, 1], color="0.45", lw=0.5, zorder=1)
+    to_latlon = lambda pts: np.asarray(
+        xyz_to_latlon(jnp.asarray(np.asarray(pts)[:max_points], jnp.float32))
+    )
+    latlon = to_latlon(samples)
+    ax.scatter(
+        latlon[:, 1],
+        latlon[:, 0],
+        s=1.5 if latlon.shape[0] > 5000 else 4.0,
+        c="tab:red",
+        alpha=0.5,
+        lw=0,
+        label="samples",
+        rasterized=True,
+        zorder=2,
+    )
+    if reference is not None:
+        latlon = to_latlon(reference)
         ax.scatter(
             latlon[:, 1],
             latlon[:, 0],
-            s=size,
-            c=color,
-            alpha=0.6,
-            lw=0,
-            label=label,
+            s=6.0 if latlon.shape[0] > 5000 else 12.0,
+            facecolors="none",
+            edgecolors="k",
+            lw=0.5,
+            label="data",
             rasterized=True,
+            zorder=3,
         )
     ax.set_xlim(-180, 180)
     ax.set_ylim(-90, 90)
@@ -87,7 +110,7 @@ def plot_world_samples(
     ax.set_xlabel("longitude (°)")
     ax.set_ylabel("latitude (°)")
     if reference is not None:
-        ax.legend(loc="lower left", markerscale=6, fontsize=8)
+        ax.legend(loc="lower left", fontsize=8)
     if title:
         ax.set_title(title)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

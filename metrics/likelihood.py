@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from core.errors import UserError
-from manifolds.sphere import normalize, to_tangent, uniform_log_prob
+from manifolds.sphere import check_unit_vectors, normalize, to_tangent, uniform_log_prob
 
 MANIFOLDS = ("euclidean", "sphere")
 
@@ -164,6 +164,8 @@ def log_likelihood_batched(
     `key` is folded with the batch index).
     """
     key = kwargs.pop("key", None)
+    if kwargs.get("manifold", "sphere") == "sphere":
+        check_unit_vectors(x, "log-likelihood on the sphere")
     if isinstance(net, nnx.Module):  # params as an argument, not baked-in constants
         graphdef, state = nnx.split(net)
         fn = _compiled(graphdef, tuple(sorted(kwargs.items())))

@@ -11,8 +11,10 @@ import pytest
 from flax import nnx
 
 from core.errors import UserError
+from data import build_source
 from data.earth import (
     EARTH_FILES,
+    SPLITS,
     EarthSource,
     VMFMixture,
     load_earth_latlon,
@@ -22,6 +24,7 @@ from data.earth import (
 )
 from losses.sphere import loss_sphere_fm
 from manifolds import sphere as S
+from manifolds.sphere import check_unit_vectors
 from metrics.geo import geo_metrics, geoscore, plot_world_samples
 from metrics.likelihood import log_likelihood, log_likelihood_batched, mean_nll
 from models.sphere import SphereMLP
@@ -318,6 +321,13 @@ def test_likelihood_of_uniform_is_minus_log_4pi():
     assert abs(mean_nll(zero, x, batch_size=100, num_steps=2) - LOG_4PI) < 1e-6  # padded
 
 
+def test_zero_field_gives_the_uniform_density_on_higher_spheres():
+    zero = lambda x, t, *, cond=None, dt=None: jnp.zeros_like(x)
+    for dim, area in ((2, 2 * math.pi), (4, 2 * math.pi**2), (5, 8 * math.pi**2 / 3)):
+        x = S.uniform(jax.random.key(dim), (16,), dim=dim)
+        np.testing.assert_allclose(log_likelihood(zero, x, num_steps=2), -math.log(area), rtol=1e-6)
+
+
 def test_likelihood_matches_analytic_flow_with_grads():
     x = _points(128, 2)
 
@@ -462,6 +472,55 @@ def test_vmf_sampling_and_density():
     assert abs(mass - 1.0) < 2e-3, mass
     np.testing.assert_allclose(vmf_log_prob(mu, mu, 1e-6), -LOG_4PI, atol=1e-5)
     assert MIXTURE.log_prob(grid[:10].reshape(2, 5, 3)).shape == (2, 5)
+
+
+def test_coastlines_decode_and_the_shipped_file():
+    from metrics.geo import COASTLINES
+    from scripts.make_coastlines import decode_arcs, polylines
+
+    topo = {  # quantized, delta-encoded arcs; the second crosses the antimeridian
+        "transform": {"scale": [0.5, 0.25], "translate": [-180.0, -90.0]},
+        "arcs": [[[10, 20], [2, -4]], [[700, 100], [10, 0], [-700, 0]]],
+    }
+    arcs = decode_arcs(topo)
+    np.testing.assert_allclose(arcs[0], [[-175.0, -85.0], [-174.0, -86.0]])
+    np.testing.assert_allclose(arcs[1][:, 0], [170.0, 175.0, -175.0])
+    lines = polylines(arcs)
+    assert int(np.isnan(lines[:, 0]).sum()) == 3  # arc 0; arc 1 cut in two
+    with np.load(COASTLINES) as f:
+        coast = f["lonlat"]
+    finite = coast[np.isfinite(coast[:, 0])]
+    assert len(finite) > 4000 and np.abs(finite[:, 0]).max() <= 180.0
+    assert np.abs(finite[:, 1]).max() < 90.0
+    steps = np.abs(np.diff(coast[:, 0]))
+    assert np.nanmax(steps) < 180.0  # no segment across the whole map
+
+
+def test_vmf_mixture_splits_are_fresh_draws_of_one_mixture():
+    parts = {s: build_source("vmf_mixture", split=s, num_examples=256, seed=1) for s in SPLITS}
+    xs = [parts[s].xyz for s in SPLITS]
+    assert all(x.shape == (256, 3) for x in xs) and _unit_err(xs[0]) < 1e-5
+    assert not np.array_equal(xs[0], xs[1]) and not np.array_equal(xs[1], xs[2])
+    np.testing.assert_array_equal(parts["train"].mixture.means, parts["test"].mixture.means)
+    again = build_source("vmf_mixture", split="test", num_examples=256, seed=1)
+    np.testing.assert_array_equal(again.xyz, xs[2])
+    with pytest.raises(UserError, match="unknown split 'dev'"):
+        build_source("vmf_mixture", split="dev")
+
+
+def test_points_that_are_not_unit_vectors_are_one_clear_error():
+    x = np.asarray(_points(8), np.float32)
+    zero = lambda x, t, *, cond=None, dt=None: jnp.zeros_like(x)
+    latlon = np.array([[10.0, 20.0], [-30.0, 150.0]], np.float32)  # degrees, not xyz
+    with pytest.raises(UserError, match="log-likelihood on the sphere: 2 of 2 points"):
+        mean_nll(zero, latlon, num_steps=1)
+    bad = x.copy()
+    bad[3] = np.nan
+    with pytest.raises(UserError, match="predictions: 1 of 8 points .* index 3"):
+        geo_metrics(bad, x)
+    with pytest.raises(UserError, match="true locations: 8 of 8"):
+        geo_metrics(x, 2 * x)
+    check_unit_vectors(x * (1 + 5e-4), "fine")  # within the tolerance
 
 
 def test_earth_sources(shared_data, monkeypatch):
