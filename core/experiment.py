@@ -146,6 +146,12 @@ def make_sample_fn(
             f"sampler {sampler or s.sampler!r} has no option(s) {', '.join(unknown)} "
             f"(sample.options); its options: {known}"
         )
+    if scale != 1.0 and not conditional:
+        raise UserError(
+            f"guidance weight {scale:g} (--cfg / sample.cfg_scale) needs a conditional model; "
+            f"this {config.model.name!r} has no labels or condition (use 1)"
+        )
+    _check_tied_options(config, options)
     if own_guidance:
         options.update(cfg_scale=scale, null_cond=null if conditional else None)
 
@@ -159,6 +165,22 @@ def make_sample_fn(
         return sample(net, x_init, k_sample, num_steps=steps, cond=cond, **options)
 
     return fn
+
+
+# Sampler options that must equal a loss setting of the trained model: (loss, option).
+TIED_OPTIONS = {("shortcut", "max_steps"): "the dt input's mapping of step sizes"}
+
+
+def _check_tied_options(config: ConfigDict, options: dict) -> None:
+    """A UserError when a sampler option differs from the loss setting it must equal (the
+    config's FieldReference ties them; a run's config.json or `--sample-option` does not)."""
+    for (loss, key), why in TIED_OPTIONS.items():
+        trained = config.loss.get(key) if config.loss.get("name") == loss else None
+        if trained is not None and key in options and options[key] != trained:
+            raise UserError(
+                f"sample option {key}={options[key]} differs from the {loss} model's "
+                f"loss.{key}={trained}, which fixes {why}: sample with {key}={trained}"
+            )
 
 
 def sample_labels(n: int, num_classes: int | None, offset: int = 0) -> jax.Array:

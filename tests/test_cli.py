@@ -1,5 +1,6 @@
 """The CLIs: bad input is one line naming the problem; train -> sample end to end."""
 
+import json
 import os
 import subprocess
 
@@ -189,4 +190,24 @@ def test_sample_options_parse_as_json_and_unknown_ones_are_named():
     graphdef, _ = experiment.abstract_network(experiment.network_factory(config))
     config.sample.options.update(parse_sample_options(["max_steps=4"]))
     with pytest.raises(UserError, match=r"sampler 'heun' has no option\(s\) max_steps"):
+        experiment.make_sample_fn(graphdef, config, (2,))
+
+
+def test_guidance_on_an_unconditional_model_and_a_retied_shortcut_option_are_errors():
+    from core import config as config_lib
+    from core import experiment
+    from core.errors import UserError
+
+    config = config_lib.load(QUICK)
+    graphdef, _ = experiment.abstract_network(experiment.network_factory(config))
+    with pytest.raises(UserError, match="guidance weight 2 .* needs a conditional model"):
+        experiment.make_sample_fn(graphdef, config, (2,), cfg_scale=2.0)
+    experiment.make_sample_fn(graphdef, config, (2,), cfg_scale=1.0)
+    # a shortcut run's config.json unties loss.max_steps and sample.options.max_steps
+    config = config_lib.load("experiments/shortcut/moons_mlp.py:smoke=True")
+    config = config_lib.ConfigDict(json.loads(config.to_json()))
+    graphdef, _ = experiment.abstract_network(experiment.network_factory(config))
+    experiment.make_sample_fn(graphdef, config, (2,))
+    config.sample.options.max_steps = config.loss.max_steps // 2
+    with pytest.raises(UserError, match=r"max_steps=\d+ differs from the shortcut model's"):
         experiment.make_sample_fn(graphdef, config, (2,))
