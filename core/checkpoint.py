@@ -17,13 +17,22 @@ ITEMS = ("params", "ema", "opt_state")
 
 
 class _QuietReadOnly(logging.Filter):
-    """Drops orbax's warning that a directory opened read-only is read-only (we asked)."""
+    """Drops orbax's warnings that a directory opened read-only is read-only (we asked) and
+    that an item folder has no step metadata (`Checkpoints.mismatches` reads one item)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Given directory is read only")
+        msg = str(record.msg)
+        return not msg.startswith(("Given directory is read only", "Metadata file does not exist"))
 
 
 logging.getLogger("absl").addFilter(_QuietReadOnly())
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    """`{"blocks.0.fc1.kernel": shape}` of a tree of arrays or array metadata."""
+    name = lambda path: ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {name(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -75,6 +84,23 @@ class Checkpoints:
         return target.replace(
             step=jax.numpy.asarray(step, jax.numpy.int32), **{k: restored[k] for k in ITEMS}
         )
+
+    def mismatches(self, step: int, target_params) -> list[str]:
+        """How the stored `params` of `step` differ from `target_params` (arrays or
+        `ShapeDtypeStruct`s), read from the checkpoint's metadata without restoring:
+        `["blocks.0.fc1.kernel: stored (32, 32), wanted (64, 64)", ...]`; empty if they fit."""
+        path = os.path.join(self.directory, str(step), "params")
+        if not os.path.isdir(path):
+            return []
+        meta = ocp.StandardCheckpointer().metadata(path)
+        tree = getattr(meta, "item_metadata", meta)
+        stored, wanted = _shapes(getattr(tree, "tree", tree)), _shapes(target_params)
+        out = []
+        for name in sorted(set(stored) | set(wanted)):
+            a, b = stored.get(name), wanted.get(name)
+            if a != b:
+                out.append(f"{name}: stored {a or 'nothing'}, wanted {b or 'nothing'}")
+        return out
 
     def restore_weights(self, target_params, *, step: int | None = None, ema: bool = True):
         """Only the (EMA) weights, e.g. for sampling; returns (step, params)."""

@@ -7,6 +7,7 @@ function of (seed, step), so a resumed run equals an uninterrupted one.
 """
 
 import inspect
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -119,9 +120,18 @@ class _Run:
         wants = "ema_net" in inspect.signature(self.loss_fn).parameters
         return {"ema_net": nnx.merge(self.graphdef, params)} if wants else {}
 
-    def init_or_restore(self, ckpt: Checkpoints) -> TrainState:
+    def init_or_restore(self, ckpt: Checkpoints, workdir: str) -> TrainState:
         latest = ckpt.latest_step()
         if latest is not None:
+            wrong = ckpt.mismatches(latest, self.abstract_state.params)
+            if wrong:  # checked before restoring: a failed orbax restore is noisy
+                more = f" and {len(wrong) - 2} more" if len(wrong) > 2 else ""
+                raise UserError(
+                    f"cannot resume {workdir} from its step-{latest} checkpoint: it does not "
+                    f"fit this config ({_config_changes(workdir, self.config)}; weights: "
+                    f"{'; '.join(wrong[:2])}{more}); resume with the run's own config or "
+                    "train in a new workdir"
+                )
             return ckpt.restore(latest, self.abstract_state)
         seed = self.config.seed
         init = lambda: init_state(experiment.init_params(self.factory, seed), self.tx)
@@ -155,6 +165,35 @@ class _Run:
         return prefetch(b.iterate(start_step), 2, lambda x: sharding.place_batch(x, self.mesh))
 
 
+def _config_changes(workdir: str, config: ConfigDict, limit: int = 6) -> str:
+    """`"model.hidden 32 -> 64, ..."`: how `config` differs from the run's `config.json`."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return "the run has no config.json to compare with"
+    with open(path) as f:
+        old = _flat(json.load(f))
+    new = _flat(json.loads(to_json(config)))
+    changed = [
+        f"{k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
+    if not changed:
+        return "same config.json: the checkpoint itself differs"
+    more = f", and {len(changed) - limit} more" if len(changed) > limit else ""
+    return "changed: " + ", ".join(changed[:limit]) + more
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _prepare_workdir(config: ConfigDict, workdir: str, main: bool) -> None:
     os.makedirs(workdir, exist_ok=True)
     if not main:
@@ -180,10 +219,16 @@ def train(
     of `core.evaluation` runs too.
     """
     run = _Run(config, workdir, devices)
+    ckpt = Checkpoints(workdir, max_to_keep=config.keep_ckpts)
+    try:
+        # restore first: a resume that does not fit this config changes nothing on disk
+        state = run.init_or_restore(ckpt, workdir)
+    except BaseException:
+        ckpt.close()
+        raise
     _prepare_workdir(config, workdir, run.main)
     if run.main:
         experiment.write_data_spec(workdir, run.spec)
-    ckpt = Checkpoints(workdir, max_to_keep=config.keep_ckpts)
     writer = MetricWriter(workdir, enabled=run.main)
     try:
         if config.get("eval_every"):
@@ -199,7 +244,6 @@ def train(
                 spec=run.spec,
             )
             hooks = (*hooks, hook)
-        state = run.init_or_restore(ckpt)
         start = int(jax.device_get(state.step))
         writer.truncate_after(start)
         state = _loop(run, state, start, ckpt, writer, hooks)

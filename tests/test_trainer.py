@@ -11,7 +11,7 @@ import pytest
 
 from core import config as config_lib
 from core.checkpoint import Checkpoints, open_for_reading
-from core.errors import TrainingDiverged
+from core.errors import TrainingDiverged, UserError
 from core.trainer import train
 from tests.conftest import PYTHON, ROOT, run_python
 
@@ -64,32 +64,56 @@ SHARDING_SCRIPT = textwrap.dedent("""
     from core import config as config_lib
     from core.trainer import train
     out = {}
+    from core import experiment
     for data, fsdp in [(1, 1), (8, 1), (4, 2), (1, 8)]:
         c = config_lib.load("experiments/quickstart.py:smoke=True")
-        c.update(total_steps=1, batch_size=16, ckpt_every=1, log_every=1)
+        c.update(total_steps=3, batch_size=16, ckpt_every=3, log_every=1)
+        c.optim.warmup_steps = 0  # a warm-up would start at lr 0: parameters must move
         c.model.update(hidden=64, depth=2)
         c.mesh.update(data=data, fsdp=fsdp, fsdp_min_size=0)
         state = train(c, f"{sys.argv[1]}/{data}x{fsdp}", devices=jax.devices()[:data * fsdp])
-        leaves = [np.asarray(x).tolist() for x in jax.tree.leaves(state.params)]
+        leaves = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+        init = jax.tree.leaves(experiment.init_params(experiment.network_factory(c), c.seed))
+        moved = max(float(np.abs(a - np.asarray(b)).max()) for a, b in zip(leaves, init))
         specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(state.params)})
-        loss = json.loads(open(f"{sys.argv[1]}/{data}x{fsdp}/metrics.jsonl").readline())["loss"]
-        out[f"{data}x{fsdp}"] = {"loss": loss, "params": leaves, "specs": specs}
+        with open(f"{sys.argv[1]}/{data}x{fsdp}/metrics.jsonl") as f:
+            rows = [json.loads(line) for line in f]
+        out[f"{data}x{fsdp}"] = {
+            "loss": [r["loss"] for r in rows], "grad_norm": [r["grad_norm"] for r in rows],
+            "params": [a.tolist() for a in leaves], "specs": specs, "moved": moved,
+        }
     print(json.dumps(out))
 """)
 
 
-def test_one_step_is_the_same_on_every_mesh(tmp_path, python_env):
+def test_three_steps_are_the_same_on_every_mesh(tmp_path, python_env):
     proc = run_python(["-c", SHARDING_SCRIPT, str(tmp_path)], python_env, devices=8)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     ref = out.pop("1x1")
+    assert ref["moved"] > 1e-3 and len(ref["loss"]) == 3  # the updates are compared too
     assert "PartitionSpec(None, 'fsdp')" in str(out["1x8"]["specs"]) or any(
         "fsdp" in s for s in out["1x8"]["specs"]
     )
     for mesh, got in out.items():
         np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5, err_msg=mesh)
+        np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=1e-4, err_msg=mesh)
         for a, b in zip(got["params"], ref["params"]):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=mesh)
+
+
+def test_a_resume_that_does_not_fit_the_config_is_an_error_and_changes_nothing(tmp_path):
+    train(quick_config(total_steps=2, ckpt_every=2, log_every=1), str(tmp_path))
+    before = {n: open(tmp_path / n).read() for n in ("config.json", "metrics.jsonl")}
+    wider = quick_config(total_steps=4, ckpt_every=2, log_every=1)
+    wider.model.hidden = 2 * wider.model.hidden
+    with pytest.raises(UserError, match=r"step-2 checkpoint.*changed: model.hidden 32 -> 64.*"
+                       r"wanted \(64"):  # fmt: skip
+        train(wider, str(tmp_path))
+    assert {n: open(tmp_path / n).read() for n in before} == before
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["checkpoints", "config.json", "data_spec.json", "metrics.jsonl", "tensorboard"]
+    )
 
 
 RESUME_SCRIPT = textwrap.dedent("""
