@@ -109,6 +109,24 @@ def null_cond(config: ConfigDict) -> int | None:
     return int(config.model.get("num_classes", 0)) or None
 
 
+def check_classes(config: ConfigDict, spec: dict) -> None:
+    """A label-conditional network needs labelled data with at most its `num_classes`
+    classes (a larger label would index past its label table: NaN, not an error)."""
+    model, data = null_cond(config), int(spec.get("num_classes", 0))
+    if model is None:
+        return
+    if data == 0:
+        raise UserError(
+            f"model.num_classes={model} but data {config.data.name!r} gives no labels "
+            "(set data.use_labels=True, or model.num_classes=0 for an unconditional model)"
+        )
+    if data > model:
+        raise UserError(
+            f"data {config.data.name!r} has {data} classes but model.num_classes={model}: "
+            f"set model.num_classes={data}"
+        )
+
+
 def make_sample_fn(
     graphdef,
     config: ConfigDict,
@@ -129,7 +147,9 @@ def make_sample_fn(
     s = config.sample
     sample = samplers.build(sampler or s.sampler)
     prior = samplers.build_prior(s.prior)
-    steps = int(num_steps or s.num_steps)
+    steps = int(s.num_steps if num_steps is None else num_steps)
+    if steps < 1:
+        raise UserError(f"the number of sampling steps must be >= 1, got {steps}")
     scale = float(s.cfg_scale if cfg_scale is None else cfg_scale)
     # label models: null label = num_classes; embedding models: the null is the zero vector
     null = null_cond(config)

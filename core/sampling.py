@@ -72,6 +72,14 @@ class Generator:
         conds: np.ndarray | None = None,
     ):
         sharding.check_batch_size(mesh, batch_size)
+        if num < 1:
+            raise UserError(f"the number of samples must be >= 1, got {num}")
+        classes = spec["num_classes"] if experiment.null_cond(config) is not None else 0
+        if label is not None and not (classes and 0 <= label < classes):
+            raise UserError(
+                f"label {label} is not a class of this model"
+                + (f" (0 .. {classes - 1})" if classes else " (it is unconditional)")
+            )
         if conds is not None and len(conds) != num:
             raise UserError(f"generate: {len(conds)} conditions for {num} samples")
         fn = experiment.make_sample_fn(
@@ -84,15 +92,14 @@ class Generator:
         )
         data_sharding = sharding.batch_sharding(mesh)
         self.fn = jax.jit(fn, out_shardings=data_sharding)
-        num_classes = spec["num_classes"] if experiment.null_cond(config) is not None else 0
-        self.num, self.returns_labels = num, bool(num_classes) and conds is None
+        self.num, self.returns_labels = num, bool(classes) and conds is None
         self.labels = []
         for i in range(math.ceil(num / batch_size)):
             if conds is not None:
                 part = np.asarray(conds[i * batch_size : (i + 1) * batch_size])
                 labels = np.concatenate([part, np.repeat(part[:1], batch_size - len(part), 0)])
             elif label is None:
-                labels = experiment.sample_labels(batch_size, num_classes, offset=i * batch_size)
+                labels = experiment.sample_labels(batch_size, classes, offset=i * batch_size)
             else:
                 labels = np.full((batch_size,), label, np.int32)
             self.labels.append(jax.device_put(labels, data_sharding))

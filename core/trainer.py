@@ -81,6 +81,7 @@ class _Run:
         sharding.check_batch_size(self.mesh, config.batch_size)
         self.source = experiment.build_source(config)
         self.spec = experiment.data_spec(self.source)
+        experiment.check_classes(config, self.spec)
         self.factory = experiment.network_factory(config)
         self.graphdef, abstract_params = experiment.abstract_network(self.factory, config.seed)
         self.loss_fn = experiment.build_loss(config)

@@ -41,7 +41,9 @@ def image_net(net: str, dataset: str, in_channels: int, dit_variant: str) -> dic
         return dict(UNET_MNIST if dataset == "mnist" else UNET_CIFAR)
     if net == "dit":
         return dit(in_channels, dit_variant)
-    raise ValueError(f"unknown net {net!r}; known: unet, dit")
+    from core.errors import UserError
+
+    raise UserError(f"unknown net {net!r}; known: unet, dit")
 
 
 def make_conditional(

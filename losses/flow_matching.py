@@ -7,6 +7,8 @@
 import jax
 import jax.numpy as jnp
 
+from core.errors import UserError
+
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 
 
@@ -23,7 +25,9 @@ def sample_time(
         return jax.random.uniform(key, (n,))
     if time_sampling == "logit_normal":
         return jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, (n,)))
-    raise ValueError(f"unknown time_sampling {time_sampling!r}; known: {TIME_SAMPLINGS}")
+    raise UserError(
+        f"unknown time_sampling {time_sampling!r}; known: {', '.join(TIME_SAMPLINGS)}"
+    )
 
 
 def drop_cond(
@@ -39,7 +43,7 @@ def drop_cond(
     drop = jax.random.bernoulli(key, prob, (cond.shape[0],))
     if jnp.issubdtype(cond.dtype, jnp.integer):
         if null_cond is None:
-            raise ValueError(
+            raise UserError(
                 "cond_drop_prob > 0 with int labels needs null_cond (the network's num_classes)"
             )
         return jnp.where(drop, jnp.asarray(null_cond, cond.dtype), cond)

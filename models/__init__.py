@@ -74,4 +74,7 @@ def build(name: str, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
         raise UserError(
             f"network {name!r} has no option(s) {', '.join(unknown)}; its options: {known}"
         )
-    return cls(**kwargs, rngs=rngs)
+    try:
+        return cls(**kwargs, rngs=rngs)
+    except ValueError as e:  # the constructors' own checks (sizes, variants, conditioning)
+        raise UserError(f"network {name!r}: {str(e).strip().splitlines()[0]}") from e

@@ -77,7 +77,7 @@ def test_bad_input_gives_one_line_naming_the_problem(tmp_path, python_env):
             "--workdir",
             w,
         ],
-        "'cifar10'": [
+        "dataset 'cifar10' is not prepared in": [
             "scripts.train",
             "--config",
             QUICK,
@@ -93,6 +93,22 @@ def test_bad_input_gives_one_line_naming_the_problem(tmp_path, python_env):
             w,
             "--config.data.name=npz",
             f"--config.data.path={bad_shape}",
+        ],
+        "network 'mlp': dim, hidden and depth must be >= 1": [
+            "scripts.train",
+            "--config",
+            QUICK,
+            "--workdir",
+            w,
+            "--config.model.hidden=0",
+        ],
+        "unknown time_sampling 'beta'; known: uniform, logit_normal": [
+            "scripts.train",
+            "--config",
+            QUICK,
+            "--workdir",
+            w,
+            "--config.loss.time_sampling=beta",
         ],
         "no checkpoints in": [
             "scripts.sample",
@@ -144,8 +160,19 @@ def test_train_then_sample_writes_adm_npz_and_png(tmp_path, python_env):
     assert arr["arr_0"].shape == (10, 2) and arr["arr_0"].dtype == np.float32
     assert np.all(np.isfinite(arr["arr_0"]))
     assert os.path.exists(str(tmp_path / "s.png"))
-    proc = run_cli(["scripts.sample", "--workdir", w, "--step", "7", "--out", out_npz], python_env)
-    assert "checkpoint step 7 not found" in one_line_error(proc)
+    bad = {
+        "checkpoint step 7 not found": ["--step", "7"],
+        "number of samples must be >= 1, got 0": ["--num", "0"],
+        "sampling steps must be >= 1, got 0": ["--steps", "0"],
+        "label 3 is not a class of this model (it is unconditional)": ["--label", "3"],
+        "guidance weight 2 (--cfg / sample.cfg_scale) needs a conditional model": ["--cfg", "2"],
+    }
+    procs = {
+        k: run_cli(["scripts.sample", "--workdir", w, *v, "--out", out_npz], python_env)
+        for k, v in bad.items()
+    }
+    for expected, proc in procs.items():
+        assert expected in one_line_error(proc), expected
 
 
 @pytest.mark.parametrize("flag", ["--help"])
@@ -191,6 +218,22 @@ def test_sample_options_parse_as_json_and_unknown_ones_are_named():
     config.sample.options.update(parse_sample_options(["max_steps=4"]))
     with pytest.raises(UserError, match=r"sampler 'heun' has no option\(s\) max_steps"):
         experiment.make_sample_fn(graphdef, config, (2,))
+
+
+def test_class_counts_of_model_and_data_must_agree():
+    from core import config as config_lib
+    from core import experiment
+    from core.errors import UserError
+
+    config = config_lib.load("experiments/flow_matching/mnist_unet.py:cond=True,smoke=True")
+    experiment.check_classes(config, {"num_classes": 10})
+    experiment.check_classes(config, {"num_classes": 7})  # a subset of the classes is fine
+    with pytest.raises(UserError, match="has 12 classes but model.num_classes=10"):
+        experiment.check_classes(config, {"num_classes": 12})
+    with pytest.raises(UserError, match="gives no labels"):
+        experiment.check_classes(config, {"num_classes": 0})
+    config.model.num_classes = 0
+    experiment.check_classes(config, {"num_classes": 12})  # unconditional: labels unused
 
 
 def test_guidance_on_an_unconditional_model_and_a_retied_shortcut_option_are_errors():

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import models
+from core.errors import UserError
 from core.train_state import init_state
 from core.trainer import make_train_step
 from losses.flow_matching import drop_cond, loss_flow_matching, sample_time, sinkhorn_pairing
@@ -73,7 +74,7 @@ def test_time_sampling_ranges_and_logit_normal_median():
     np.testing.assert_allclose(float(jnp.median(t)), float(jax.nn.sigmoid(0.5)), atol=0.01)
     u = sample_time(jax.random.key(0), 50_000)
     np.testing.assert_allclose(float(u.mean()), 0.5, atol=0.01)
-    with pytest.raises(ValueError, match="time_sampling"):
+    with pytest.raises(UserError, match="time_sampling"):
         sample_time(jax.random.key(0), 4, time_sampling="beta")
 
 

@@ -182,6 +182,11 @@ def test_build_errors():
 def test_build_passes_options():
     net = nnx.eval_shape(lambda: models.build("mlp", rngs=nnx.Rngs(0), dim=3, hidden=8, depth=1))
     assert isinstance(net, models.MLP) and net.dim == 3
+    # the constructors' own checks come back as one UserError naming the network
+    with pytest.raises(UserError, match="network 'dit': unknown DiT variant 'Q/2'"):
+        models.build("dit", in_channels=1, variant="Q/2", rngs=nnx.Rngs(0))
+    with pytest.raises(UserError, match="network 'mlp': dim, hidden and depth must be >= 1"):
+        models.build("mlp", dim=2, hidden=0, depth=1, rngs=nnx.Rngs(0))
 
 
 def test_mnist_shapes():
