@@ -280,6 +280,7 @@ def _loop(
         desc="train",
     )
     budget = _Budget(config.get("train_seconds", 0.0), config.log_every)
+    eval_every = int(config.get("eval_every", 0) or 0)
     step = start
     with run.batches(start) as batches, bar:
         for step in range(start + 1, config.total_steps + 1):
@@ -290,7 +291,8 @@ def _loop(
             if _every(step, config.ckpt_every, last):
                 metrics_log.check_finite(step)  # before saving: never save past a NaN
                 ckpt.save(state)
-            if _every(step, config.log_every, last):
+            # evaluation steps log too: their numbers join the line with the step's loss
+            if _every(step, config.log_every, last) or _every(step, eval_every, False):
                 bar.set_postfix(loss=f"{metrics_log.write(step):.4g}")
             if grid is not None and _every(step, config.sample_every, last):
                 grid.write(state, step, writer, final=last)
@@ -358,7 +360,8 @@ class _MetricsLog:
         del means["nonfinite"]
         elapsed, n = time.perf_counter() - self.t0, step - self.first
         means.update(
-            lr=learning_rate(self.config.optim, self.config.total_steps, step),
+            # the rate of the update that made `step` (optax counts updates from 0)
+            lr=learning_rate(self.config.optim, self.config.total_steps, step - 1),
             steps_per_sec=n / elapsed,
             examples_per_sec=n * self.config.batch_size / elapsed,
         )

@@ -1,4 +1,7 @@
-"""Metrics to `metrics.jsonl` (one JSON object per line, with `step`) and TensorBoard."""
+"""Metrics to `metrics.jsonl` (one JSON object per line, with `step`) and TensorBoard.
+
+Writes of the same step in a row merge into one line (the trainer logs `loss` at every
+evaluation step, so evaluation numbers join the line that has the step's `loss`)."""
 
 import json
 import math
@@ -13,6 +16,7 @@ class MetricWriter:
     def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self._last = None  # (step, row, offset of its line) of the last write
         self._tb = None
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
@@ -29,6 +33,7 @@ class MetricWriter:
         with open(tmp, "w") as f:
             f.writelines(lines)
         os.replace(tmp, self.path)
+        self._last = None
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -36,7 +41,13 @@ class MetricWriter:
         row = {"step": int(step)}
         row.update({k: _to_python(v) for k, v in metrics.items()})
         with open(self.path, "a") as f:
+            if self._last is not None and self._last[0] == row["step"]:
+                row = {**self._last[1], **row}  # the same step again: one merged line
+                f.truncate(self._last[2])
+                f.seek(self._last[2])
+            offset = f.tell()
             f.write(json.dumps(row) + "\n")
+        self._last = (row["step"], row, offset)
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, float | int) and math.isfinite(v):

@@ -164,12 +164,14 @@ def test_eval_hook_and_workdir_mode(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     config = load("experiments/quickstart.py:smoke=True")  # 2-D data, MLP, 2 steps
     config.eval_every = 1  # the trainer adds the evaluation hook itself
+    config.log_every = 5  # evaluation steps log anyway: one line per step, with its loss
     config.eval.update(num_samples=16, max_train=100, batch_size=16)
     workdir = str(tmp_path / "run")
     train(config, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if "eval/pixel/memorized" in line]
+        rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [1, 2]
+    assert all(np.isfinite(r["loss"]) and "eval/pixel/memorized" in r for r in rows)
     assert all(0.0 <= r["eval/pixel/memorized"] <= 1.0 for r in rows)
     out = cli(
         tmp_path, "--workdir", workdir, "--num", "32", "--metrics", "memorization,effdim",

@@ -12,6 +12,7 @@ import pytest
 from core import config as config_lib
 from core.checkpoint import Checkpoints, open_for_reading
 from core.errors import TrainingDiverged, UserError
+from core.train_state import learning_rate
 from core.trainer import train
 from tests.conftest import PYTHON, ROOT, run_python
 
@@ -52,6 +53,9 @@ def test_run_directory_has_config_checkpoints_metrics_tensorboard_and_samples(tm
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [2, 4]
+    # the logged rate is that of the update that made the step (optax counts from 0)
+    lrs = [learning_rate(c.optim, c.total_steps, s - 1) for s in (2, 4)]
+    assert [r["lr"] for r in rows] == pytest.approx(lrs) and lrs[0] != lrs[1]
     assert all(np.isfinite(r["loss"]) for r in rows)
     assert sorted(Checkpoints(str(tmp_path)).all_steps()) == [2, 4]
     saved = config_lib.from_json(open(tmp_path / "config.json").read())
@@ -62,7 +66,8 @@ SHARDING_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     from core import config as config_lib
-    from core.trainer import train
+    from core.train_state import learning_rate
+from core.trainer import train
     out = {}
     from core import experiment
     for data, fsdp in [(1, 1), (8, 1), (4, 2), (1, 8)]:
@@ -119,7 +124,8 @@ def test_a_resume_that_does_not_fit_the_config_is_an_error_and_changes_nothing(t
 RESUME_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from core import config as config_lib
-    from core.trainer import train
+    from core.train_state import learning_rate
+from core.trainer import train
     workdir, kill_at = sys.argv[1], int(sys.argv[2])
     c = config_lib.load("experiments/quickstart.py:smoke=True")
     c.update(total_steps=8, ckpt_every=2, log_every=1)
@@ -198,3 +204,26 @@ def test_train_seconds_stops_early_as_if_last_and_a_rerun_goes_on(tmp_path):
     c.update(total_steps=3, train_seconds=0.0)
     train(c, str(tmp_path / "run"))
     assert Checkpoints(str(tmp_path / "run")).all_steps() == [1, 3]
+
+
+def test_writer_merges_writes_of_one_step_into_one_line(tmp_path):
+    from core.writer import MetricWriter
+
+    w = MetricWriter(str(tmp_path), tensorboard=False)
+    w.write(1, {"loss": 1.0})
+    w.write(2, {"loss": 0.5})
+    w.write(2, {"eval/fid": 3.0})
+    w.write(2, {"eval/kid": 0.1})
+    w.write(3, {"loss": 0.25})
+    assert read_metrics(tmp_path) == [
+        {"step": 1, "loss": 1.0},
+        {"step": 2, "loss": 0.5, "eval/fid": 3.0, "eval/kid": 0.1},
+        {"step": 3, "loss": 0.25},
+    ]
+    w.truncate_after(2)  # a resume from step 2
+    w.write(3, {"loss": 0.2})
+    w.write(3, {"eval/fid": 2.0})
+    assert read_metrics(tmp_path)[1:] == [
+        {"step": 2, "loss": 0.5, "eval/fid": 3.0, "eval/kid": 0.1},
+        {"step": 3, "loss": 0.2, "eval/fid": 2.0},
+    ]
