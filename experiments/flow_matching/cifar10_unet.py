@@ -1,4 +1,4 @@
-r"""Flow matching on CIFAR-10 (32×32×3) with the DDPM++ / ADM-size U-Net (35.7M params).
+r"""Flow matching on CIFAR-10 (32×32×3) with the DDPM++ / ADM-size U-Net (38.3M params).
 
   python -m scripts.train --config experiments/flow_matching/cifar10_unet.py \
       --workdir runs/cifar10_unet
