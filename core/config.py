@@ -33,6 +33,7 @@ def base_config() -> ConfigDict:
     c.eval_every = 0  # cheap memorization (and optional FID) during training; 0 = never
     c.compute_dtype = "float32"  # or "bfloat16" (params and optimizer stay float32)
     c.ema_decay = 0.9999
+    c.ema_warmup = False  # decay min(ema_decay, (1 + n) / (10 + n)) at update n
     c.mesh = ConfigDict({"data": -1, "fsdp": 1, "fsdp_min_size": 2**18})
     c.optim = ConfigDict(
         {

@@ -32,10 +32,20 @@ Hook = Callable[[int, TrainState], None]
 
 
 def make_train_step(
-    graphdef, loss_fn, tx: optax.GradientTransformation, *, ema_decay: float, seed: int
+    graphdef,
+    loss_fn,
+    tx: optax.GradientTransformation,
+    *,
+    ema_decay: float,
+    seed: int,
+    ema_warmup: bool = False,
 ) -> Callable:
     """`step(state, batch) -> (state, metrics)`; a non-finite loss, gradient or update
-    leaves the state unchanged (but for `step`) and is reported as `nonfinite = 1`."""
+    leaves the state unchanged (but for `step`) and is reported as `nonfinite = 1`.
+
+    The EMA decays by `ema_decay`, or with `ema_warmup` by `min(ema_decay, (1 + n) / (10 + n))`
+    at update `n` (0.1 at the first update), so that a short run's EMA forgets the
+    initialisation (with a fixed 0.9999 it keeps weight 0.9999^n on it: 37 % after 10k)."""
     wants_ema = "ema_net" in inspect.signature(loss_fn).parameters
     base_key = jax.random.key(seed)
 
@@ -50,7 +60,11 @@ def make_train_step(
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = optax.incremental_update(params, state.ema, 1.0 - ema_decay)
+        decay = jnp.asarray(ema_decay, jnp.float32)
+        if ema_warmup:
+            n = state.step.astype(jnp.float32)
+            decay = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+        ema = optax.incremental_update(params, state.ema, 1.0 - decay)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
@@ -144,6 +158,7 @@ class _Run:
             self.loss_fn,
             self.tx,
             ema_decay=self.config.ema_decay,
+            ema_warmup=bool(self.config.get("ema_warmup", False)),
             seed=self.config.seed,
         )
         batch_sharding = sharding.batch_sharding(self.mesh)

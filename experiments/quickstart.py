@@ -20,6 +20,7 @@ def get_config(arg: str | None = None):
     c.ckpt_every = 1_000
     c.sample_every = 1_000
     c.ema_decay = 0.999
+    c.ema_warmup = True  # a run stopped early (train_seconds) still samples from a fair EMA
     c.optim.update(lr=1e-3, warmup_steps=200, schedule="cosine")
     c.data.update(name=v.dataset, split="train")
     c.model = dict(name="mlp", dim=2, hidden=128, depth=3)

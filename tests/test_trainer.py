@@ -227,3 +227,30 @@ def test_writer_merges_writes_of_one_step_into_one_line(tmp_path):
         {"step": 2, "loss": 0.5, "eval/fid": 3.0, "eval/kid": 0.1},
         {"step": 3, "loss": 0.2, "eval/fid": 2.0},
     ]
+
+
+def test_ema_warmup_decays_by_min_of_the_rate_and_one_plus_n_over_ten_plus_n():
+    from flax import nnx
+
+    import losses
+    import models
+    from core.train_state import init_state, make_optimizer
+    from core.trainer import make_train_step
+
+    net = models.build("mlp", dim=2, hidden=8, depth=1, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(net, nnx.Param)
+    tx = make_optimizer(lr=1e-2, total_steps=100, schedule="constant")
+    batch = {"x": jax.random.normal(jax.random.key(1), (16, 2))}
+    for warmup, decays in ((True, [0.1, 2 / 11, 0.25]), (False, [0.99] * 3)):
+        step = jax.jit(
+            make_train_step(graphdef, losses.build("flow_matching"), tx, ema_decay=0.99, seed=0,
+                            ema_warmup=warmup)
+        )  # fmt: skip
+        state = init_state(nnx.to_pure_dict(params), tx)
+        for decay in decays:
+            new, _ = step(state, batch)
+            mix = lambda e, p, d=decay: d * e + (1 - d) * p
+            want = jax.tree.map(mix, state.ema, new.params)
+            for a, b in zip(jax.tree.leaves(new.ema), jax.tree.leaves(want)):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+            state = new

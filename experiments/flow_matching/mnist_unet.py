@@ -3,8 +3,9 @@ r"""Flow matching on MNIST (28×28×1) with an ADM-style U-Net (or `:net=dit`, D
   TFDS_DATA_DIR=../shared/data/tfds python -m scripts.train \
       --config experiments/flow_matching/mnist_unet.py --workdir runs/mnist_unet
 
-Class-conditional with label dropout (for guidance): `:cond=True`. One GPU. For a run of a
-few thousand steps lower `--config.ema_decay` (0.9999 averages over ~10k steps).
+Class-conditional with label dropout (for guidance): `:cond=True`. One GPU. EMA 0.9999 with
+a warm-up (`ema_warmup`: decay `min(0.9999, (1 + n) / (10 + n))` at update n), so that the
+EMA of a short run is not held back by the initialisation.
 """
 
 from core.config import base_config, parse_variant
@@ -20,6 +21,7 @@ def get_config(arg: str | None = None):
     c.ckpt_every = 5_000
     c.sample_every = 5_000
     c.ema_decay = 0.9999
+    c.ema_warmup = True
     c.compute_dtype = "bfloat16"
     c.optim.update(lr=2e-4 if v.net == "unet" else 1e-4, warmup_steps=1_000)
     c.data.update(name="mnist", split="train")
