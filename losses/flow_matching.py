@@ -25,9 +25,7 @@ def sample_time(
         return jax.random.uniform(key, (n,))
     if time_sampling == "logit_normal":
         return jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, (n,)))
-    raise UserError(
-        f"unknown time_sampling {time_sampling!r}; known: {', '.join(TIME_SAMPLINGS)}"
-    )
+    raise UserError(f"unknown time_sampling {time_sampling!r}; known: {', '.join(TIME_SAMPLINGS)}")
 
 
 def drop_cond(
