@@ -275,14 +275,24 @@ def _nll(ev: Evaluator) -> dict:
 
         n, b = len(data["x"]), o.batch
         batches = ({k: v[i : i + b] for k, v in data.items()} for i in range(0, n, b))
-        from losses.flow_nll import loss_flow_nll
+        from losses.flow_nll import COMPARABLE, loss_flow_nll
 
         defaults = {k: p.default for k, p in inspect.signature(loss_flow_nll).parameters.items()}
         noise = config.loss.get("noise", defaults["noise"])  # the run's own noise
         std = config.loss.get("noise_std", defaults["noise_std"])
+        if noise == "none" and np.ndim(data["x"]) == 4:  # 8-bit images
+            raise UserError("bpd of a flow trained with noise='none' on 8-bit images is "
+                            "meaningless (a density on 256 levels is unbounded); train with "
+                            "loss.noise=uniform")  # fmt: skip
         bpd = dataset_bpd(net, batches, key=key, noise=noise, noise_std=std,
                           use_labels=cond is not None)  # fmt: skip
-        return {"bpd": bpd, "nll_split": o.heldout_split}
+        # what the number is: the density of the data with the training noise (uniform:
+        # an upper bound on the 8-bit bits/dim, comparable with the published numbers;
+        # gaussian: of the σ-blurred data, not comparable), of p(x | label) or p(x)
+        return {"bpd": bpd, "nll_split": o.heldout_split, "noise": noise,
+                "noise_std": float(std) if noise == "gaussian" else None,
+                "conditional": cond is not None,
+                "bpd_comparable": noise in COMPARABLE}  # fmt: skip
     manifold = lookup(LIKELIHOOD_MANIFOLDS, config.loss.name, "loss with an ODE likelihood")
     x = np.asarray(data["x"], np.float32)
     dim = int(np.prod(x.shape[1:]))

@@ -1,12 +1,17 @@
 """RealNVP-style affine coupling flow (Dinh et al. 2017) on NHWC images, the classic baseline
 beside TarFlow, on the same `Flow` protocol.
 
-The image is squeezed to `[B, H/2, W/2, 4C]` (each 2×2 patch into channels); then
-`num_couplings` affine couplings follow. Coupling k reorders the channels by a fixed
-permutation (identity, reversed, even|odd, reversed even|odd, cycling, so the halves split
-each 2×2 patch by rows and by columns in turn), keeps the first half `x_a`, and maps the
-second: `z_b = (x_b - t(x_a)) · exp(-s(x_a))` with `s = scale · tanh(raw)` (bounded, as in
-RealNVP) from a small conv net whose last conv is zero-initialised, so a fresh flow is the
+The image is squeezed to `[B, H/2, W/2, 4C]` (each 2×2 patch into channels, channel
+`(2p + q) C + c` for patch row p, column q and image channel c); then `num_couplings`
+affine couplings follow. Coupling k reorders the channels by a fixed permutation (identity,
+reversed, even|odd, reversed even|odd, cycling), keeps the first half `x_a`, and maps the
+second. Identity and reversed split each patch into its top and bottom row (all C
+channels). Even|odd splits by the parity of `(2p + q) C + c`: for C = 1 that is the left
+and right column (rows and columns in turn), for even C (e.g. 2) it is the parity of the
+image channel c at every pixel (all four pixels on both sides), and for odd C > 1 (e.g. RGB)
+a checkerboard over (column, channel), the parity of `q + c`. The second half is mapped by
+`z_b = (x_b - t(x_a)) · exp(-s(x_a))` with `s = scale · tanh(raw)` (bounded, as in RealNVP)
+from a small conv net whose last conv is zero-initialised, so a fresh flow is the
 identity. `log|det ∂z/∂x| = -Σ s`. `z` has the shape of `x`.
 """
 

@@ -15,8 +15,21 @@ output projection is zero-initialised, so a fresh flow is the identity.
 Guidance (`cfg_scale = w`): the affine parameters of the conditional and the null condition
 are mixed, `p = p_null + w (p_cond - p_null)` for p in (a, b) (the paper's `1 + g` form with
 `g = w - 1`); `anneal=True` raises the weight linearly over the tokens of each block,
-`w_j = 1 + (w - 1) j / (T - 1)`. The transformer computes in `dtype`; the affine maths and
-log-determinants are float32.
+`w_j = 1 + (w - 1) j / (T - 1)` for the token at position `j` of the block's order (as
+ml-tarflow's `annealed_guidance`: `g_j = g j / (T - 1)`). The transformer computes in
+`dtype`; the affine maths and log-determinants are float32.
+
+Jacobi and the compute dtype: the iterates, the update `z · exp(a) + b` and the stopping
+criterion `max |Δx|` are float32 whatever `dtype`, but in bfloat16 the network's input and
+the affine parameters `(a, b)` are rounded to 8 significant bits. A change of the iterate far
+below that rounding still flips the rounding of some of the B · T · P inputs, so tokens keep
+moving by about one bfloat16 step pass after pass, and a `tol` below the bfloat16
+resolution (the default 1e-5) stops only when that chatter dies out, often near `T` passes
+(measured on a small random flow, T = 64: 20–24 passes per block in bfloat16, 4 in
+float32; with tol 1e-3, 3–4 in both). It buys nothing: in bfloat16 the Jacobi and the
+sequential inverse round differently and agree only to ~1e-3 on [-1, 1] at any `tol`.
+Invert in float32 (`scripts.flow_inverse --dtype float32`, the same weights) for the early
+stop at a small `tol`, or take a `tol` of the order of the bfloat16 step.
 """
 
 import einops
@@ -24,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from core.errors import UserError
 from models.layers import XAVIER, CondEmbed, Dtype, attend, layer_norm
 
 METHODS = ("sequential", "jacobi")
@@ -305,11 +319,16 @@ class TarFlow(nnx.Module):
         return_iters: bool = False,
     ):
         """`z [B, H, W, C]` -> `x`. `method` "sequential" (KV-cache scan) or "jacobi" (stops
-        at `max |Δx| <= tol` or after `max_iters` passes, default `T`: exact). With
-        `return_iters`, also the Jacobi passes per block `[num_blocks]` (in inverse order;
-        `T - 1` decode steps each for "sequential")."""
+        at `max |Δx| <= tol` or after `max_iters` passes, default `T`: exact; `tol = 0` runs
+        every pass). With `return_iters`, also the Jacobi passes per block `[num_blocks]` (in
+        inverse order; `T - 1` decode steps each for "sequential"). A bad `method`, `tol` or
+        `max_iters` is a UserError."""
         if method not in METHODS:
-            raise ValueError(f"unknown inverse method {method!r}; known: {', '.join(METHODS)}")
+            raise UserError(f"unknown inverse method {method!r}; known: {', '.join(METHODS)}")
+        if not tol >= 0:
+            raise UserError(f"Jacobi tol={tol!r} must be >= 0")
+        if max_iters is not None and max_iters < 1:
+            raise UserError(f"Jacobi max_iters={max_iters!r} must be >= 1")
         tokens = self.patchify(z)
         num_tokens = tokens.shape[1]
         weights = None

@@ -8,6 +8,10 @@ comes from the flow by autodiff: `∇x [log N(forward(x); 0, I) + logdet(x)]`.
 Guidance (`cfg_scale` w, `null_cond`) mixes the affine parameters of the conditional and the
 null label inside the flow's inverse (`TarFlow.inverse`), optionally annealed over the
 tokens; the denoising step uses the conditional density without guidance.
+
+The denoising step belongs to the training noise: the sampler options `noise` and
+`noise_std` are the loss's (`experiments/nf/*.py` tie them to `loss.noise` and
+`loss.noise_std`), and the step runs only for Gaussian noise (`denoise=False` turns it off).
 """
 
 import inspect
@@ -15,7 +19,11 @@ import inspect
 import jax
 import jax.numpy as jnp
 
-from losses.flow_nll import flow_log_prob
+from core.errors import UserError
+from losses.flow_nll import NOISES, flow_log_prob
+from models.tarflow import METHODS
+
+INVERSES = METHODS
 
 
 def tweedie_denoise(log_prob, x: jax.Array, noise_std: float) -> jax.Array:
@@ -35,6 +43,29 @@ def guidance_options(
     if null_cond is not None:
         options["null_cond"] = null_cond
     return options
+
+
+OPTION_NAMES = ("inverse", "jacobi_tol", "jacobi_max_iters")
+
+
+def check_inverse_options(
+    inverse: str, jacobi_tol: float, jacobi_max_iters: int | None, *, names=OPTION_NAMES
+) -> None:
+    """One UserError naming the option (`names`: how the caller spells the three) for an
+    unknown inverse method, a tolerance that is not a number > 0, or a pass cap that is not
+    an integer >= 1."""
+    if inverse not in INVERSES:
+        known = ", ".join(INVERSES)
+        raise UserError(f"{names[0]}={inverse!r} is not an inverse method; known: {known}")
+    number = isinstance(jacobi_tol, int | float) and not isinstance(jacobi_tol, bool)
+    if not (number and jacobi_tol > 0):
+        raise UserError(f"{names[1]}={jacobi_tol!r} must be a number > 0 (max |Δx| per pass)")
+    cap = jacobi_max_iters
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise UserError(
+            f"{names[2]}={cap!r} must be an integer >= 1 (Jacobi passes per block; "
+            "unset: the token count)"
+        )
 
 
 def _inverse_options(net, **options) -> dict:
@@ -60,6 +91,7 @@ def sample_tarflow(
     null_cond: int | None = None,
     temperature: float = 1.0,
     denoise: bool = True,
+    noise: str = "gaussian",
     noise_std: float = 0.05,
     inverse: str = "sequential",
     jacobi_tol: float = 1e-5,
@@ -71,12 +103,17 @@ def sample_tarflow(
     `num_steps` and `key` are unused (the flow is inverted exactly and deterministically;
     the Jacobi passes are bounded by `jacobi_max_iters`, default the token count, exact).
     `temperature` τ scales the latent. `inverse`: "sequential" (KV cache) or "jacobi" (stops
-    at `max |Δx| <= jacobi_tol`). `denoise` applies the Tweedie step with the training
-    noise `noise_std` (set `denoise=False` for flows trained with uniform dequantization).
+    at `max |Δx| <= jacobi_tol`, `jacobi_tol > 0`; a bad method, tolerance or cap is a
+    UserError). `denoise` applies the Tweedie step for the training noise: only when `noise`
+    is "gaussian", with its `noise_std` (flows trained with uniform dequantization or no
+    noise are not denoised).
     `cfg_scale` w: 1 is the plain conditional flow; `guidance_anneal` ramps the weight from
     1 to w over each block's tokens (the paper's annealed guidance).
     """
     del num_steps, key
+    check_inverse_options(inverse, jacobi_tol, jacobi_max_iters)
+    if noise not in NOISES:
+        raise UserError(f"noise={noise!r} is not a training noise; known: {', '.join(NOISES)}")
     options = guidance_options(
         cfg_scale, conditional=cond is not None, null_cond=null_cond, anneal=guidance_anneal
     )
@@ -84,6 +121,6 @@ def sample_tarflow(
         options.update(method=inverse, tol=jacobi_tol, max_iters=jacobi_max_iters)
     z = temperature * jnp.asarray(x_init, jnp.float32)
     x = net.inverse(z, cond=cond, **_inverse_options(net, **options))
-    if denoise and noise_std > 0:
+    if denoise and noise == "gaussian" and noise_std > 0:
         x = tweedie_denoise(lambda v: flow_log_prob(net, v, cond=cond), x, noise_std)
     return x

@@ -11,6 +11,16 @@ per block (T - 1 decode steps for the sequential scan), and how far its images a
 sequential ones on the same latents: max and mean |Δx| on the [-1, 1] scale and the
 fraction of 8-bit pixels that differ. Identical 8-bit images give identical FID, so the
 last number bounds what the speed-up costs in quality.
+
+`--dtype` is the network's compute dtype for both inverses (default: the run's
+`compute_dtype`; the weights are the same, the graph is rebuilt in that dtype before the
+checkpoint is restored) and is recorded in the JSON. In bfloat16 the Jacobi iterates and
+`max |Δx|` are float32, but the network rounds its input and affine parameters to 8
+significant bits, so the per-pass change stalls at about one bfloat16 step and a smaller
+tolerance runs many more passes (often near T) for no gain: bfloat16 Jacobi and sequential
+images agree only to ~1e-3 at any tolerance (`models/tarflow.py`). Compare `--dtype
+float32` for the early stop, or pass tolerances of that size.
+Tolerances must be > 0 and `--max-iters` >= 1 (one UserError).
 """
 
 import argparse
@@ -18,6 +28,8 @@ import json
 import time
 
 from scripts.common import argument_parser, run
+
+NAMES = ("method", "--tols", "--max-iters")  # for check_inverse_options
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -28,6 +40,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tols", default="1e-3,1e-4,1e-5", help="Jacobi tolerances, comma list")
     p.add_argument("--max-iters", type=int, default=None, help="Jacobi passes per block cap")
     p.add_argument("--cfg", type=float, default=None, help="guidance weight (default: config)")
+    p.add_argument(
+        "--dtype", default=None, help="compute dtype, float32 or bfloat16 (default: the run's)"
+    )
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
     p.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
     p.add_argument("--seed", type=int, default=0)
@@ -59,10 +74,18 @@ def main(argv: list[str]) -> None:
 
     from core import experiment, sampling, sharding
     from core.errors import UserError
-    from samplers.tarflow import guidance_options
+    from samplers.tarflow import check_inverse_options, guidance_options
 
-    tols = [float(t) for t in args.tols.split(",") if t.strip()]
+    try:
+        tols = [float(t) for t in args.tols.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--tols={args.tols!r} is not a comma list of numbers") from None
+    for tol in tols:
+        check_inverse_options("jacobi", tol, args.max_iters, names=NAMES)
     config, spec = sampling.load_run(args.workdir)
+    if args.dtype is not None:
+        config.compute_dtype = args.dtype  # before restore_network builds the graph
+    dtype = experiment.compute_dtype(config)  # a UserError for an unknown dtype
     mesh = sharding.make_mesh()
     graphdef, params, step = sampling.restore_network(
         args.workdir, config, mesh, step=args.step, ema=not args.raw
@@ -134,6 +157,7 @@ def main(argv: list[str]) -> None:
         "batch": batch,
         "cfg_scale": scale,
         "temperature": temperature,
+        "dtype": jax.numpy.dtype(dtype).name,
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
         "methods": results,

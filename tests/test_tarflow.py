@@ -3,7 +3,9 @@
 Oracles: `inverse(forward(x)) == x`; `logdet == slogdet(jacfwd(forward))`; the Jacobi inverse
 equals the KV-cache sequential one; a fresh flow is the identity, so its NLL is the Gaussian
 one; bits/dim by hand (uniform on [-1, 1] is 8 bits); Tweedie's step on Gaussian data is the
-closed-form posterior mean. Tiny flows (8×8 images, 2 blocks of 1 layer, width 32).
+closed-form posterior mean; annealed guidance equals a by-hand token-by-token inverse. Flows
+that sample or guide have parameters moved off their (identity) init, so those oracles can
+fail. Tiny flows (8×8 images, 2 blocks of 1 layer, width 32).
 """
 
 import functools
@@ -17,10 +19,12 @@ from flax import nnx
 
 from core import experiment
 from core.config import load
-from losses.flow_nll import add_noise, bits_per_dim, gaussian_log_prob, loss_flow_nll
+from core.errors import UserError
+from losses.flow_nll import add_noise, bits_per_dim, flow_bpd, gaussian_log_prob, loss_flow_nll
 from metrics.bpd import dataset_bpd
 from models import NETWORKS
 from models.flops import count_flops
+from models.realnvp import channel_permutation
 from samplers.tarflow import sample_tarflow, tweedie_denoise
 from tests.conftest import ROOT
 
@@ -51,6 +55,14 @@ def perturb(net: nnx.Module, scale: float = 0.05) -> nnx.Module:
     rng = np.random.default_rng(1)
     noise = lambda p: p + jnp.asarray(scale * rng.standard_normal(p.shape), p.dtype)
     return nnx.merge(graphdef, jax.tree.map(noise, state))
+
+
+def redraw(params, std: float = 0.02, seed: int = 1):
+    """Every parameter of a pure dict (or nnx.State) drawn afresh from N(0, std²) on the
+    host, so no zero-initialised output projection keeps the flow the identity."""
+    rng = np.random.default_rng(seed)
+    draw = lambda p: jnp.asarray(std * rng.standard_normal(p.shape), p.dtype)
+    return jax.tree.map(draw, params)
 
 
 @functools.cache
@@ -185,12 +197,23 @@ def test_shape_and_condition_errors():
 
 
 def test_bits_per_dim_by_hand():
-    # the uniform density on [-1, 1]^D, 2^-D, spreads over 256 levels: exactly 8 bits/dim
-    np.testing.assert_allclose(bits_per_dim(jnp.array([-D * math.log(2.0)]), D), [8.0], 1e-6)
-    # a standard normal at its mode: 7 + log2(2π)/2 bits
-    want = 7.0 + 0.5 * math.log2(2 * math.pi)
-    got = bits_per_dim(gaussian_log_prob(jnp.zeros((1, S, S, C))), D)
-    np.testing.assert_allclose(got, [want], rtol=1e-6)
+    # uniform dequantization, x = (u + U) / 128 - 1: the uniform density on [-1, 1]^D,
+    # 2^-D, spreads over 256 levels of width 1 in u: exactly 8 bits/dim
+    got = bits_per_dim(jnp.array([-D * math.log(2.0)]), D, noise="uniform")
+    np.testing.assert_allclose(got, [8.0], 1e-6)
+    # a standard normal at its mode: 7 + log2(2π)/2 bits (uniform), log2 127.5 + log2(2π)/2
+    # (Gaussian noise on x = u / 127.5 - 1: the Jacobian to pixel units is 127.5^D)
+    mode = gaussian_log_prob(jnp.zeros((1, S, S, C)))
+    for noise, log2_scale in (("uniform", 7.0), ("gaussian", math.log2(127.5))):
+        want = log2_scale + 0.5 * math.log2(2 * math.pi)
+        np.testing.assert_allclose(bits_per_dim(mode, D, noise=noise), [want], rtol=1e-6)
+    # the Gaussian path end to end: an identity flow on x + σ ε is N(0, I) of the noisy x
+    key, sigma = jax.random.key(7), 0.1
+    got, _, _ = apply(flow_bpd, fresh("realnvp"), X, key, noise="gaussian", noise_std=sigma)
+    noisy = np.asarray(add_noise(key, X, "gaussian", sigma), np.float64).reshape(B, -1)
+    nats = 0.5 * np.sum(noisy**2, axis=1) / D + 0.5 * math.log(2 * math.pi)
+    np.testing.assert_allclose(got, (nats + math.log(127.5)) / math.log(2), rtol=1e-6)
+    assert abs(math.log2(127.5) - 6.9944) < 1e-4
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
@@ -198,8 +221,8 @@ def test_identity_flow_nll_is_the_gaussian_nll(name):
     batch = {"x": X, "cond": LABELS}
     bpd, metrics = apply(loss_flow_nll, fresh(name), batch, jax.random.key(0), noise="none")
     sq = np.sum(np.asarray(X, np.float64) ** 2, axis=(1, 2, 3))
-    nats = 0.5 * sq / D + 0.5 * math.log(2 * math.pi)
-    np.testing.assert_allclose(bpd, (nats + math.log(128)) / math.log(2), rtol=1e-6)
+    nats = 0.5 * sq / D + 0.5 * math.log(2 * math.pi)  # noise="none": x = u / 127.5 - 1
+    np.testing.assert_allclose(bpd, (nats + math.log(127.5)) / math.log(2), rtol=1e-6)
     np.testing.assert_allclose(metrics["logdet_per_dim"], 0.0)
 
 
@@ -222,7 +245,7 @@ def test_dataset_bpd_weights_examples_and_matches_hand_value():
     got = dataset_bpd(fresh("realnvp"), batches, key=jax.random.key(0), noise="none")
     every = np.concatenate([np.asarray(x, np.float64) for x in xs]).reshape(4, -1)
     nats = 0.5 * np.sum(every**2, axis=1) / D + 0.5 * math.log(2 * math.pi)
-    np.testing.assert_allclose(got, np.mean((nats + math.log(128)) / math.log(2)), rtol=1e-6)
+    np.testing.assert_allclose(got, np.mean((nats + math.log(127.5)) / math.log(2)), rtol=1e-6)
     with pytest.raises(ValueError, match="no batches"):
         dataset_bpd(fresh("realnvp"), [], key=jax.random.key(0))
 
@@ -252,21 +275,111 @@ def test_sampler_through_the_experiment_config():
     config = load(f"{ROOT}/experiments/nf/mnist_tarflow.py:smoke=True,cond=True")
     factory = experiment.network_factory(config)
     graphdef, _ = experiment.abstract_network(factory)
-    params = jit0(lambda: experiment.init_params(factory, 0))()
+    params = redraw(jit0(lambda: experiment.init_params(factory, 0))())  # not the identity
     labels = jnp.arange(4) % 10
     fn = experiment.make_sample_fn(graphdef, config, (28, 28, 1))
     x = jit0(fn)(params, jax.random.key(0), labels)  # guided, annealed, denoised
     assert x.shape == (4, 28, 28, 1) and bool(jnp.all(jnp.isfinite(x)))
-    config.sample.options.update(inverse="jacobi", jacobi_tol=1e-5, jacobi_max_iters=8)
+    plain = experiment.make_sample_fn(graphdef, config, (28, 28, 1), cfg_scale=1.0)
+    assert float(jnp.abs(jit0(plain)(params, jax.random.key(0), labels) - x).max()) > 1e-3
+    config.sample.options.update(inverse="jacobi", jacobi_tol=1e-6)
     fn = experiment.make_sample_fn(graphdef, config, (28, 28, 1))
-    assert jax.eval_shape(fn, params, jax.random.key(0), labels).shape == x.shape
+    np.testing.assert_allclose(jit0(fn)(params, jax.random.key(0), labels), x, atol=1e-4)
+
+
+def test_sampler_options_follow_the_loss():
+    """The Tweedie σ and whether to denoise are the loss's noise settings (FieldReferences):
+    an override of the loss moves the sampler."""
+    for name in ("mnist_tarflow", "imagenet64_tarflow"):
+        config = load(f"{ROOT}/experiments/nf/{name}.py:smoke=True")
+        assert config.sample.options.noise == config.loss.noise == "gaussian"
+        config.loss.noise_std = 0.03
+        config.loss.noise = "uniform"
+        options = experiment._plain(config.sample.options)
+        assert options["noise_std"] == 0.03 and options["noise"] == "uniform", name
+    net = trained_like("tarflow")
+    z = jax.random.normal(jax.random.key(8), X.shape)
+    raw = apply(sample_tarflow, net, z, cond=LABELS, denoise=False)
+    for noise in ("uniform", "none"):  # no Tweedie step for a flow not trained on N(0, σ²)
+        got = apply(sample_tarflow, net, z, cond=LABELS, noise=noise, noise_std=0.3)
+        np.testing.assert_array_equal(got, raw)
+    denoised = apply(sample_tarflow, net, z, cond=LABELS, noise="gaussian", noise_std=0.3)
+    assert float(jnp.abs(denoised - raw).max()) > 1e-3
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(inverse="newton"), r"inverse='newton' .*known: sequential, jacobi"),
+        (dict(inverse="jacobi", jacobi_tol=-1.0), r"jacobi_tol=-1.0 must be a number > 0"),
+        (dict(jacobi_tol=0), r"jacobi_tol=0 must be a number > 0"),
+        (dict(inverse="jacobi", jacobi_max_iters=0), r"jacobi_max_iters=0 must be an integer"),
+        (dict(noise="laplace"), r"noise='laplace' .*known: gaussian, uniform, none"),
+    ],
+)
+def test_bad_sampler_options_are_one_user_error(options, match):
+    config = load(f"{ROOT}/experiments/nf/mnist_tarflow.py:smoke=True")
+    config.sample.options.update(options)
+    factory = experiment.network_factory(config)
+    graphdef, abstract = experiment.abstract_network(factory)
+    fn = experiment.make_sample_fn(graphdef, config, (28, 28, 1))
+    with pytest.raises(UserError, match=match):
+        jax.eval_shape(fn, abstract, jax.random.key(0), jnp.zeros((2,), jnp.int32))
+
+
+def test_flow_inverse_rejects_bad_tolerances_before_loading(tmp_path):
+    from scripts import flow_inverse
+
+    argv = ["x", "--workdir", str(tmp_path / "none")]
+    with pytest.raises(UserError, match=r"--tols=-1.0 must be a number > 0"):
+        flow_inverse.main([*argv, "--tols", "1e-3,-1"])
+    with pytest.raises(UserError, match=r"--max-iters=0 must be an integer >= 1"):
+        flow_inverse.main([*argv, "--max-iters", "0"])
+    with pytest.raises(UserError, match="not a comma list"):
+        flow_inverse.main([*argv, "--tols", "1e-3,x"])
+    net = fresh("tarflow")
+    with pytest.raises(UserError, match="tol=-1"):
+        net.inverse(X, method="jacobi", tol=-1.0)
+
+
+def test_annealed_guidance_is_the_per_token_mix_by_hand():
+    """A by-hand inverse, one token at a time, of a 4-token flow: the affine parameters of the
+    conditional and the null label mixed with w_j = 1 + (w - 1) j / (T - 1) at position j of
+    each block's order (ml-tarflow's annealed_guidance, g_j = g j / (T - 1) with w = 1 + g),
+    from whole-sequence causal passes (not the KV cache)."""
+    kw = dict(TINY["tarflow"], image_size=4)
+    graphdef, state = nnx.split(NETWORKS["tarflow"](**kw, rngs=nnx.Rngs(0)))
+    net = nnx.merge(graphdef, redraw(state, std=0.1))
+    z = jax.random.normal(jax.random.key(9), (B, 4, 4, C))
+    w, tokens = 3.0, 4
+    null = jnp.full((B,), NUM_CLASSES)
+    x = net.patchify(z)
+    for block in reversed(net.blocks):
+        x = np.array(block.order(x))
+        c_cond, c_null = block.embed_cond(LABELS, B), block.embed_cond(null, B)
+        for j in range(1, tokens):
+            a_c, b_c = block.affine(jnp.asarray(x), c_cond)
+            a_n, b_n = block.affine(jnp.asarray(x), c_null)
+            w_j = 1.0 + (w - 1.0) * j / (tokens - 1)
+            a, b = a_n + w_j * (a_c - a_n), b_n + w_j * (b_c - b_n)
+            x[:, j] = x[:, j] * np.exp(a[:, j]) + b[:, j]
+        x = block.order(jnp.asarray(x))
+    by_hand = net.unpatchify(x)
+    kw = dict(cond=LABELS, cfg_scale=w, anneal=True)
+    annealed = call(net, "inverse", z, **kw)
+    np.testing.assert_allclose(annealed, by_hand, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(call(net, "inverse", z, method="jacobi", **kw), by_hand, atol=1e-5)
+    constant = call(net, "inverse", z, cond=LABELS, cfg_scale=w)
+    assert float(jnp.abs(constant - by_hand).max()) > 1e-3  # the ramp matters here
 
 
 def test_sampler_rejects_guidance_for_a_flow_without_it():
+    net = trained_like("realnvp")
     with pytest.raises(ValueError, match="guidance"):
-        sample_tarflow(fresh("realnvp"), X, cond=LABELS, cfg_scale=2.0, denoise=False)
-    x = sample_tarflow(fresh("realnvp"), X, cond=LABELS, denoise=False)
-    np.testing.assert_array_equal(x, X)
+        sample_tarflow(net, X, cond=LABELS, cfg_scale=2.0, denoise=False)
+    x = apply(sample_tarflow, net, X, cond=LABELS, denoise=False)
+    np.testing.assert_allclose(x, call(net, "inverse", X, cond=LABELS), atol=1e-6)
+    assert float(jnp.abs(x - X).max()) > 1e-2  # not the identity
 
 
 def test_flow_inverse_script_times_both_inverses_and_they_agree(tmp_path, capsys):
@@ -293,10 +406,85 @@ def test_flow_inverse_script_times_both_inverses_and_they_agree(tmp_path, capsys
     seq, jac = result["methods"]["sequential"], result["methods"]["jacobi_tol1e-06"]
     tokens = (28 // config.model.patch) ** 2
     assert seq["passes_per_block"] == [tokens - 1] * config.model.num_blocks
-    assert 1 <= jac["mean_passes_per_block"] <= tokens
+    assert 1 < jac["mean_passes_per_block"] <= tokens  # 1 pass: an identity flow
     assert jac["max_abs_diff"] < 1e-4 and jac["uint8_pixels_differing"] < 1e-3
     assert jac["images_per_sec"] > 0 and jac["speedup"] > 0
+    assert result["dtype"] == config.compute_dtype == "float32"  # the run's by default
+    flow_inverse.main([*argv, "--tols", "1e-2", "--dtype", "bfloat16", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["dtype"] == "bfloat16" and len(result["methods"]) == 2
+    with pytest.raises(UserError, match="compute_dtype 'float16'"):
+        flow_inverse.main([*argv, "--dtype", "float16"])
     quick = load(f"{ROOT}/experiments/quickstart.py:smoke=True")
     train(quick, str(tmp_path / "fm"))
     with pytest.raises(UserError, match="no Jacobi inverse"):
         flow_inverse.main(["x", "--workdir", str(tmp_path / "fm")])
+
+
+def _bpd_result(spec: str, **loss):
+    """`scripts.evaluate --metrics bpd`'s dict (core.evaluation's bpd branch) for a config and
+    the tiny RealNVP on 4 images (labels 0 and 2)."""
+    from types import SimpleNamespace
+
+    from core import evaluation
+
+    config = load(f"{ROOT}/experiments/nf/{spec}")
+    config.loss.update(loss)
+    graphdef, params = nnx.split(fresh("realnvp"))
+    x = jnp.concatenate([X, -X])
+    ev = SimpleNamespace(
+        _need_network=lambda _: (graphdef, params, config),
+        options=SimpleNamespace(seed=0, batch=3, heldout_split="test"),
+        heldout={"x": x, "cond": jnp.array([0, 2, 0, 2])},
+    )
+    return evaluation.METRICS["bpd"](ev), config
+
+
+def test_bpd_result_says_what_it_is():
+    out, config = _bpd_result("mnist_tarflow.py:smoke=True")  # the default: Gaussian noise
+    assert out["noise"] == "gaussian" and out["noise_std"] == 0.1
+    assert out["bpd_comparable"] is False and out["conditional"] is False
+    out, _ = _bpd_result("mnist_tarflow.py:smoke=True,noise=uniform")
+    assert out["noise"] == "uniform" and out["noise_std"] is None
+    assert out["bpd_comparable"] is True and out["conditional"] is False
+    batches = [{"x": jnp.concatenate([X, -X])[i : i + 3]} for i in (0, 3)]
+    want = dataset_bpd(fresh("realnvp"), batches, key=jax.random.key(0), noise="uniform")
+    assert out["bpd"] == pytest.approx(want, rel=1e-6)
+    out, _ = _bpd_result("mnist_tarflow.py:smoke=True,noise=uniform,cond=True")
+    assert out["conditional"] is True and out["bpd_comparable"] is True
+    with pytest.raises(UserError, match="noise='none' on 8-bit images"):
+        _bpd_result("mnist_tarflow.py:smoke=True", noise="none")
+
+
+def test_imagenet64_data_and_optimizer_are_ml_tarflows():
+    uncond = load(f"{ROOT}/experiments/nf/imagenet64_tarflow.py")
+    assert uncond.data.name == "downsampled_imagenet/64x64" and not uncond.data.use_labels
+    assert uncond.data.image_size is None and uncond.model.get("num_classes", 0) == 0
+    bpd = load(f"{ROOT}/experiments/nf/imagenet64_tarflow.py:noise=uniform")
+    assert bpd.data.name == "downsampled_imagenet/64x64" and bpd.compute_dtype == "float32"
+    cond = load(f"{ROOT}/experiments/nf/imagenet64_tarflow.py:cond=True")
+    assert cond.data.name == "imagenet2012" and cond.data.image_size == 64
+    assert cond.data.use_labels and cond.model.num_classes == 1000
+    for c in (uncond, cond):
+        assert c.optim.grad_clip == 0.0 and c.ema_decay == 0.0 and c.optim.b2 == 0.95
+        assert c.optim.weight_decay == 1e-4 and c.optim.schedule == "cosine"
+        assert c.data.random_flip and c.batch_size == 256
+    with pytest.raises(UserError, match="no labels"):
+        load(f"{ROOT}/experiments/nf/imagenet64_tarflow.py:cond=True,data=downsampled_imagenet")
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3])
+def test_realnvp_couplings_split_patches_as_documented(channels):
+    """models/realnvp.py: squeezed channel (2p + q) C + c; identity/reversed split the rows;
+    even|odd splits by the parity of (2p + q) C + c: columns for C = 1, the image channel's
+    parity for even C, the parity of q + c for odd C > 1."""
+    p, q, c = np.unravel_index(np.arange(4 * channels), (2, 2, channels))
+    first = lambda k: channel_permutation(4 * channels, k)[: 2 * channels]
+    assert set(p[first(0)]) == {0} and set(p[first(1)]) == {1}  # top row, bottom row
+    half = first(2)
+    if channels == 1:
+        assert set(q[half]) == {0} and set(q[first(3)]) == {1}  # left, right column
+    elif channels % 2 == 0:
+        assert set(c[half] % 2) == {0} and len(set(zip(p[half], q[half]))) == 4
+    else:
+        assert set((q[half] + c[half]) % 2) == {0} and len(set(q[half])) == 2
