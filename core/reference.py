@@ -65,7 +65,12 @@ class Dataset:
         return re.sub(r"[^\w.-]+", "_", "-".join(parts))
 
     def _path(self, suffix: str) -> str:
-        return os.path.join(self.cache_dir or default_cache_dir(), f"{self.tag}.{suffix}")
+        """The cache file of Inception `features.npy` / `stats.npz`: named by the data and by
+        the weights that made them (`models.inception.weights_tag`)."""
+        from models.inception import weights_tag
+
+        name = f"{self.tag}-inception_{weights_tag()}.{suffix}"
+        return os.path.join(self.cache_dir or default_cache_dir(), name)
 
     @functools.cached_property
     def images(self) -> np.ndarray:

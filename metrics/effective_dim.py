@@ -8,8 +8,12 @@ the manifold: its Jacobian `d score / d x` has D - d singular values of order 1 
 (the normal directions) and d small ones (the tangent directions, along which the model
 still varies). Sorted descending, the spectrum has its largest gap after the (D - d)-th
 value, so `effective_dimension = D - argmax_i (s_i - s_{i+1})`. A sample whose tangent
-directions "freeze out" (geometric memorization) loses them from d; a sample collapsed on
-one training point has d = 0 (all D values large: the gap to a zero appended below s_D).
+directions "freeze out" (geometric memorization) loses them from d. The two ends are
+decided by the noise scale: if every value is at least `1 / sigma` (the midpoint, on a log
+scale, of the tangent scale O(1) for data of unit scale and the normal scale `1 / sigma^2`;
+a trained network's normal values fall short of `1 / sigma^2`) the sample has d = 0
+(collapsed on one training point: every direction pulled back); if none is, d = D
+(full-dimensional data, no direction pulled back); otherwise the largest gap decides.
 
 Time convention: `t = 1` is data, so noise sigma means `t = 1 - sigma`; the noisy marginal
 is `x_t = (1 - t) x0 + t x1`. Velocity networks are viewed as scores with
@@ -66,13 +70,19 @@ def score_jacobian(
     return jax.lax.map(push, basis).reshape(n * chunk, d)[:d]
 
 
-def effective_dimension(svals: np.ndarray, max_rank: int | None = None) -> int:
+def effective_dimension(svals: np.ndarray, max_rank: int | None = None, *, sigma: float) -> int:
     """`D - i*`, where `i*` (1-based) is the index of the largest gap `s_i - s_{i+1}` of the
-    descending singular values `svals [D]`, with 0 appended below `s_D` (so `i* = D`, and
-    dimension 0, when every direction is pulled back). `max_rank` limits `i*` to the top
-    values."""
+    descending singular values `svals [D]` of the score Jacobian at noise `sigma`. Normal
+    directions have values of order `1 / sigma^2`, tangent ones of order 1: if all are at
+    least `1 / sigma` (between the two), `i* = D` (dimension 0); if none is, `i* = 0`
+    (dimension D). `max_rank` limits `i*` to the top values."""
     s = np.sort(np.asarray(svals, np.float64))[::-1]
-    gaps = s - np.append(s[1:], 0.0)
+    normal = 1.0 / sigma
+    if s[-1] >= normal:
+        return 0
+    if s[0] < normal:
+        return len(s)
+    gaps = s[:-1] - s[1:]
     if max_rank is not None:
         gaps = gaps[:max_rank]
     return int(len(s) - (int(np.argmax(gaps)) + 1))
@@ -100,9 +110,11 @@ def spectra(
     return np.stack(out)
 
 
-def effective_dimensions(svals: np.ndarray, max_rank: int | None = None) -> np.ndarray:
-    """Per-sample effective dimensions `[N]` from spectra `[N, D]`."""
-    return np.array([effective_dimension(s, max_rank) for s in svals], np.int64)
+def effective_dimensions(
+    svals: np.ndarray, max_rank: int | None = None, *, sigma: float
+) -> np.ndarray:
+    """Per-sample effective dimensions `[N]` from spectra `[N, D]` at noise `sigma`."""
+    return np.array([effective_dimension(s, max_rank, sigma=sigma) for s in svals], np.int64)
 
 
 def plot_spectra(
@@ -133,10 +145,10 @@ def plot_spectra(
     fig.savefig(path)
 
 
-def report(svals: np.ndarray, max_rank: int | None = None) -> dict:
-    """Summary numbers of spectra `[N, D]`: effective dimension mean / median / min / max
-    and the per-sample values."""
-    dims = effective_dimensions(svals, max_rank)
+def report(svals: np.ndarray, max_rank: int | None = None, *, sigma: float) -> dict:
+    """Summary numbers of spectra `[N, D]` at noise `sigma`: effective dimension mean /
+    median / min / max and the per-sample values."""
+    dims = effective_dimensions(svals, max_rank, sigma=sigma)
     return {
         "effdim_mean": float(dims.mean()),
         "effdim_median": float(np.median(dims)),
@@ -162,7 +174,7 @@ def evaluate(
     xs = xs.astype(np.float32) / 127.5 - 1.0 if xs.dtype == np.uint8 else xs.astype(np.float32)
     conds = None if conds is None else np.asarray(conds, np.int32)
     svals = spectra(score, xs, conds=conds, sigma=sigma, chunk=chunk)
-    out = report(svals)
+    out = report(svals, sigma=sigma)
     if plot_path:
         dims = np.asarray(out["effdim_per_sample"])
         plot_spectra(svals, plot_path, dims=dims, title=f"score Jacobian, sigma = {sigma:g}")

@@ -12,6 +12,7 @@ Attribute names follow the npz (`net.layers.<path>.<weight|beta|mean|var>`), so 
 rename: `load_inception(path)`; see `models.inception_pth` for pytorch-fid's checkpoint.
 """
 
+import hashlib
 import os
 
 import jax
@@ -337,9 +338,17 @@ def fetch_pytorch_fid_weights(
         os.remove(pth)
 
 
+# The weights that travel with this project's data (../shared/data beside the checkout).
+SHARED_WEIGHTS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    os.pardir, "shared", "data", "inception", "fid_inception_v3_2015-12-05_fp32.npz",
+)  # fmt: skip
+
+
 def resolve_weights(path: str | None = None) -> str:
     """The weights file: `path`, else `$DRIFTLAB_INCEPTION_WEIGHTS`, else the cache, else
-    a verified download into the cache. Missing files are a one-line UserError."""
+    `../shared/data/inception` beside the checkout, else a verified download into the
+    cache. Missing files are a one-line UserError."""
     path = path or os.environ.get(ENV_VAR)
     if path:
         if not os.path.isfile(path):
@@ -349,6 +358,8 @@ def resolve_weights(path: str | None = None) -> str:
             )
         return path
     cached = cache_path()
+    if not os.path.isfile(cached) and os.path.isfile(SHARED_WEIGHTS):
+        return os.path.normpath(SHARED_WEIGHTS)
     if not os.path.isfile(cached):
         try:
             fetch_pytorch_fid_weights(cached)
@@ -358,6 +369,28 @@ def resolve_weights(path: str | None = None) -> str:
                 f"({e}); set {ENV_VAR} to the FID Inception .npz"
             ) from None
     return cached
+
+
+def weights_tag(path: str | None = None) -> str:
+    """8 hex digits naming the weights file `resolve_weights(path)` (its real path, size and
+    mtime): caches of Inception features carry it, so other weights (an fp16 copy, say)
+    never read features another file made."""
+    real = os.path.realpath(resolve_weights(path))
+    st = os.stat(real)
+    return hashlib.sha1(f"{real}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:8]
+
+
+def has_logits(path: str | None = None) -> bool:
+    """Whether the weights file has the 1008-way logits layer (Inception Score needs it),
+    read without building the network (a .pth download always has it)."""
+    path = resolve_weights(path)
+    if path.endswith((".pth", ".pt")):
+        return True
+    try:
+        with np.load(path) as f:
+            return "net.fc.weight" in f.files
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read Inception weights {path}: {e}") from None
 
 
 def load_inception(

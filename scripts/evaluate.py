@@ -103,6 +103,24 @@ def _check(args, UserError) -> None:
         args.metrics = DEFAULT_METRICS
     if args.metrics and not (args.workdir or args.samples):
         raise UserError("--metrics need samples: give --workdir or --samples")
+    at_least = {
+        "--num": (args.num, 1), "--batch": (args.batch, 1),
+        "--inception-batch": (args.inception_batch, 1), "--kid-subsets": (args.kid_subsets, 1),
+        "--kid-subset-size": (args.kid_subset_size, 2), "--pr-k": (args.pr_k, 1),
+        "--ratio-k": (args.ratio_k, 2), "--effdim-num": (args.effdim_num, 1),
+        "--swd-projections": (args.swd_projections, 1), "--nll-steps": (args.nll_steps, 1),
+        "--nll-probes": (args.nll_probes, 1),
+    }  # fmt: skip
+    for flag, (value, low) in at_least.items():
+        if value < low:
+            raise UserError(f"{flag} must be >= {low}, got {value}")
+    for flag, value in (("--delta-m", args.delta_m), ("--delta-s", args.delta_s)):
+        if value is not None and not value > 0:
+            raise UserError(f"{flag} must be > 0 (a distance), got {value}")
+    if not 0.0 < args.effdim_sigma < 1.0:
+        raise UserError(f"--effdim-sigma must be in (0, 1), got {args.effdim_sigma}")
+    if args.write_stats and not args.write_stats.endswith(".npz"):
+        args.write_stats += ".npz"  # numpy would add it anyway; report the real name
 
 
 def _options(args, evaluation):
@@ -133,7 +151,7 @@ def _options(args, evaluation):
     )
 
 
-def _load_samples(args, want_samples: bool):
+def _load_samples(args, want_samples: bool, UserError):
     """(samples, labels, network, config, info) from `--workdir` or `--samples` (or Nones)."""
     if args.workdir:
         x, labels, network, step = sample_run(args, want_samples=want_samples)
@@ -152,6 +170,11 @@ def _load_samples(args, want_samples: bool):
         from data.arrays import ArraySource
 
         x = ArraySource(args.samples).x  # checks the layout, dtype and shape
+        if x.ndim == 4 and x.dtype != np.uint8:
+            raise UserError(
+                f"{args.samples}: images in arr_0 must be uint8 in [0, 255] (the ADM layout), "
+                f"got {x.dtype} (float arrays are for non-image samples)"
+            )
         with np.load(args.samples) as f:
             labels = f["arr_1"] if "arr_1" in f.files else None
         return x, labels, None, None, {"samples": args.samples}
@@ -173,12 +196,20 @@ def main(argv: list[str]) -> None:
     names = [n.strip() for n in (args.metrics or "").split(",") if n.strip()]
     for name in names:  # before any sampling or loading
         lookup(evaluation.METRICS, name, "metric")
+    if "is" in names:
+        from models.inception import has_logits
+
+        if not has_logits():
+            raise UserError(
+                "is (Inception Score) needs the 1008-way logits layer, which these Inception "
+                "weights lack (pytorch-fid's .pth has it); drop is from --metrics"
+            )
     heldout = [n for n in names if n in evaluation.HELDOUT_METRICS]
     sample_metrics = [n for n in names if n not in heldout]
     if heldout and not args.workdir:
         raise UserError(f"{', '.join(heldout)} need the run's network: give --workdir")
     want_samples = bool(sample_metrics or args.write_stats or args.save_samples)
-    x, labels, network, config, info = _load_samples(args, want_samples)
+    x, labels, network, config, info = _load_samples(args, want_samples, UserError)
     ds = None
     if args.dataset:
         split = args.split or "train"
@@ -215,6 +246,8 @@ def main(argv: list[str]) -> None:
         result["metrics"] = names
     if ds is not None:
         result["reference"] = f"{ds.name}:{ds.split}"
+    if args.ref_stats:
+        result["ref_stats"] = args.ref_stats  # FID's reference when given (over --dataset)
     _write_json(result, args.out)
 
 

@@ -13,6 +13,7 @@ import pytest
 from core.errors import UserError
 from core.evaluation import make_eval_hook
 from metrics import fid as fm
+from models.inception import weights_tag
 from scripts import evaluate
 from scripts.common import run
 from tests.conftest import PYTHON, ROOT
@@ -89,9 +90,11 @@ def test_write_stats_and_ref_stats_wiring(env, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_write_stats_then_ref_stats_fid_equals_direct_fid(env, tmp_path):
     a, b = _npz(tmp_path, "a.npz", env[:6]), _npz(tmp_path, "b.npz", env[6:12])
-    stats = str(tmp_path / "b_stats.npz")
-    cli(tmp_path, "--samples", b, "--write-stats", stats)
+    written = cli(tmp_path, "--samples", b, "--write-stats", str(tmp_path / "b_stats"))
+    stats = str(tmp_path / "b_stats.npz")  # the suffix numpy adds is the reported name
+    assert written["stats"] == stats and os.path.isfile(stats)
     out = cli(tmp_path, "--samples", a, "--ref-stats", stats, "--metrics", "fid")
+    assert out["ref_stats"] == stats
     fa, fb = fm.inception_features(env[:6]), fm.inception_features(env[6:12])
     # without the offset, fid.py differs by at most 2 D eps = 4e-3
     assert out["fid"] == pytest.approx(_fid_low_rank(fa, fb), rel=1e-5, abs=1e-2)
@@ -100,7 +103,8 @@ def test_write_stats_then_ref_stats_fid_equals_direct_fid(env, tmp_path):
     cli(tmp_path, "--dataset", "mnist", "--split", "test[:6]", "--write-stats", ds_stats)
     np.testing.assert_allclose(fm.load_stats(ds_stats)[0], fa.mean(0), rtol=1e-6, atol=1e-7)
     cache = os.listdir(tmp_path / "cache" / "driftlab" / "fid_stats")
-    assert sorted(cache) == ["mnist-test_6_-full.features.npy", "mnist-test_6_-full.stats.npz"]
+    tag = f"mnist-test_6_-full-inception_{weights_tag()}"
+    assert sorted(cache) == [f"{tag}.features.npy", f"{tag}.stats.npz"]
 
 
 def test_samples_against_a_dataset_split(env, tmp_path):
@@ -126,6 +130,7 @@ def _error(monkeypatch, capsys, args) -> str:
 
 def test_bad_input_is_one_line(env, tmp_path, monkeypatch, capsys):
     a = _npz(tmp_path, "a.npz", env[:8])
+    floats = _npz(tmp_path, "f.npz", env[:8].astype(np.float32))  # 0..255 as float
     cases = {
         "samples file 'nope.npz' not found": ["--samples", "nope.npz"],
         "unknown metric 'lpips'; known metrics: bpd, effdim, fid, geo, is, kid": [
@@ -142,6 +147,15 @@ def test_bad_input_is_one_line(env, tmp_path, monkeypatch, capsys):
         "nll need the run's network: give --workdir": ["--samples", a, "--metrics", "nll"],
         "not both": ["--samples", a, "--workdir", str(tmp_path)],
         "nothing to evaluate": ["--metrics", "fid"],
+        "--pr-k must be >= 1, got 0": ["--samples", a, "--pr-k", "0"],
+        "--ratio-k must be >= 2, got 1": ["--samples", a, "--ratio-k", "1"],
+        "--inception-batch must be >= 1, got 0": ["--samples", a, "--inception-batch", "0"],
+        "--delta-m must be > 0 (a distance), got -1.0": ["--samples", a, "--delta-m", "-1"],
+        "--effdim-sigma must be in (0, 1), got 0.0": ["--samples", a, "--effdim-sigma", "0"],
+        "is (Inception Score) needs the 1008-way logits layer": [
+            "--samples", a, "--ref-stats", a, "--metrics", "fid,is",
+        ],
+        "images in arr_0 must be uint8": ["--samples", floats, "--ref-stats", a],
     }  # fmt: skip
     for expected, args in cases.items():
         assert expected in _error(monkeypatch, capsys, args)

@@ -169,7 +169,7 @@ def _subspace(d: int, k: int, scale: float = 1.0, seed: int = 0):
     return basis, scale**2 * basis @ basis.T
 
 
-@pytest.mark.parametrize("k", [1, 3, 6])
+@pytest.mark.parametrize("k", [1, 3, 6, 16])
 def test_effective_dimension_of_a_linear_subspace_is_k(k, tmp_path):
     # x1 ~ N(0, s^2 P): the noisy marginal at t is N(0, (1-t)^2 I + t^2 s^2 P), its score
     # -C^-1 x is known in closed form; its Jacobian has D - k values 1/(1-t)^2 (= 1e4 at
@@ -183,7 +183,7 @@ def test_effective_dimension_of_a_linear_subspace_is_k(k, tmp_path):
     np.testing.assert_allclose(svals[:, : d - k], 1 / sigma**2, rtol=1e-4)
     # float32 score (t v - x) / (1 - t): 1e-3 relative on the small values, 1e-7 of s_1
     np.testing.assert_allclose(svals[:, d - k :], 1 / (sigma**2 + (1 - sigma) ** 2), rtol=3e-3)
-    assert ed.effective_dimensions(svals).tolist() == [k] * 4
+    assert ed.effective_dimensions(svals, sigma=sigma).tolist() == [k] * 4
     closed = gaussian.score(jnp.zeros(d), cov)
     score = lambda x, t, cond=None: closed(x, t)
     chunked = ed.spectra(score, xs, sigma=sigma, chunk=5)  # 16 columns in ragged chunks
@@ -197,8 +197,10 @@ def test_effective_dimension_of_a_point_is_zero():
     d = 8
     velocity = gaussian.optimal_velocity(jnp.ones(d), np.zeros((d, d)))
     svals = ed.spectra(ed.score_view(velocity, "velocity"), np.ones((2, d)), sigma=1e-2)
-    assert ed.effective_dimensions(svals).tolist() == [0, 0]
-    assert ed.effective_dimension(np.array([5.0, 4.0, 1.0, 0.5]), max_rank=1) == 3
+    assert ed.effective_dimensions(svals, sigma=1e-2).tolist() == [0, 0]
+    spectrum = np.array([5e4, 4e4, 1.0, 0.5])  # two normal directions at sigma = 0.01
+    assert ed.effective_dimension(spectrum, sigma=1e-2) == 2
+    assert ed.effective_dimension(spectrum[::-1], max_rank=1, sigma=1e-2) == 3
 
 
 def test_memorization_sweep_on_npz_data_resumes_to_the_same_numbers(tmp_path):
