@@ -133,6 +133,76 @@ def load(spec: str) -> ConfigDict:
     return module.get_config(arg) if arg else module.get_config()
 
 
+def _override_value(argv: list[str], path: str, flag: str = "config") -> str | None:
+    """The text of `--config.<path>=v` (or `--config.<path> v`) in `argv`, else None."""
+    key = f"--{flag}.{path}"
+    for i, arg in enumerate(argv):
+        if arg.startswith(key + "="):
+            return arg[len(key) + 1 :]
+        if arg == key and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _option_type(param, text: str | None):
+    """The type of a keyword option: its default's, else the first of its annotation's
+    (`float | None` -> float), else the overriding text's literal."""
+    import ast
+    import typing
+
+    if param.default is not None and param.default is not param.empty:
+        return type(param.default)
+    for t in typing.get_args(param.annotation) or (param.annotation,):
+        if t in (bool, int, float, str):
+            return t
+    try:
+        return type(ast.literal_eval(text or ""))
+    except (ValueError, SyntaxError):
+        return str
+
+
+def add_option_overrides(config: ConfigDict, argv: list[str], flag: str = "config") -> None:
+    """Make `--config.loss.X=v` and `--config.model.X=v` work for every keyword option of the
+    configured loss / network, not only those the config file lists: an option named on the
+    command line but absent from the config (or None there, which ml_collections cannot
+    override) is added with its default and a type, so the override applies and is checked
+    as any other. Unknown options stay unknown (`check_override_keys`)."""
+    import inspect
+
+    from ml_collections import FieldReference
+
+    for section in ("loss", "model"):
+        if section not in config or "name" not in config[section]:
+            continue
+        name = _override_value(argv, f"{section}.name", flag) or config[section].name
+        if section == "loss":
+            import losses
+
+            fn = losses.LOSSES.get(name)
+        else:
+            import models
+
+            fn = getattr(models.NETWORKS.get(name), "__init__", None)
+        if fn is None:
+            continue  # an unknown name: its own error later
+        params = inspect.signature(fn).parameters
+        skip = {"self", "rngs", "ema_net", "net", "batch", "key"}
+        for key, param in params.items():
+            text = _override_value(argv, f"{section}.{key}", flag)
+            if key in skip or text is None:
+                continue
+            if key in config[section] and config[section][key] is not None:
+                continue
+            default = None if param.default is param.empty else param.default
+            kind = _option_type(param, text)
+            if kind not in (bool, int, float, str):
+                continue  # not a command-line value (dtypes come from compute_dtype)
+            with config.unlocked():
+                if key in config[section]:
+                    del config[section][key]  # a None field: replaced, not assigned to
+                config[section][key] = FieldReference(default, field_type=kind)
+
+
 def check_override_keys(config: ConfigDict, argv: list[str], flag: str = "config") -> None:
     """Every `--config.a.b=v` must name an existing key; otherwise one clear UserError."""
     prefix = f"--{flag}."

@@ -38,22 +38,26 @@ def parse_config_flags(argv: list[str]):
     """Parse `--config path[:variant] [--config.key=value ...] --workdir DIR`.
 
     The config file is loaded and every override key checked first, so a missing file,
-    a bad variant or an unknown key is one clear UserError; then ml_collections'
-    config_flags applies the overrides (types checked against the defaults).
+    a bad variant or an unknown key is one clear UserError; options of the loss and the
+    network that the file does not list are added (`config.add_option_overrides`); then
+    ml_collections' config_flags applies the overrides (types checked against the
+    defaults).
     """
     from absl import flags
     from ml_collections import config_flags
 
     from core import config as config_lib
 
-    config_flag = config_flags.DEFINE_config_file(
-        "config", None, "experiment config file", lock_config=True
-    )
-    workdir = flags.DEFINE_string("workdir", None, "run directory (created; resumed if present)")
     spec = _flag_value(argv, "config")
     if spec is None:
         raise UserError("--config is required (e.g. --config experiments/quickstart.py)")
-    config_lib.check_override_keys(config_lib.load(spec), argv)
+    config = config_lib.load(spec)
+    config_lib.add_option_overrides(config, argv)  # any option of the loss / network
+    config_lib.check_override_keys(config, argv)
+    argv = _without_flag(argv, "config")  # the dict flag takes overrides, not the file
+    # sys_argv: config_flags finds the override flags to register in this list
+    config_flag = config_flags.DEFINE_config_dict("config", config, lock_config=True, sys_argv=argv)
+    workdir = flags.DEFINE_string("workdir", None, "run directory (created; resumed if present)")
     try:
         flags.FLAGS(argv)
     except flags.Error as e:
@@ -61,6 +65,19 @@ def parse_config_flags(argv: list[str]):
     if not workdir.value:
         raise UserError("--workdir is required")
     return config_flag.value, workdir.value
+
+
+def _without_flag(argv: list[str], name: str) -> list[str]:
+    """`argv` without `--name value` / `--name=value` (its `--name.key` overrides stay)."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg == f"--{name}" and i + 1 < len(argv):
+            skip = True
+        elif not arg.startswith(f"--{name}="):
+            out.append(arg)
+    return out
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:

@@ -7,13 +7,16 @@
 #   scripts/gpu_runs.sh unet      # MNIST U-Net: UNET_STEPS steps, sample grid, loss curve, FID
 #   scripts/gpu_runs.sh shortcut  # shortcut DiT and flow-matching DiT, SC_STEPS steps each;
 #                                 # FID at 1, 2, 4, 8, 128 steps; 1- and 128-step grids
-#   scripts/gpu_runs.sh tarflow   # TarFlow: TF_STEPS steps, test bits/dim, FID, grids with and
-#                                 # without the denoising step, sequential vs Jacobi inverse
+#   scripts/gpu_runs.sh tarflow   # TarFlow: test bits/dim of a uniform-dequantization run
+#                                 # (comparable with published numbers); a Gaussian-noise run
+#                                 # (TF_STEPS): FID, grids with and without the denoising
+#                                 # step, sequential vs Jacobi inverse
 #   scripts/gpu_runs.sh memorization  # MNIST U-Net on train[:K] for K in $MEM_KS, MEM_STEPS
 #                                 # steps each: memorized / spurious / generalized against K
 #   scripts/gpu_runs.sh earth     # sphere flow matching on the Earth datasets ($DATASETS, all
-#                                 # four by default): EARTH_STEPS steps each of a EARTH_HIDDEN x
-#                                 # EARTH_DEPTH MLP at batch EARTH_BATCH; test NLL table, maps
+#                                 # four by default): EARTH_SECONDS (steps sized by a probe
+#                                 # run) each of a EARTH_HIDDEN x EARTH_DEPTH MLP at batch
+#                                 # EARTH_BATCH; test NLL table, maps
 #
 # The GPU machine has no tensorflow-datasets, no network and takes at most 64 MiB per call, so
 # data, weights and the two missing packages travel as files (about 58 MB, git-ignored), made
@@ -71,8 +74,9 @@ else
     UNET_STEPS=${UNET_STEPS:-20000} SC_STEPS=${SC_STEPS:-8000} TF_STEPS=${TF_STEPS:-10000}
     DATA_PATH="$DEVDATA/mnist_{split}.npz"
 fi
-EARTH_STEPS=${EARTH_STEPS:-$([ "${TINY:-0}" = 1 ] && echo 4 || echo 20000)}
-EARTH_SECONDS=${EARTH_SECONDS:-110}
+# EARTH_STEPS unset: sized from a probe run's step rate to last EARTH_SECONDS per dataset
+EARTH_STEPS=${EARTH_STEPS:-$([ "${TINY:-0}" = 1 ] && echo 4 || echo)}
+EARTH_SECONDS=${EARTH_SECONDS:-90}
 NLL_STEPS=$([ "${TINY:-0}" = 1 ] && echo 4 || echo 100)
 if [ -d "$DEVDATA/earth" ]; then
     export DRIFTLAB_EARTH_DIR=${DRIFTLAB_EARTH_DIR:-$DEVDATA/earth}
@@ -168,19 +172,26 @@ part_shortcut() {
 }
 
 part_tarflow() {
-    local out=$1 run=$RUNS/mnist_tarflow
-    train experiments/nf/mnist_tarflow.py "$run" "$TF_STEPS" "${TF_SECONDS:-330}"
-    cp "$run/metrics.jsonl" "$out/mnist_tarflow_metrics.jsonl"
-    "$PY" -m scripts.evaluate --workdir "$run" --metrics bpd --split test "${EVAL[@]}" \
+    local out=$1 run=$RUNS/mnist_tarflow bpd=$RUNS/mnist_tarflow_uniform
+    # bits/dim comparable with RealNVP / Glow / FFJORD needs uniform dequantization: its own
+    # run (the Gaussian-noise run below is the sampling model: FID, grids, inverses)
+    train experiments/nf/mnist_tarflow.py:noise=uniform "$bpd" "${TF_BPD_STEPS:-$TF_STEPS}" \
+        "${TF_BPD_SECONDS:-140}"
+    cp "$bpd/metrics.jsonl" "$out/mnist_tarflow_uniform_metrics.jsonl"
+    "$PY" -m scripts.evaluate --workdir "$bpd" --metrics bpd --split test "${EVAL[@]}" \
         --out "$out/mnist_tarflow_bpd.json"
+    train experiments/nf/mnist_tarflow.py "$run" "$TF_STEPS" "${TF_SECONDS:-200}"
+    cp "$run/metrics.jsonl" "$out/mnist_tarflow_metrics.jsonl"
     "$PY" -m scripts.evaluate --workdir "$run" --num "$NUM_FID" --metrics fid "${EVAL[@]}" \
         --out "$out/mnist_tarflow_fid.json"
     "$PY" -m scripts.sample --workdir "$run" --num 64 --out "$RUNS/tarflow_denoised.npz"
     "$PY" -m scripts.sample --workdir "$run" --num 64 --sample-option denoise=false \
         --out "$RUNS/tarflow_raw.npz"
     cp "$RUNS/tarflow_denoised.png" "$RUNS/tarflow_raw.png" "$out/"
+    # float32 inverses: in bfloat16 Jacobi's per-pass change stalls at the bf16 step and it
+    # runs ~all passes (models/tarflow.py); the weights are the same
     "$PY" -m scripts.flow_inverse --workdir "$run" --num "$INVERSE_NUM" --batch "$INVERSE_BATCH" \
-        --out "$out/mnist_tarflow_inverse.json"
+        --dtype float32 --out "$out/mnist_tarflow_inverse.json"
 }
 
 part_memorization() {
@@ -193,18 +204,36 @@ part_memorization() {
 }
 
 part_earth() {
-    local out=$1 d runs=() size=()
+    local out=$1 d runs=() size=() steps=$EARTH_STEPS probe=$RUNS/earth_probe
     if [ "${TINY:-0}" != 1 ]; then  # a GPU size between the CPU runs and the paper's
         size=(--config.model.hidden="${EARTH_HIDDEN:-512}" --config.model.depth="${EARTH_DEPTH:-6}"
             --config.batch_size="${EARTH_BATCH:-4096}" --config.optim.lr="${EARTH_LR:-5e-4}"
             --config.optim.weight_decay=0.0)
     fi
+    if [ -z "$steps" ]; then
+        # the cosine schedule follows total_steps: size the runs so that they end inside
+        # EARTH_SECONDS (a run cut by the budget never decays its rate), from the step rate
+        # of a short probe run of the same network and batch (every dataset shares them)
+        rm -rf "$probe"
+        "$PY" -m scripts.train --config "$(spec experiments/sphere/earth_volcano.py)" \
+            --workdir "$probe" --config.total_steps=100000 --config.train_seconds=25 \
+            --config.log_every=200 --config.ckpt_every=100000 --config.sample_every=0 \
+            "${size[@]}"
+        steps=$("$PY" -c "
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if 'steps_per_sec' in line]
+rate = rows[-1]['steps_per_sec']  # the last interval: compiled, warm
+print(max(1000, int(rate * float(sys.argv[2]) * 0.9) // 1000 * 1000))
+" "$probe/metrics.jsonl" "$EARTH_SECONDS")
+        echo "earth: $steps steps per dataset (probe: $probe/metrics.jsonl)"
+        cp "$probe/metrics.jsonl" "$out/earth_probe_metrics.jsonl"
+    fi
     for d in ${DATASETS:-volcano earthquake flood fire}; do
         # validation NLL picks the checkpoint (nll_table): keep ten along the run
         "$PY" -m scripts.train --config "$(spec "experiments/sphere/earth_$d.py")" \
-            --workdir "$RUNS/earth_$d" --config.total_steps="$EARTH_STEPS" \
-            --config.train_seconds="$EARTH_SECONDS" --config.keep_ckpts=10 \
-            --config.ckpt_every=$(( (EARTH_STEPS + 9) / 10 )) --config.sample_every="$EARTH_STEPS" \
+            --workdir "$RUNS/earth_$d" --config.total_steps="$steps" \
+            --config.train_seconds="$((EARTH_SECONDS * 3 / 2))" --config.keep_ckpts=10 \
+            --config.ckpt_every=$(( (steps + 9) / 10 )) --config.sample_every="$steps" \
             --config.log_every=500 "${size[@]}"
         cp "$RUNS/earth_$d/metrics.jsonl" "$out/earth_${d}_metrics.jsonl"
         runs+=("$RUNS/earth_$d")
@@ -214,7 +243,7 @@ part_earth() {
 }
 
 if [ $# -lt 1 ]; then
-    sed -n '2,16p' "$0"
+    sed -n '2,19p' "$0"
     exit 2
 fi
 for part in "$@"; do

@@ -132,11 +132,18 @@ def test_bad_input_gives_one_line_naming_the_problem(tmp_path, python_env):
 
 def test_train_then_sample_writes_adm_npz_and_png(tmp_path, python_env):
     w = str(tmp_path / "run")
+    # loss options the config file does not list are overridable (typed by their defaults)
+    extra = ["--config.loss.ot_pairing=True", "--config.loss.logit_std=0.5"]
     proc = run_cli(
-        ["scripts.train", "--config", QUICK, "--workdir", w, "--config.total_steps=3"], python_env
+        ["scripts.train", "--config", QUICK, "--workdir", w, "--config.total_steps=3", *extra],
+        python_env,
     )
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
+    with open(os.path.join(w, "config.json")) as f:
+        saved = json.load(f)
+    assert saved["loss"]["ot_pairing"] is True and saved["loss"]["logit_std"] == 0.5
+    assert saved["total_steps"] == 3
     out_npz = str(tmp_path / "s.npz")
     proc = run_cli(
         [
@@ -254,3 +261,17 @@ def test_guidance_on_an_unconditional_model_and_a_retied_shortcut_option_are_err
     config.sample.options.max_steps = config.loss.max_steps // 2
     with pytest.raises(UserError, match=r"max_steps=\d+ differs from the shortcut model's"):
         experiment.make_sample_fn(graphdef, config, (2,))
+
+
+def test_unlisted_and_none_options_of_the_loss_and_network_become_overridable():
+    from core import config as config_lib
+
+    c = config_lib.load("experiments/shortcut/moons_mlp.py:smoke=True")
+    assert c.loss.target_clip is None and "cond_drop_prob" not in c.loss
+    argv = ["--config.loss.target_clip=4", "--config.loss.cond_drop_prob=0.1",
+            "--config.model.num_classes", "3", "--config.loss.nope=1"]  # fmt: skip
+    config_lib.add_option_overrides(c, argv)
+    assert c.loss.get_type("target_clip") is float and c.loss.target_clip is None
+    assert c.loss.cond_drop_prob == 0.0 and c.model.num_classes == 0  # their defaults
+    assert "nope" not in c.loss  # unknown options stay unknown
+    c.loss.target_clip = 4.0  # what config_flags then does with the typed field
