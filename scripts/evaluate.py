@@ -57,6 +57,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     )
     src.add_argument("--split", default=None, help="dataset split (default train)")
     src.add_argument("--data-dir", default=None, help="tfds data_dir (default $TFDS_DATA_DIR)")
+    src.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="dataset images: central square resized to this size (as the run trained)",
+    )
     src.add_argument("--ref-stats", help="reference FID statistics .npz (mu, sigma)")
     src.add_argument("--cache-dir", default=None, help="cache of dataset features / stats")
     out = p.add_argument_group("output")
@@ -214,8 +220,9 @@ def main(argv: list[str]) -> None:
     if args.dataset:
         split = args.split or "train"
         ds = reference.dataset_from_name(
-            args.dataset, split, cache_dir=args.cache_dir, data_dir=args.data_dir
-        )
+            args.dataset, split, cache_dir=args.cache_dir, data_dir=args.data_dir,
+            image_size=args.image_size,
+        )  # fmt: skip
     elif config is not None:
         ds = reference.dataset_from_config(config, args.split, cache_dir=args.cache_dir)
     ev = evaluation.Evaluator(

@@ -340,3 +340,20 @@ def test_nll_table_picks_the_checkpoint_with_the_lowest_validation_nll(
     log.parent.mkdir()
     log.write_text("".join(json.dumps({"step": s, "steps_per_sec": r}) + "\n" for s, r in rows))
     assert nll_table.train_seconds(str(log.parent)) == pytest.approx(10 + 25 + 5)
+
+
+def test_image_size_reaches_the_reference_dataset(monkeypatch, tmp_path):
+    from core import reference
+
+    seen = {}
+
+    def fake(name, split, **kwargs):
+        seen.update(kwargs, name=name, split=split)
+        raise UserError("stop here")
+
+    monkeypatch.setattr(reference, "dataset_from_name", fake)
+    a = _npz(tmp_path, "a.npz", np.zeros((4, 8, 8, 3), np.uint8))
+    with pytest.raises(UserError, match="stop here"):
+        evaluate.main(["evaluate", "--samples", a, "--dataset", "celeb_a", "--image-size", "64",
+                       "--metrics", "memorization"])  # fmt: skip
+    assert seen["image_size"] == 64 and seen["name"] == "celeb_a" and seen["split"] == "train"
