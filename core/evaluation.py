@@ -32,8 +32,8 @@ class Options:
     kid_subset_size: int = 1000
     pr_k: int = 3
     mem_spaces: str = "pixel,inception"
-    delta_m: float | None = None
-    delta_s: float | None = None
+    delta_m: float | dict | None = None  # one distance, or {space: distance}
+    delta_s: float | dict | None = None
     ratio_k: int = 2
     ratio_threshold: float = 1 / 3
     effdim_num: int = 16
@@ -208,8 +208,8 @@ def _memorization(ev: Evaluator) -> dict:
                 ref,
                 space=space,
                 train_transform=prep,
-                delta_m=o.delta_m,
-                delta_s=o.delta_s,
+                delta_m=o.delta_m.get(space) if isinstance(o.delta_m, dict) else o.delta_m,
+                delta_s=o.delta_s.get(space) if isinstance(o.delta_s, dict) else o.delta_s,
                 ratio_k=o.ratio_k,
                 ratio_threshold=o.ratio_threshold,
                 progress=True,

@@ -78,8 +78,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     m.add_argument("--kid-subset-size", type=int, default=1000)
     m.add_argument("--pr-k", type=int, default=3)
     m.add_argument("--mem-space", default="pixel,inception", help="pixel and/or inception")
-    m.add_argument("--delta-m", type=float, default=None, help="memorized distance")
-    m.add_argument("--delta-s", type=float, default=None, help="spurious distance")
+    m.add_argument(
+        "--delta-m", default=None, help="memorized distance: one, or pixel=D,inception=D"
+    )
+    m.add_argument("--delta-s", default=None, help="spurious distance (as --delta-m)")
     m.add_argument("--ratio-k", type=int, default=2, help="ratio test: NN1 / mean NN2..k")
     m.add_argument("--ratio-threshold", type=float, default=1 / 3)
     m.add_argument("--effdim-num", type=int, default=16, help="samples for effdim")
@@ -120,13 +122,36 @@ def _check(args, UserError) -> None:
     for flag, (value, low) in at_least.items():
         if value < low:
             raise UserError(f"{flag} must be >= {low}, got {value}")
-    for flag, value in (("--delta-m", args.delta_m), ("--delta-s", args.delta_s)):
-        if value is not None and not value > 0:
-            raise UserError(f"{flag} must be > 0 (a distance), got {value}")
+    args.delta_m = _per_space("--delta-m", args.delta_m, UserError)
+    args.delta_s = _per_space("--delta-s", args.delta_s, UserError)
     if not 0.0 < args.effdim_sigma < 1.0:
         raise UserError(f"--effdim-sigma must be in (0, 1), got {args.effdim_sigma}")
     if args.write_stats and not args.write_stats.endswith(".npz"):
         args.write_stats += ".npz"  # numpy would add it anyway; report the real name
+
+
+def _per_space(flag: str, text: str | None, UserError):
+    """`"0.07"` -> 0.07; `"pixel=0.07,inception=0.1"` -> a dict by space; each > 0."""
+    if text is None:
+        return None
+    from metrics.memorization import DELTAS
+
+    pairs = [p.partition("=") for p in text.split(",") if p.strip()]
+    named = all(sep for _, sep, _ in pairs)
+    out = {}
+    for name, _, value in pairs if named else [("", "", text)]:
+        try:
+            d = float(value)
+        except ValueError:
+            raise UserError(
+                f"{flag} wants a distance or pixel=D,inception=D, got {text!r}"
+            ) from None
+        if not d > 0:
+            raise UserError(f"{flag} must be > 0 (a distance), got {d}")
+        if named and name.strip() not in DELTAS:
+            raise UserError(f"{flag}: unknown space {name.strip()!r}; known: {', '.join(DELTAS)}")
+        out[name.strip()] = d
+    return out if named else out[""]
 
 
 def _options(args, evaluation):

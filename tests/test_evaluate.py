@@ -114,6 +114,16 @@ def test_samples_against_a_dataset_split(env, tmp_path):
         "--metrics", "memorization", "--mem-space", "pixel",
     )  # fmt: skip
     assert out["pixel/memorized"] == 1.0 and out["pixel/ratio_memorized"] == 1.0
+    # per-space thresholds: copies with +-6 levels of noise (RMS ~0.03 on [-1, 1]) are
+    # memorized at the default pixel delta_m (0.07), not at pixel=0.01; inception=5 is
+    # not used in pixel space
+    noise = np.random.default_rng(0).integers(-6, 7, env[:8].shape)
+    near = _npz(tmp_path, "n.npz", np.clip(env[:8] + noise, 0, 255).astype(np.uint8))
+    args = ["--samples", near, "--dataset", "mnist", "--split", "test[:200]",
+            "--metrics", "memorization", "--mem-space", "pixel"]  # fmt: skip
+    assert cli(tmp_path, *args)["pixel/memorized"] == 1.0
+    strict = cli(tmp_path, *args, "--delta-m", "pixel=0.01,inception=5")
+    assert strict["pixel/memorized"] == 0.0
     assert out["reference"] == "mnist:test[:200]" and out["num_samples"] == 8
     assert out["pixel/nn_train_min"] == 0.0
 
@@ -151,6 +161,7 @@ def test_bad_input_is_one_line(env, tmp_path, monkeypatch, capsys):
         "--ratio-k must be >= 2, got 1": ["--samples", a, "--ratio-k", "1"],
         "--inception-batch must be >= 1, got 0": ["--samples", a, "--inception-batch", "0"],
         "--delta-m must be > 0 (a distance), got -1.0": ["--samples", a, "--delta-m", "-1"],
+        "--delta-s: unknown space 'lpips'": ["--samples", a, "--delta-s", "lpips=0.1"],
         "--effdim-sigma must be in (0, 1), got 0.0": ["--samples", a, "--effdim-sigma", "0"],
         "is (Inception Score) needs the 1008-way logits layer": [
             "--samples", a, "--ref-stats", a, "--metrics", "fid,is",
