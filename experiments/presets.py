@@ -158,6 +158,8 @@ def earth_config(dataset: str, arg: str | None) -> ConfigDict:
         grad_clip=0.0,
     )
     c.data.update(name=dataset, split="train")
+    # the seed of the 80/10/10 split (data/earth.py): --config.data.options.seed=N
+    c.data.options = dict(seed=0)
     c.model = dict(name="sphere_mlp", dim=3, hidden=h["hidden"], depth=h["depth"])
     c.loss = dict(name="sphere_fm")
     c.sample.update(

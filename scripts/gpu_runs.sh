@@ -16,7 +16,8 @@
 #   scripts/gpu_runs.sh earth     # sphere flow matching on the Earth datasets ($DATASETS, all
 #                                 # four by default): EARTH_SECONDS (steps sized by a probe
 #                                 # run) each of a EARTH_HIDDEN x EARTH_DEPTH MLP at batch
-#                                 # EARTH_BATCH; test NLL table, maps
+#                                 # EARTH_BATCH, split seeds EARTH_SEEDS (default 0); test NLL
+#                                 # table (mean ± std over seeds), maps
 #
 # The GPU machine has no tensorflow-datasets, no network and takes at most 64 MiB per call, so
 # data, weights and the two missing packages travel as files (about 58 MB, git-ignored), made
@@ -229,21 +230,24 @@ print(max(1000, int(rate * float(sys.argv[2]) * 0.9) // 1000 * 1000))
         cp "$probe/metrics.jsonl" "$out/earth_probe_metrics.jsonl"
     fi
     for d in ${DATASETS:-volcano earthquake flood fire}; do
-        # validation NLL picks the checkpoint (nll_table): keep ten along the run
-        "$PY" -m scripts.train --config "$(spec "experiments/sphere/earth_$d.py")" \
-            --workdir "$RUNS/earth_$d" --config.total_steps="$steps" \
-            --config.train_seconds="$((EARTH_SECONDS * 3 / 2))" --config.keep_ckpts=10 \
-            --config.ckpt_every=$(( (steps + 9) / 10 )) --config.sample_every="$steps" \
-            --config.log_every=500 "${size[@]}"
-        cp "$RUNS/earth_$d/metrics.jsonl" "$out/earth_${d}_metrics.jsonl"
-        runs+=("$RUNS/earth_$d")
+        for s in ${EARTH_SEEDS:-0}; do  # split seeds: nll_table pools them (mean ± std)
+            # validation NLL picks the checkpoint (nll_table): keep ten along the run
+            "$PY" -m scripts.train --config "$(spec "experiments/sphere/earth_$d.py")" \
+                --workdir "$RUNS/earth_${d}_s$s" --config.total_steps="$steps" \
+                --config.data.options.seed="$s" \
+                --config.train_seconds="$((EARTH_SECONDS * 3 / 2))" --config.keep_ckpts=10 \
+                --config.ckpt_every=$(( (steps + 9) / 10 )) --config.sample_every="$steps" \
+                --config.log_every=500 "${size[@]}"
+            cp "$RUNS/earth_${d}_s$s/metrics.jsonl" "$out/earth_${d}_s${s}_metrics.jsonl"
+            runs+=("$RUNS/earth_${d}_s$s")
+        done
     done
     "$PY" -m scripts.nll_table --workdirs "$(IFS=,; echo "${runs[*]}")" --nll-steps "$NLL_STEPS" \
         --out "$out/earth_nll"
 }
 
 if [ $# -lt 1 ]; then
-    sed -n '2,19p' "$0"
+    sed -n '2,20p' "$0"
     exit 2
 fi
 for part in "$@"; do

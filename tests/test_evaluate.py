@@ -368,3 +368,22 @@ def test_image_size_reaches_the_reference_dataset(monkeypatch, tmp_path):
         evaluate.main(["evaluate", "--samples", a, "--dataset", "celeb_a", "--image-size", "64",
                        "--metrics", "memorization"])  # fmt: skip
     assert seen["image_size"] == 64 and seen["name"] == "celeb_a" and seen["split"] == "train"
+
+
+def test_nll_table_pools_runs_of_one_dataset_as_mean_and_sample_std():
+    from scripts import nll_table
+
+    def run(dataset, nll, seed):
+        return {"run": f"r{seed}", "dataset": dataset, "split_seed": seed, "test_nll": nll,
+                "test_nll_8_steps": nll + 0.01, "final_test_nll": nll + 0.1, "best_step": 10,
+                "final_step": 20, "train_seconds": 60.0 * (seed + 1)}  # fmt: skip
+
+    rows = nll_table.summarize(
+        [run("volcano", -2.0, 0), run("volcano", -3.0, 1), run("volcano", -4.0, 2),
+         run("fire", -0.5, 0)], nll_steps=4,
+    )  # fmt: skip
+    volcano, fire = rows
+    assert volcano["test_nll"] == "-3.000 ± 1.000 (n=3)" and volcano["split_seeds"] == [0, 1, 2]
+    assert volcano["train_minutes"] == pytest.approx(2.0) and fire["test_nll"] == "-0.500"
+    text = nll_table.table([run("volcano", -2.0, 0), run("volcano", -3.0, 1)], nll_steps=4)
+    assert "| volcano | -2.500 ± 0.707 (n=2) |" in text and "-7.93" in text

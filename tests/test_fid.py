@@ -329,9 +329,15 @@ def test_missing_weights_give_one_line_user_error(tmp_path, monkeypatch):
     monkeypatch.setenv(inc.ENV_VAR, missing)
     with pytest.raises(UserError, match="nope.npz"):
         inc.load_inception()
-    # No env var and no cache: the download fails (a URL that cannot be fetched here).
+    # No env var and no cache: the weights beside the checkout (../shared/data), else the
+    # download, which fails (a URL that cannot be fetched here).
     monkeypatch.delenv(inc.ENV_VAR)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    shared = tmp_path / "shared_weights.npz"
+    shared.write_bytes(b"")
+    monkeypatch.setattr(inc, "SHARED_WEIGHTS", str(shared))
+    assert inc.resolve_weights() == str(shared)
+    monkeypatch.setattr(inc, "SHARED_WEIGHTS", str(tmp_path / "absent.npz"))
     monkeypatch.setattr(inception_pth, "PTH_URL", "file://" + str(tmp_path / "absent.pth"))
     with pytest.raises(UserError, match=inc.ENV_VAR) as info:
         inc.load_inception()
