@@ -459,7 +459,7 @@ def test_bpd_result_says_what_it_is():
 def test_imagenet64_data_and_optimizer_are_ml_tarflows():
     uncond = load(f"{ROOT}/experiments/nf/imagenet64_tarflow.py")
     assert uncond.data.name == "downsampled_imagenet/64x64" and not uncond.data.use_labels
-    assert uncond.data.image_size is None and uncond.model.get("num_classes", 0) == 0
+    assert uncond.data.image_size == 64 and uncond.model.get("num_classes", 0) == 0
     bpd = load(f"{ROOT}/experiments/nf/imagenet64_tarflow.py:noise=uniform")
     assert bpd.data.name == "downsampled_imagenet/64x64" and bpd.compute_dtype == "float32"
     cond = load(f"{ROOT}/experiments/nf/imagenet64_tarflow.py:cond=True")

@@ -66,8 +66,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     from core import config as config_lib
-    from core.train_state import learning_rate
-from core.trainer import train
+    from core.trainer import train
     out = {}
     from core import experiment
     for data, fsdp in [(1, 1), (8, 1), (4, 2), (1, 8)]:
@@ -124,8 +123,7 @@ def test_a_resume_that_does_not_fit_the_config_is_an_error_and_changes_nothing(t
 RESUME_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from core import config as config_lib
-    from core.train_state import learning_rate
-from core.trainer import train
+    from core.trainer import train
     workdir, kill_at = sys.argv[1], int(sys.argv[2])
     c = config_lib.load("experiments/quickstart.py:smoke=True")
     c.update(total_steps=8, ckpt_every=2, log_every=1)
