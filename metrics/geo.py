@@ -73,34 +73,17 @@ def plot_world_samples(
     with np.load(COASTLINES) as f:
         coast = f["lonlat"]
     ax.plot(coast[:, 0], coast[:, 1], color="0.45", lw=0.5, zorder=1)
-    to_latlon = lambda pts: np.asarray(
-        xyz_to_latlon(jnp.asarray(np.asarray(pts)[:max_points], jnp.float32))
-    )
-    latlon = to_latlon(samples)
-    ax.scatter(
-        latlon[:, 1],
-        latlon[:, 0],
-        s=1.5 if latlon.shape[0] > 5000 else 4.0,
-        c="tab:red",
-        alpha=0.5,
-        lw=0,
-        label="samples",
-        rasterized=True,
-        zorder=2,
-    )
+    # samples: small translucent dots; the data on top: rings (sizes for many / few points)
+    layers = [(samples, dict(c="tab:red", alpha=0.5, lw=0), (1.5, 4.0), "samples")]
     if reference is not None:
-        latlon = to_latlon(reference)
-        ax.scatter(
-            latlon[:, 1],
-            latlon[:, 0],
-            s=6.0 if latlon.shape[0] > 5000 else 12.0,
-            facecolors="none",
-            edgecolors="k",
-            lw=0.5,
-            label="data",
-            rasterized=True,
-            zorder=3,
-        )
+        rings = dict(facecolors="none", edgecolors="k", lw=0.5)
+        layers.append((reference, rings, (6.0, 12.0), "data"))
+    for z, (pts, style, sizes, label) in enumerate(layers, start=2):
+        xyz = jnp.asarray(np.asarray(pts)[:max_points], jnp.float32)
+        latlon = np.asarray(xyz_to_latlon(xyz))
+        size = sizes[0] if latlon.shape[0] > 5000 else sizes[1]
+        ax.scatter(latlon[:, 1], latlon[:, 0], s=size, label=label, rasterized=True, zorder=z,
+                   **style)  # fmt: skip
     ax.set_xlim(-180, 180)
     ax.set_ylim(-90, 90)
     ax.set_aspect("equal")
