@@ -76,7 +76,15 @@ def open_data_source(name: str, split: str, data_dir: str):
     builder = _builder(name, data_dir)
     if not builder.is_prepared() and can_prepare():
         log.info("preparing %s in %s (array_record)", name, data_dir)
-        builder.download_and_prepare(file_format="array_record")
+        try:
+            builder.download_and_prepare(file_format="array_record")
+        except Exception as e:  # offline, a manual download, a data_dir typo: one line
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"dataset {name!r} is not in {data_dir} and preparing it failed "
+                f"({type(e).__name__}: {first}); set TFDS_DATA_DIR (or --config.data.data_dir) "
+                f"to a folder that holds {name}/"
+            ) from e
     if builder.is_prepared():
         _check_split(builder, split)
     try:

@@ -257,6 +257,21 @@ def test_missing_dataset_is_a_one_line_error(tmp_path, monkeypatch):
     assert "'cifar10'" in message and str(tmp_path) in message and "driftlab[prepare]" in message
 
 
+def test_a_failed_preparation_is_a_one_line_error(tmp_path, monkeypatch):
+    import tensorflow_datasets as tfds
+
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("Name or service not known\nmore lines")
+
+    monkeypatch.setattr(data.tfds, "can_prepare", lambda: True)  # as with TensorFlow
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", offline)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+    with pytest.raises(UserError) as info:
+        build_source("cifar10")
+    message = str(info.value)
+    assert "\n" not in message and "preparing it failed (ConnectionError: Name or" in message
+
+
 def test_tfds_name_split_and_option_errors(shared_data):
     data_dir = os.path.join(shared_data, "tfds")
     with pytest.raises(UserError, match="did you mean mnist"):
