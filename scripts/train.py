@@ -1,13 +1,19 @@
 """Train an experiment:  python -m scripts.train --config experiments/quickstart.py --workdir runs/q
 
-Overrides: `--config.batch_size=64`; variants: `--config experiments/x.py:smoke=True`.
-A workdir with checkpoints is resumed.
+Overrides: `--config.batch_size=64`, and any option of the loss or network
+(`--config.loss.ot_pairing=True`, listed in the config file or not); variants:
+`--config experiments/x.py:smoke=True`. A workdir with checkpoints is resumed (a config
+whose weights do not fit its checkpoint is refused before anything is written). The
+experiment configs are under experiments/, each with its launch line in its docstring.
 """
 
 from scripts.common import maybe_initialize_distributed, parse_config_flags, run
 
 
 def main(argv: list[str]) -> None:
+    if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+        print(__doc__.strip())
+        return
     config, workdir = parse_config_flags(argv)
     maybe_initialize_distributed()
     from core.trainer import train

@@ -182,11 +182,11 @@ def test_train_then_sample_writes_adm_npz_and_png(tmp_path, python_env):
         assert expected in one_line_error(proc), expected
 
 
-@pytest.mark.parametrize("flag", ["--help"])
-def test_sample_help(flag, python_env):
-    proc = run_cli(["scripts.sample", flag], python_env)
+@pytest.mark.parametrize("script", ["scripts.sample", "scripts.train", "scripts.evaluate"])
+def test_help(script, python_env):
+    proc = run_cli([script, "--help"], python_env)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "--workdir" in out
+    assert proc.returncode == 0 and "--workdir" in out and f"python -m {script}" in out
 
 
 def test_plot_metrics_reads_the_logged_series_and_names_a_missing_key(tmp_path):
