@@ -133,14 +133,13 @@ def load(spec: str) -> ConfigDict:
     return module.get_config(arg) if arg else module.get_config()
 
 
-def _override_value(argv: list[str], path: str, flag: str = "config") -> str | None:
-    """The text of `--config.<path>=v` (or `--config.<path> v`) in `argv`, else None."""
-    key = f"--{flag}.{path}"
+def flag_value(argv: list[str], name: str) -> str | None:
+    """The value of `--name v` or `--name=v` in `argv` (e.g. name `config.loss.name`)."""
     for i, arg in enumerate(argv):
-        if arg.startswith(key + "="):
-            return arg[len(key) + 1 :]
-        if arg == key and i + 1 < len(argv):
+        if arg == f"--{name}" and i + 1 < len(argv):
             return argv[i + 1]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
     return None
 
 
@@ -174,7 +173,7 @@ def add_option_overrides(config: ConfigDict, argv: list[str], flag: str = "confi
     for section in ("loss", "model"):
         if section not in config or "name" not in config[section]:
             continue
-        name = _override_value(argv, f"{section}.name", flag) or config[section].name
+        name = flag_value(argv, f"{flag}.{section}.name") or config[section].name
         if section == "loss":
             import losses
 
@@ -188,7 +187,7 @@ def add_option_overrides(config: ConfigDict, argv: list[str], flag: str = "confi
         params = inspect.signature(fn).parameters
         skip = {"self", "rngs", "ema_net", "net", "batch", "key"}
         for key, param in params.items():
-            text = _override_value(argv, f"{section}.{key}", flag)
+            text = flag_value(argv, f"{flag}.{section}.{key}")
             if key in skip or text is None:
                 continue
             if key in config[section] and config[section][key] is not None:

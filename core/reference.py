@@ -8,7 +8,6 @@ The cache is `cache_dir` (default `$XDG_CACHE_HOME` or `~/.cache`, then
 
 import dataclasses
 import functools
-import hashlib
 import os
 import re
 from collections.abc import Callable
@@ -17,6 +16,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from core import experiment, plots
+from core.files import file_tag
 from metrics import fid as fm
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]  # uint8 images [N, H, W, C] -> [N, 2048]
@@ -122,11 +122,8 @@ def _cache_name(name: str, path: str | None, split: str) -> str:
         return name
     import data
 
-    path = os.path.abspath(data.npz_path(path, split))
-    stat = os.stat(path) if os.path.exists(path) else None
-    key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}" if stat else path
-    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    return f"npz_{os.path.splitext(os.path.basename(path))[0]}_{digest}"
+    path = data.npz_path(path, split)
+    return f"npz_{os.path.splitext(os.path.basename(path))[0]}_{file_tag(path)}"
 
 
 def dataset_from_config(

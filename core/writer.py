@@ -64,6 +64,15 @@ class MetricWriter:
             self._tb.close()
 
 
+def read_metrics(workdir: str) -> list[dict] | None:
+    """The rows of `<workdir>/metrics.jsonl` in file order, or None when it has none."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def _to_python(v):
     v = np.asarray(v)
     return v.item() if v.ndim == 0 else v.tolist()

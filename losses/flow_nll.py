@@ -34,9 +34,9 @@ import jax.numpy as jnp
 
 from losses.flow_matching import drop_cond
 
-NOISES = ("gaussian", "uniform", "none")
 # log s of `x = u / s - 1`: minus the log of the width in x of one unit of the pixel value u
-LOG_SCALE = {"uniform": math.log(128.0), "gaussian": math.log(127.5), "none": math.log(127.5)}
+LOG_SCALE = {"gaussian": math.log(127.5), "uniform": math.log(128.0), "none": math.log(127.5)}
+NOISES = tuple(LOG_SCALE)
 COMPARABLE = ("uniform",)  # bits/dim comparable with the published (dequantized) numbers
 
 
@@ -55,7 +55,7 @@ def flow_log_prob(net, x: jax.Array, *, cond: jax.Array | None = None) -> jax.Ar
 def bits_per_dim(log_px: jax.Array, num_dims: int, *, noise: str) -> jax.Array:
     """Bits/dim of 8-bit data from `log p(x)` (nats) of its [-1, 1] scaling, `x` made with
     `noise` (the constant `LOG_SCALE[noise]`, see the top)."""
-    if noise not in LOG_SCALE:
+    if noise not in NOISES:
         raise ValueError(f"unknown noise {noise!r}; known: {', '.join(NOISES)}")
     return (-log_px / num_dims + LOG_SCALE[noise]) / math.log(2.0)
 

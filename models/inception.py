@@ -12,7 +12,6 @@ Attribute names follow the npz (`net.layers.<path>.<weight|beta|mean|var>`), so 
 rename: `load_inception(path)`; see `models.inception_pth` for pytorch-fid's checkpoint.
 """
 
-import hashlib
 import os
 
 import jax
@@ -21,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from core.errors import UserError
+from core.files import file_tag
 from models import inception_pth
 
 BN_EPS = 1e-3
@@ -375,9 +375,7 @@ def weights_tag(path: str | None = None) -> str:
     """8 hex digits naming the weights file `resolve_weights(path)` (its real path, size and
     mtime): caches of Inception features carry it, so other weights (an fp16 copy, say)
     never read features another file made."""
-    real = os.path.realpath(resolve_weights(path))
-    st = os.stat(real)
-    return hashlib.sha1(f"{real}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:8]
+    return file_tag(resolve_weights(path), digits=8)
 
 
 def has_logits(path: str | None = None) -> bool:

@@ -41,6 +41,36 @@ from core.errors import UserError
 from models.layers import XAVIER, CondEmbed, Dtype, attend, layer_norm
 
 METHODS = ("sequential", "jacobi")
+
+
+def check_inverse_args(
+    method: str,
+    tol: float,
+    max_iters: int | None,
+    *,
+    names: tuple[str, str, str] = ("method", "tol", "max_iters"),
+    zero_tol: bool = True,
+) -> None:
+    """One UserError naming the argument (`names`: how the caller spells the three) for an
+    unknown inverse method, a tolerance that is not a number >= 0 (> 0 unless `zero_tol`:
+    0 runs every pass), or a pass cap that is not an integer >= 1. Used by
+    `TarFlow.inverse`, the sampler (`samplers.tarflow`) and `scripts.flow_inverse`."""
+    if method not in METHODS:
+        known = ", ".join(METHODS)
+        raise UserError(f"{names[0]}={method!r} is not an inverse method; known: {known}")
+    number = isinstance(tol, int | float) and not isinstance(tol, bool)
+    if not (number and (tol >= 0 if zero_tol else tol > 0)):
+        bound = ">= 0" if zero_tol else "> 0"
+        raise UserError(f"{names[1]}={tol!r} must be a number {bound} (max |Δx| per pass)")
+    if max_iters is not None and (
+        isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1
+    ):
+        raise UserError(
+            f"{names[2]}={max_iters!r} must be an integer >= 1 (Jacobi passes per block; "
+            "unset: the token count)"
+        )
+
+
 JACOBI_BOUND = 1e6  # |x| bound on Jacobi iterates (data lies in about [-1, 1])
 
 
@@ -323,12 +353,7 @@ class TarFlow(nnx.Module):
         every pass). With `return_iters`, also the Jacobi passes per block `[num_blocks]` (in
         inverse order; `T - 1` decode steps each for "sequential"). A bad `method`, `tol` or
         `max_iters` is a UserError."""
-        if method not in METHODS:
-            raise UserError(f"unknown inverse method {method!r}; known: {', '.join(METHODS)}")
-        if not tol >= 0:
-            raise UserError(f"Jacobi tol={tol!r} must be >= 0")
-        if max_iters is not None and max_iters < 1:
-            raise UserError(f"Jacobi max_iters={max_iters!r} must be >= 1")
+        check_inverse_args(method, tol, max_iters)
         tokens = self.patchify(z)
         num_tokens = tokens.shape[1]
         weights = None

@@ -21,9 +21,7 @@ import jax.numpy as jnp
 
 from core.errors import UserError
 from losses.flow_nll import NOISES, flow_log_prob
-from models.tarflow import METHODS
-
-INVERSES = METHODS
+from models.tarflow import check_inverse_args
 
 
 def tweedie_denoise(log_prob, x: jax.Array, noise_std: float) -> jax.Array:
@@ -36,36 +34,19 @@ def guidance_options(
     cfg_scale: float, *, conditional: bool, null_cond: int | None = None, anneal: bool = False
 ) -> dict:
     """The keyword arguments of `TarFlow.inverse` for guidance weight `cfg_scale`: none
-    when the weight is 1 or the flow is unconditional (nothing to guide)."""
-    if cfg_scale == 1.0 or not conditional:
+    when the weight is 1; a UserError for another weight on an unconditional flow (nothing
+    to guide; `core.experiment.make_sample_fn` says the same for every family)."""
+    if cfg_scale == 1.0:
         return {}
+    if not conditional:
+        raise UserError(f"guidance weight {cfg_scale:g} needs a conditional flow (use 1)")
     options = dict(cfg_scale=cfg_scale, anneal=bool(anneal))
     if null_cond is not None:
         options["null_cond"] = null_cond
     return options
 
 
-OPTION_NAMES = ("inverse", "jacobi_tol", "jacobi_max_iters")
-
-
-def check_inverse_options(
-    inverse: str, jacobi_tol: float, jacobi_max_iters: int | None, *, names=OPTION_NAMES
-) -> None:
-    """One UserError naming the option (`names`: how the caller spells the three) for an
-    unknown inverse method, a tolerance that is not a number > 0, or a pass cap that is not
-    an integer >= 1."""
-    if inverse not in INVERSES:
-        known = ", ".join(INVERSES)
-        raise UserError(f"{names[0]}={inverse!r} is not an inverse method; known: {known}")
-    number = isinstance(jacobi_tol, int | float) and not isinstance(jacobi_tol, bool)
-    if not (number and jacobi_tol > 0):
-        raise UserError(f"{names[1]}={jacobi_tol!r} must be a number > 0 (max |Δx| per pass)")
-    cap = jacobi_max_iters
-    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-        raise UserError(
-            f"{names[2]}={cap!r} must be an integer >= 1 (Jacobi passes per block; "
-            "unset: the token count)"
-        )
+SAMPLER_NAMES = ("inverse", "jacobi_tol", "jacobi_max_iters")  # how the options are spelled
 
 
 def _inverse_options(net, **options) -> dict:
@@ -111,7 +92,7 @@ def sample_tarflow(
     1 to w over each block's tokens (the paper's annealed guidance).
     """
     del num_steps, key
-    check_inverse_options(inverse, jacobi_tol, jacobi_max_iters)
+    check_inverse_args(inverse, jacobi_tol, jacobi_max_iters, names=SAMPLER_NAMES, zero_tol=False)
     if noise not in NOISES:
         raise UserError(f"noise={noise!r} is not a training noise; known: {', '.join(NOISES)}")
     options = guidance_options(

@@ -48,7 +48,7 @@ def parse_config_flags(argv: list[str]):
 
     from core import config as config_lib
 
-    spec = _flag_value(argv, "config")
+    spec = config_lib.flag_value(argv, "config")
     if spec is None:
         raise UserError("--config is required (e.g. --config experiments/quickstart.py)")
     config = config_lib.load(spec)
@@ -78,15 +78,6 @@ def _without_flag(argv: list[str], name: str) -> list[str]:
         elif not arg.startswith(f"--{name}="):
             out.append(arg)
     return out
-
-
-def _flag_value(argv: list[str], name: str) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == f"--{name}" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(f"--{name}="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def maybe_initialize_distributed() -> None:

@@ -29,7 +29,7 @@ import time
 
 from scripts.common import argument_parser, run
 
-NAMES = ("method", "--tols", "--max-iters")  # for check_inverse_options
+NAMES = ("method", "--tols", "--max-iters")  # for models.tarflow.check_inverse_args
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -74,14 +74,15 @@ def main(argv: list[str]) -> None:
 
     from core import experiment, sampling, sharding
     from core.errors import UserError
-    from samplers.tarflow import check_inverse_options, guidance_options
+    from models.tarflow import check_inverse_args
+    from samplers.tarflow import guidance_options
 
     try:
         tols = [float(t) for t in args.tols.split(",") if t.strip()]
     except ValueError:
         raise UserError(f"--tols={args.tols!r} is not a comma list of numbers") from None
     for tol in tols:
-        check_inverse_options("jacobi", tol, args.max_iters, names=NAMES)
+        check_inverse_args("jacobi", tol, args.max_iters, names=NAMES, zero_tol=False)
     config, spec = sampling.load_run(args.workdir)
     if args.dtype is not None:
         config.compute_dtype = args.dtype  # before restore_network builds the graph

@@ -115,12 +115,9 @@ def run_one(args, k: int) -> dict:
 
 
 def _final_loss(workdir: str) -> float | None:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    losses = [r["loss"] for r in rows if "loss" in r]
+    from core.writer import read_metrics
+
+    losses = [r["loss"] for r in read_metrics(workdir) or [] if "loss" in r]
     return losses[-1] if losses else None
 
 

@@ -44,16 +44,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def train_seconds(workdir: str) -> float | None:
     """Training time from `metrics.jsonl`: the logged steps/s over each logging interval
     (excludes start-up and checkpoint waits outside the logged intervals)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    from core.writer import read_metrics
+
+    logged = read_metrics(workdir)
+    if logged is None:
         return None
-    rows, last = {}, 0
-    with open(path) as f:
-        for line in f:
-            r = json.loads(line)
-            if "steps_per_sec" in r:
-                rows[r["step"]] = r["steps_per_sec"]  # a resumed run rewrites its steps
-    total = 0.0
+    # a resumed run rewrites its steps: the last row of a step counts
+    rows = {r["step"]: r["steps_per_sec"] for r in logged if "steps_per_sec" in r}
+    total, last = 0.0, 0
     for step in sorted(rows):
         total += (step - last) / rows[step]
         last = step

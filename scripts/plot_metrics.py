@@ -8,7 +8,6 @@ skipped (evaluation rows, for instance, hold only their own numbers).
 """
 
 import argparse
-import json
 import os
 
 from scripts.common import argument_parser, run
@@ -26,18 +25,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def read_series(workdir: str, key: str) -> tuple[list[int], list[float]]:
     """(steps, values) of `key` in `<workdir>/metrics.jsonl`, in file order."""
     from core.errors import UserError
+    from core.writer import read_metrics
 
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    rows = read_metrics(workdir)
+    if rows is None:
+        path = os.path.join(workdir, "metrics.jsonl")
         raise UserError(f"{path} not found: is {workdir} a driftlab run directory?")
-    steps, values = [], []
-    with open(path) as f:
-        for line in f:
-            row = json.loads(line)
-            if isinstance(row.get(key), int | float):
-                steps.append(int(row["step"]))
-                values.append(float(row[key]))
-    return steps, values
+    rows = [r for r in rows if isinstance(r.get(key), int | float)]
+    return [int(r["step"]) for r in rows], [float(r[key]) for r in rows]
 
 
 def main(argv: list[str]) -> None:
