@@ -6,6 +6,13 @@ projected onto the tangent space at `x` (`<x, v> = 0`), float32. The conditionin
 gates start at zero, so each block starts as the identity). `cond` is an int label `[B]`
 (`num_classes` = null label) or a float embedding `[B, cond_dim]` (null = the zero vector);
 `cond=None` means null. A shortcut step size `dt` is not supported.
+
+`fourier_features=M > 0` feeds `[x, sin(Bx), cos(Bx)]` instead of `x` to the first layer
+(Fourier features, Tancik et al. 2020): the rows of `B` `[M, D]` point in fixed
+pseudo-random directions with norms spaced geometrically from 1 to `fourier_max`, so a
+small network can resolve structure down to about `1 / fourier_max` radians. `B` is a
+function of (M, D, fourier_max) alone (drawn from a fixed key), not a parameter: it is not
+trained and not stored in checkpoints.
 """
 
 import math
@@ -17,6 +24,16 @@ from flax import nnx
 from manifolds.sphere import to_tangent
 
 _NUM_FREQS = 64
+_FOURIER_KEY = 20201008  # fixed: the Fourier directions are part of the architecture
+
+
+def fourier_matrix(num: int, dim: int, max_freq: float) -> jax.Array:
+    """`[num, dim]` frequency vectors: fixed pseudo-random unit directions, each scaled by
+    one of `num` norms spaced geometrically from 1 to `max_freq` (radians^-1)."""
+    u = jax.random.normal(jax.random.key(_FOURIER_KEY), (num, dim), jnp.float32)
+    u = u / jnp.linalg.norm(u, axis=-1, keepdims=True)
+    norms = jnp.geomspace(1.0, max_freq, num, dtype=jnp.float32) if num > 1 else jnp.ones(1)
+    return u * norms[:, None]
 
 
 def time_features(t: jax.Array, num_freqs: int = _NUM_FREQS) -> jax.Array:
@@ -50,6 +67,9 @@ class SphereMLP(nnx.Module):
       hidden, depth: width and number of residual blocks.
       num_classes: > 0 for int-label conditioning (label `num_classes` is null).
       cond_dim: > 0 for float-embedding conditioning `[B, cond_dim]`.
+      fourier_features: M > 0 adds `sin/cos(Bx)` of M fixed frequency vectors to the
+        input (module docstring); 0 feeds `x` alone.
+      fourier_max: the largest frequency norm, in radians^-1 (>= 1).
       dtype, param_dtype: compute and parameter dtypes (output is float32).
     """
 
@@ -60,6 +80,8 @@ class SphereMLP(nnx.Module):
         depth: int = 6,
         num_classes: int = 0,
         cond_dim: int = 0,
+        fourier_features: int = 0,
+        fourier_max: float = 64.0,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         *,
@@ -67,10 +89,16 @@ class SphereMLP(nnx.Module):
     ):
         if num_classes and cond_dim:
             raise ValueError("SphereMLP takes either num_classes or cond_dim, not both")
+        if fourier_features < 0 or not fourier_max >= 1.0:
+            raise ValueError(
+                f"SphereMLP needs fourier_features >= 0 and fourier_max >= 1, got "
+                f"{fourier_features} and {fourier_max}"
+            )
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.dim, self.num_classes, self.cond_dim = dim, num_classes, cond_dim
         self.dtype = dtype
-        self.embed_x = nnx.Linear(dim, hidden, **kw)
+        self.fourier_features, self.fourier_max = fourier_features, float(fourier_max)
+        self.embed_x = nnx.Linear(dim + 2 * fourier_features, hidden, **kw)
         self.time1 = nnx.Linear(2 * _NUM_FREQS, hidden, **kw)
         self.time2 = nnx.Linear(hidden, hidden, **kw)
         self.label = nnx.Embed(num_classes + 1, hidden, **kw) if num_classes else None
@@ -125,7 +153,12 @@ class SphereMLP(nnx.Module):
         extra = self._cond_vector(cond, batch)
         if extra is not None:
             c = c + extra
-        h = self.embed_x(x.astype(self.dtype))
+        feats = x.astype(jnp.float32)
+        if self.fourier_features:
+            b = fourier_matrix(self.fourier_features, self.dim, self.fourier_max)
+            angles = feats @ b.T
+            feats = jnp.concatenate([feats, jnp.sin(angles), jnp.cos(angles)], axis=-1)
+        h = self.embed_x(feats.astype(self.dtype))
         for block in self.blocks:
             h = block(h, c)
         shift, scale = jnp.split(self.mod_out(nnx.silu(c)), 2, axis=-1)

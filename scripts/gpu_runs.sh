@@ -209,7 +209,9 @@ part_earth() {
     if [ "${TINY:-0}" != 1 ]; then  # a GPU size between the CPU runs and the paper's
         size=(--config.model.hidden="${EARTH_HIDDEN:-512}" --config.model.depth="${EARTH_DEPTH:-6}"
             --config.batch_size="${EARTH_BATCH:-4096}" --config.optim.lr="${EARTH_LR:-5e-4}"
-            --config.optim.weight_decay=0.0)
+            --config.optim.weight_decay=0.0
+            --config.model.fourier_features="${EARTH_FOURIER:-256}"
+            --config.model.fourier_max="${EARTH_FOURIER_MAX:-512}")
     fi
     if [ -z "$steps" ]; then
         # the cosine schedule follows total_steps: size the runs so that they end inside

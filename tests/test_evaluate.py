@@ -345,6 +345,15 @@ def test_nll_table_picks_the_checkpoint_with_the_lowest_validation_nll(
     with open(out + ".md") as f:
         line = [ln for ln in f if ln.startswith("| volcano")][0]
     assert "-7.93" in line and "-4.92" in line and f"{row['test_nll']:.3f}" in line
+    # --last K: the choice among the newest K checkpoints only
+    nll_table.main(["nll_table", "--workdirs", workdir, "--out", out, "--nll-steps", "4",
+                    "--num-plot", "32", "--last", "1"])  # fmt: skip
+    with open(out + ".json") as f:
+        (last,) = json.load(f)["results"]
+    assert list(last["val_nll"]) == ["2"] and last["best_step"] == 2
+    assert last["val_nll"]["2"] == pytest.approx(val[2], rel=1e-6)
+    with pytest.raises(UserError, match="--last must be >= 0"):
+        nll_table.main(["nll_table", "--workdirs", workdir, "--out", out, "--last", "-1"])
     # training time from the logged rates; a resumed run's rewritten steps count once
     rows = [(100, 10.0), (200, 5.0), (200, 4.0), (300, 20.0)]
     log = tmp_path / "fake" / "metrics.jsonl"
@@ -385,5 +394,7 @@ def test_nll_table_pools_runs_of_one_dataset_as_mean_and_sample_std():
     volcano, fire = rows
     assert volcano["test_nll"] == "-3.000 ± 1.000 (n=3)" and volcano["split_seeds"] == [0, 1, 2]
     assert volcano["train_minutes"] == pytest.approx(2.0) and fire["test_nll"] == "-0.500"
+    assert volcano["test_nll_mean"] == -3.0 and volcano["test_nll_std"] == pytest.approx(1.0)
+    assert fire["test_nll_mean"] == -0.5 and fire["test_nll_std"] is None
     text = nll_table.table([run("volcano", -2.0, 0), run("volcano", -3.0, 1)], nll_steps=4)
     assert "| volcano | -2.500 ± 0.707 (n=2) |" in text and "-7.93" in text

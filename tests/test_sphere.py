@@ -27,7 +27,7 @@ from manifolds import sphere as S
 from manifolds.sphere import check_unit_vectors
 from metrics.geo import geo_metrics, geoscore, plot_world_samples
 from metrics.likelihood import log_likelihood, log_likelihood_batched, mean_nll
-from models.sphere import SphereMLP
+from models.sphere import SphereMLP, fourier_matrix
 from samplers.sphere import (
     cfg_tangent,
     sample_sphere_euler,
@@ -185,6 +185,34 @@ def test_sphere_mlp_protocol():
     assert nnx.jit(lambda net, x, t: net(x, t))(half, x, t).dtype == jnp.float32
     shaped = nnx.eval_shape(lambda: SphereMLP(hidden=32, depth=1, rngs=nnx.Rngs(0)))
     assert isinstance(shaped, SphereMLP)
+
+
+def test_sphere_mlp_fourier_features():
+    b = fourier_matrix(8, 3, 64.0)
+    np.testing.assert_allclose(jnp.linalg.norm(b, axis=-1), np.geomspace(1, 64, 8), rtol=1e-5)
+    np.testing.assert_array_equal(b, fourier_matrix(8, 3, 64.0))  # fixed, not drawn per net
+    x, _ = _pairs(8)
+    t = jnp.linspace(0, 1, 8)
+    four = _randomize(SphereMLP(hidden=32, depth=1, fourier_features=8, rngs=nnx.Rngs(0)))
+    v = four(x, t)
+    assert float(jnp.max(jnp.abs(jnp.sum(v * x, -1)) / jnp.linalg.norm(v, axis=-1))) < 1e-6
+    assert not jax.tree.leaves(nnx.state(four, nnx.Not(nnx.Param)))  # B is not stored
+    assert four.embed_x.kernel.value.shape == (3 + 16, 32)
+    # the first layer sees [x, sin(Bx), cos(Bx)]: with the Fourier rows zeroed the net is a
+    # plain one with the same weights; each Fourier row changes the output on its own
+    plain = SphereMLP(hidden=32, depth=1, rngs=nnx.Rngs(0))
+    nnx.update(plain, nnx.state(four, nnx.Not(nnx.PathContains("embed_x"))))
+    k = four.embed_x.kernel.value
+    plain.embed_x.kernel.value, plain.embed_x.bias.value = k[:3], four.embed_x.bias.value
+    four.embed_x.kernel.value = k.at[3:].set(0.0)
+    np.testing.assert_allclose(four(x, t), plain(x, t), atol=1e-6)
+    for row in (3 + 7, 3 + 8 + 7):  # sin and cos of the highest frequency
+        four.embed_x.kernel.value = k.at[3:].set(0.0).at[row].set(k[row])
+        assert not np.allclose(four(x, t), plain(x, t), atol=1e-4)
+    with pytest.raises(ValueError, match="fourier"):
+        SphereMLP(hidden=32, depth=1, fourier_features=-1, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="fourier"):
+        SphereMLP(hidden=32, depth=1, fourier_features=4, fourier_max=0.5, rngs=nnx.Rngs(0))
 
 
 def test_loss_is_zero_at_exact_conditional_field():
