@@ -47,6 +47,9 @@ class Options:
     nll_steps: int = 100
     nll_divergence: str = "auto"  # exact up to 16 dimensions, else hutchinson
     nll_probes: int = 1
+    # also integrate with nll_steps // 2 and report how much each point's log-likelihood
+    # moved (`nll_step_change`): a fixed-step ODE likelihood is only as good as its steps
+    nll_check: bool = True
     batch: int = 256
     sampler: str | None = None
     sample_steps: int | None = None
@@ -302,13 +305,20 @@ def _nll(ev: Evaluator) -> dict:
     divergence = o.nll_divergence
     if divergence == "auto":
         divergence = "exact" if dim <= 16 else "hutchinson"
-    lp = likelihood.log_likelihood_batched(
-        net, x, batch_size=min(o.batch, len(x)), cond=cond, num_steps=o.nll_steps,
+    log_lik = functools.partial(
+        likelihood.log_likelihood_batched, net, x, batch_size=min(o.batch, len(x)), cond=cond,
         manifold=manifold, divergence=divergence, num_probes=o.nll_probes, key=key,
     )  # fmt: skip
+    lp = log_lik(num_steps=o.nll_steps)
     nll = -float(np.mean(lp, dtype=np.float64))
     out = {"nll": nll, "nll_split": o.heldout_split, "nll_steps": o.nll_steps,
            "nll_divergence": divergence, "nll_count": len(x)}  # fmt: skip
+    if o.nll_check and o.nll_steps >= 2:
+        # RK4's error falls 16x per halving of the step once converging: a mean per-point
+        # change above a few hundredths of a nat says the steps are too few
+        half = log_lik(num_steps=o.nll_steps // 2)
+        out["nll_half_steps"] = -float(np.mean(half, dtype=np.float64))
+        out["nll_step_change"] = float(np.mean(np.abs(lp - half), dtype=np.float64))
     if images:  # density of u in [0, 256)^D: p_u = p_x / 127.5^D
         out["bpd"] = (nll + dim * np.log(127.5)) / (dim * np.log(2.0))
     return out

@@ -34,6 +34,7 @@ import argparse
 import functools
 import json
 import os
+import sys
 
 from scripts.common import (
     add_sampling_flags,
@@ -93,7 +94,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--nll-divergence", default="auto", help="exact, hutchinson or auto (exact up to 16-d)"
     )
     m.add_argument("--nll-probes", type=int, default=1, help="Hutchinson probes")
+    m.add_argument(
+        "--nll-check", action=argparse.BooleanOptionalAction, default=True,
+        help="also integrate with half the steps: nll_half_steps, nll_step_change (the mean "
+        "per-point change; raise --nll-steps when it is more than a few hundredths)",
+    )  # fmt: skip
     return p.parse_args(argv[1:])
+
+
+NLL_CHANGE_WARN = 0.05  # nats per point, mean |log p_N - log p_{N/2}|
 
 
 def _check(args, UserError) -> None:
@@ -174,6 +183,7 @@ def _options(args, evaluation):
         nll_steps=args.nll_steps,
         nll_divergence=args.nll_divergence,
         nll_probes=args.nll_probes,
+        nll_check=args.nll_check,
         batch=args.batch,
         sampler=args.sampler,
         sample_steps=args.steps,
@@ -281,6 +291,11 @@ def main(argv: list[str]) -> None:
     if args.ref_stats:
         result["ref_stats"] = args.ref_stats  # FID's reference when given (over --dataset)
     _write_json(result, args.out)
+    change = result.get("nll_step_change")
+    if change is not None and change > NLL_CHANGE_WARN:
+        print(f"warning: each point's log-likelihood moved {change:.3f} nats on average "
+              f"between {args.nll_steps // 2} and {args.nll_steps} ODE steps: the NLL is not "
+              f"converged; raise --nll-steps", file=sys.stderr)  # fmt: skip
 
 
 def _write_json(result: dict, path: str | None) -> None:

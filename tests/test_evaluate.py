@@ -232,7 +232,7 @@ def _restored(config, workdir):
     return nnx.merge(graphdef, jax.device_get(params))
 
 
-def test_nll_and_geo_of_a_run(shared_data, tmp_path, monkeypatch):
+def test_nll_and_geo_of_a_run(shared_data, tmp_path, monkeypatch, capsys):
     # A 2-step geolocation run: the CLI's held-out NLL is metrics.likelihood's on the
     # restored EMA network and the test split; geo predicts one place per test event.
     import jax.numpy as jnp
@@ -247,18 +247,28 @@ def test_nll_and_geo_of_a_run(shared_data, tmp_path, monkeypatch):
     config, workdir = _trained(
         tmp_path, "experiments/sphere/earth_geoloc.py:smoke=True,dataset=volcano"
     )
+    monkeypatch.setattr(evaluate, "NLL_CHANGE_WARN", 0.0)  # any change warns
     out = cli(
         tmp_path, "--workdir", workdir, "--metrics", "nll,geo", "--split", "test",
         "--nll-steps", "6", "--steps", "3", "--batch", "32",
     )  # fmt: skip
+    assert "between 3 and 6 ODE steps: the NLL is not converged" in capsys.readouterr().err
     test = experiment.build_source(config, "test")
     batch = test.__getitems__(np.arange(test.num_examples))
     assert out["nll_count"] == out["geo/count"] == test.num_examples == 82
-    direct = likelihood.mean_nll(
-        _restored(config, workdir), jnp.asarray(batch["x"]), cond=jnp.asarray(batch["cond"]),
-        num_steps=6, manifold="sphere", batch_size=32,
-    )  # fmt: skip
-    assert out["nll"] == pytest.approx(direct, rel=1e-5) and out["nll_divergence"] == "exact"
+    lp = {
+        n: likelihood.log_likelihood_batched(
+            _restored(config, workdir), jnp.asarray(batch["x"]),
+            cond=jnp.asarray(batch["cond"]), num_steps=n, manifold="sphere", batch_size=32,
+        )  # fmt: skip
+        for n in (6, 3)
+    }
+    assert out["nll"] == pytest.approx(-lp[6].mean(), rel=1e-5)
+    assert out["nll_divergence"] == "exact"
+    # the convergence check: the same points integrated with half the steps
+    assert out["nll_half_steps"] == pytest.approx(-lp[3].mean(), rel=1e-5)
+    change = np.abs(lp[6] - lp[3]).mean()
+    assert change > 0 and out["nll_step_change"] == pytest.approx(change, rel=1e-4, abs=1e-7)
     accs = [out[f"geo/acc_{t}km"] for t in (1, 25, 200, 750, 2500)]
     assert accs == sorted(accs) and 0.0 <= accs[0] and accs[-1] <= 1.0
     assert 0.0 < out["geo/error_km_mean"] <= np.pi * 6371.0 + 1e-6
