@@ -135,8 +135,8 @@ EARTH_PAPER = {
     "fire": dict(hidden=2048, depth=10, batch_size=8192, lr=5e-4, weight_decay=0.01),
 }
 # the CPU size: Fourier features of the position (models/sphere.py) let a 256-wide net
-# resolve the tight clusters of the data (volcano test NLL after 6000 steps: -2.5 without,
-# -5.1 with 128 features up to 512 rad^-1; BENCHMARKS.md)
+# resolve the tight clusters of the data (volcano test NLL -2.5 without them after 10000
+# steps, -5.1 with 128 features up to 512 rad^-1 after 6000; BENCHMARKS.md)
 EARTH_SMALL = dict(
     hidden=256, depth=4, batch_size=512, lr=1e-3, weight_decay=0.0,
     fourier_features=256, fourier_max=512.0,
