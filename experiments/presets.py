@@ -166,14 +166,9 @@ def earth_config(dataset: str, arg: str | None) -> ConfigDict:
     c.data.update(name=dataset, split="train")
     # the seed of the 80/10/10 split (data/earth.py): --config.data.options.seed=N
     c.data.options = dict(seed=0)
-    c.model = dict(
-        name="sphere_mlp",
-        dim=3,
-        hidden=h["hidden"],
-        depth=h["depth"],
-        fourier_features=h.get("fourier_features", 0),  # 0: the paper's plain MLP
-        fourier_max=h.get("fourier_max", 64.0),
-    )
+    # the paper's sizes list no Fourier features: the network's defaults (none) apply
+    net_keys = ("hidden", "depth", "fourier_features", "fourier_max")
+    c.model = dict(name="sphere_mlp", dim=3, **{k: h[k] for k in net_keys if k in h})
     c.loss = dict(name="sphere_fm")
     c.sample.update(
         sampler="sphere_rk4", num_steps=100, num=4096, prior="sphere_uniform", plot="world_map"

@@ -32,7 +32,7 @@ def fourier_matrix(num: int, dim: int, max_freq: float) -> jax.Array:
     one of `num` norms spaced geometrically from 1 to `max_freq` (radians^-1)."""
     u = jax.random.normal(jax.random.key(_FOURIER_KEY), (num, dim), jnp.float32)
     u = u / jnp.linalg.norm(u, axis=-1, keepdims=True)
-    norms = jnp.geomspace(1.0, max_freq, num, dtype=jnp.float32) if num > 1 else jnp.ones(1)
+    norms = jnp.geomspace(1.0, max_freq, num, dtype=jnp.float32)  # num = 1: [1.0]
     return u * norms[:, None]
 
 

@@ -138,21 +138,25 @@ def _plot(config, split: str, x, path: str, title: str) -> None:
         plots.save_scatter(x, ref, path, title=title)
 
 
-def _mean_std(values: list[float], digits: int = 3) -> str:
-    """`"-2.540"` for one value, `"-2.540 ± 0.120 (n=3)"` (sample std) for several."""
+def _stats(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample std (None for one value)."""
     import numpy as np
 
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
     v = np.asarray(values, np.float64)
-    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f} (n={len(v)})"
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
+
+
+def _mean_std(values: list[float], digits: int = 3) -> str:
+    """`"-2.540"` for one value, `"-2.540 ± 0.120 (n=3)"` (sample std) for several."""
+    mean, std = _stats(values)
+    if std is None:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f} (n={len(values)})"
 
 
 def summarize(results: list[dict], nll_steps: int) -> list[dict]:
     """One row per dataset: runs of the same dataset (e.g. other split seeds, as the
     papers' mean ± std over runs) are pooled; single runs are passed through."""
-    import numpy as np
-
     fine = f"test_nll_{2 * nll_steps}_steps"
     groups: dict[str, list[dict]] = {}
     for r in results:
@@ -160,14 +164,15 @@ def summarize(results: list[dict], nll_steps: int) -> list[dict]:
     rows = []
     for dataset, runs in groups.items():
         secs = [r["train_seconds"] for r in runs if r["train_seconds"]]
-        tests = np.asarray([r["test_nll"] for r in runs], np.float64)
+        tests = [r["test_nll"] for r in runs]
+        mean, std = _stats(tests)
         rows.append({
             "dataset": dataset,
             "runs": [r["run"] for r in runs],
             "split_seeds": [r.get("split_seed") for r in runs],
-            "test_nll": _mean_std([r["test_nll"] for r in runs]),
-            "test_nll_mean": float(tests.mean()),  # the numbers behind the text
-            "test_nll_std": float(tests.std(ddof=1)) if len(tests) > 1 else None,
+            "test_nll": _mean_std(tests),
+            "test_nll_mean": mean,  # the numbers behind the text
+            "test_nll_std": std,
             fine: _mean_std([r[fine] for r in runs]),
             "final_test_nll": _mean_std([r["final_test_nll"] for r in runs]),
             "steps": " ; ".join(f"{r['best_step']} / {r['final_step']}" for r in runs),
