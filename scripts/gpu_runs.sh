@@ -32,9 +32,12 @@
 #   mkdir -p .devdata/earth && cp ../shared/data/earth/*.csv .devdata/earth/
 #
 # Each part writes $RESULTS/<part>/ (default gpu_results/; log.txt, JSON, PNG) and, where $OUT
-# is set, packs it into $OUT/<part>.tgz. Training lengths are environment variables
-# (UNET_STEPS, SC_STEPS, TF_STEPS): set them from the step rates `bench` measures, as the cosine
-# schedules follow total_steps; the *_SECONDS budgets (train_seconds) are only a safety net.
+# is set, packs it into $OUT/<part>.tgz. Training budgets are environment variables in seconds
+# (UNET_SECONDS, SC_SECONDS, TF_SECONDS, TF_BPD_SECONDS, EARTH_SECONDS): each run's steps are
+# sized from the step rate of a PROBE_SECONDS probe run (the cosine schedules follow
+# total_steps), unless *_STEPS gives them; the seconds then stay only as a safety net. Parts
+# may share the GPU (two processes, XLA_PYTHON_CLIENT_MEM_FRACTION each): the probes then
+# measure the shared rate.
 # TINY=1 rehearses every part on a CPU in minutes (smoke-size networks, meaningless numbers).
 set -euo pipefail
 
@@ -72,13 +75,15 @@ else
     BENCH_BATCH=256 BENCH_STEPS=50 SAMPLE_BATCH=1000 NUM_FID=10000 NUM_SWEEP=${NUM_SWEEP:-5000}
     SWEEP_STEPS=1,2,4,8,128 NUM_GIVEN=50000 INCEPTION_BATCH=500
     INVERSE_NUM=2048 INVERSE_BATCH=512 MNIST_BENCH_BATCH=()
-    UNET_STEPS=${UNET_STEPS:-20000} SC_STEPS=${SC_STEPS:-8000} TF_STEPS=${TF_STEPS:-10000}
     DATA_PATH="$DEVDATA/mnist_{split}.npz"
 fi
+# a training length left unset is sized from a probe run (probe_steps) to fill its *_SECONDS
+UNET_STEPS=${UNET_STEPS:-} SC_STEPS=${SC_STEPS:-} TF_STEPS=${TF_STEPS:-}
 # EARTH_STEPS unset: sized from a probe run's step rate to last EARTH_SECONDS per dataset
 EARTH_STEPS=${EARTH_STEPS:-$([ "${TINY:-0}" = 1 ] && echo 4 || echo)}
 EARTH_SECONDS=${EARTH_SECONDS:-90}
-NLL_STEPS=$([ "${TINY:-0}" = 1 ] && echo 4 || echo 100)
+# 400 ODE steps: with Fourier features 100 were off by 0.6 nats per point (BENCHMARKS.md)
+NLL_STEPS=$([ "${TINY:-0}" = 1 ] && echo 4 || echo 400)
 if [ -d "$DEVDATA/earth" ]; then
     export DRIFTLAB_EARTH_DIR=${DRIFTLAB_EARTH_DIR:-$DEVDATA/earth}
 fi
@@ -96,6 +101,32 @@ spec() {  # the experiment spec; with TINY=1 its smoke size
     else
         echo "$1:smoke=True"
     fi
+}
+
+probe_rate() {  # probe_rate CONFIG [flags]: train steps per second, from a short run
+    # the cosine schedules follow total_steps, so a run cut short by its time budget never
+    # decays its rate: runs are sized (steps_for) from the step rate of a short run of the
+    # same network and batch (on a shared GPU the rate counts the sharing too)
+    local config probe
+    config=$(spec "$1")
+    probe=$RUNS/probe_$(basename "${1%%.py*}")_$$
+    shift
+    rm -rf "$probe"
+    "$PY" -m scripts.train --config "$config" --workdir "$probe" --config.total_steps=1000000 \
+        --config.train_seconds="${PROBE_SECONDS:-20}" --config.log_every=100 \
+        --config.ckpt_every=1000000 --config.sample_every=0 "$@" >&2
+    "$PY" -c "
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if 'steps_per_sec' in line]
+print(rows[-1]['steps_per_sec'])  # the last interval: compiled, warm
+" "$probe/metrics.jsonl"
+    rm -rf "$probe"
+}
+
+steps_for() {  # steps_for RATE SECONDS: 90 % of the steps that fit, in hundreds (at least 100)
+    awk -v r="$1" -v s="$2" 'BEGIN { n = int(r * s * 0.9 / 100) * 100; print (n < 100 ? 100 : n) }'
+    echo "sized: $1 steps/s x $2 s -> $(awk -v r="$1" -v s="$2" \
+        'BEGIN { n = int(r * s * 0.9 / 100) * 100; print (n < 100 ? 100 : n) }') steps" >&2
 }
 
 train() {  # train CONFIG WORKDIR STEPS SECONDS [flags]: a time-boxed run on the npz data
@@ -141,10 +172,11 @@ print(json.dumps({'num': int(n), 'wall_s': float(t1) - float(t0), 'weights': wei
 }
 
 part_unet() {
-    local out=$1 run=$RUNS/mnist_unet
+    local out=$1 run=$RUNS/mnist_unet config=experiments/flow_matching/mnist_unet.py
+    local seconds=${UNET_SECONDS:-420} steps=$UNET_STEPS
+    [ -n "$steps" ] || steps=$(steps_for "$(probe_rate "$config" "${NPZ[@]}")" "$seconds")
     # EMA 0.999: the config's 0.9999 averages over ~10k steps, too long for a short run
-    train experiments/flow_matching/mnist_unet.py "$run" "$UNET_STEPS" "${UNET_SECONDS:-420}" \
-        --config.ema_decay=0.999
+    train "$config" "$run" "$steps" "$seconds" --config.ema_decay=0.999
     cp "$run/samples.png" "$out/mnist_unet_samples.png"
     cp "$run/metrics.jsonl" "$out/mnist_unet_metrics.jsonl"
     "$PY" -m scripts.plot_metrics --workdir "$run" --keys loss,grad_norm --logy \
@@ -155,9 +187,13 @@ part_unet() {
 
 part_shortcut() {
     local out=$1 sc=$RUNS/mnist_shortcut fm=$RUNS/mnist_fm run k name
+    local config=experiments/shortcut/mnist_dit.py seconds=${SC_SECONDS:-170} steps=$SC_STEPS
+    # the same steps for both, sized by the shortcut step (the dearer one: its bootstrap
+    # targets take two extra forward passes on part of the batch)
+    [ -n "$steps" ] || steps=$(steps_for "$(probe_rate "$config:teacher=current" "${NPZ[@]}")" "$seconds")
     # teacher=current: on two moons the EMA teacher left k < 16 blurry at a short budget
-    train experiments/shortcut/mnist_dit.py:teacher=current "$sc" "$SC_STEPS" "${SC_SECONDS:-170}"
-    train experiments/shortcut/mnist_dit.py:method=fm "$fm" "$SC_STEPS" "${SC_SECONDS:-170}"
+    train "$config:teacher=current" "$sc" "$steps" "$seconds"
+    train "$config:method=fm" "$fm" "$steps" "$seconds"
     "$PY" -m scripts.steps_sweep --workdirs "$sc,$fm" --steps "$SWEEP_STEPS" --metrics fid \
         --num "$NUM_SWEEP" "${EVAL[@]}" --out "$RUNS/fid_vs_steps"
     cp "$RUNS/fid_vs_steps.json" "$RUNS/fid_vs_steps.png" "$out/"
@@ -174,14 +210,21 @@ part_shortcut() {
 
 part_tarflow() {
     local out=$1 run=$RUNS/mnist_tarflow bpd=$RUNS/mnist_tarflow_uniform
+    local config=experiments/nf/mnist_tarflow.py
+    local seconds=${TF_SECONDS:-200} bpd_seconds=${TF_BPD_SECONDS:-140} steps=$TF_STEPS
+    local bpd_steps=${TF_BPD_STEPS:-$TF_STEPS} rate
+    if [ -z "$steps" ] || [ -z "$bpd_steps" ]; then  # one probe: both runs share the network
+        rate=$(probe_rate "$config" "${NPZ[@]}")
+        [ -n "$steps" ] || steps=$(steps_for "$rate" "$seconds")
+        [ -n "$bpd_steps" ] || bpd_steps=$(steps_for "$rate" "$bpd_seconds")
+    fi
     # bits/dim comparable with RealNVP / Glow / FFJORD needs uniform dequantization: its own
     # run (the Gaussian-noise run below is the sampling model: FID, grids, inverses)
-    train experiments/nf/mnist_tarflow.py:noise=uniform "$bpd" "${TF_BPD_STEPS:-$TF_STEPS}" \
-        "${TF_BPD_SECONDS:-140}"
+    train "$config:noise=uniform" "$bpd" "$bpd_steps" "$bpd_seconds"
     cp "$bpd/metrics.jsonl" "$out/mnist_tarflow_uniform_metrics.jsonl"
     "$PY" -m scripts.evaluate --workdir "$bpd" --metrics bpd --split test "${EVAL[@]}" \
         --out "$out/mnist_tarflow_bpd.json"
-    train experiments/nf/mnist_tarflow.py "$run" "$TF_STEPS" "${TF_SECONDS:-200}"
+    train "$config" "$run" "$steps" "$seconds"
     cp "$run/metrics.jsonl" "$out/mnist_tarflow_metrics.jsonl"
     "$PY" -m scripts.evaluate --workdir "$run" --num "$NUM_FID" --metrics fid "${EVAL[@]}" \
         --out "$out/mnist_tarflow_fid.json"
@@ -213,23 +256,9 @@ part_earth() {
             --config.model.fourier_features="${EARTH_FOURIER:-256}"
             --config.model.fourier_max="${EARTH_FOURIER_MAX:-512}")
     fi
-    if [ -z "$steps" ]; then
-        # the cosine schedule follows total_steps: size the runs so that they end inside
-        # EARTH_SECONDS (a run cut by the budget never decays its rate), from the step rate
-        # of a short probe run of the same network and batch (every dataset shares them)
-        rm -rf "$probe"
-        "$PY" -m scripts.train --config "$(spec experiments/sphere/earth_volcano.py)" \
-            --workdir "$probe" --config.total_steps=100000 --config.train_seconds=25 \
-            --config.log_every=200 --config.ckpt_every=100000 --config.sample_every=0 \
-            "${size[@]}"
-        steps=$("$PY" -c "
-import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1]) if 'steps_per_sec' in line]
-rate = rows[-1]['steps_per_sec']  # the last interval: compiled, warm
-print(max(1000, int(rate * float(sys.argv[2]) * 0.9) // 1000 * 1000))
-" "$probe/metrics.jsonl" "$EARTH_SECONDS")
-        echo "earth: $steps steps per dataset (probe: $probe/metrics.jsonl)"
-        cp "$probe/metrics.jsonl" "$out/earth_probe_metrics.jsonl"
+    if [ -z "$steps" ]; then  # every dataset shares the network and batch: one probe
+        steps=$(steps_for "$(probe_rate experiments/sphere/earth_volcano.py "${size[@]}")" \
+            "$EARTH_SECONDS")
     fi
     for d in ${DATASETS:-volcano earthquake flood fire}; do
         for s in ${EARTH_SEEDS:-0}; do  # split seeds: nll_table pools them (mean ± std)
