@@ -4,6 +4,7 @@
 #   scripts/gpu_runs.sh bench     # train-step MFU of DiT-S/2, DiT-B/2 and the CIFAR U-Net (bf16,
 #                                 # batch 256); step rates of the MNIST configs (to size the
 #                                 # runs below); FID of 50,000 given images, end to end
+#   scripts/gpu_runs.sh fid       # the FID part of bench alone
 #   scripts/gpu_runs.sh unet      # MNIST U-Net: UNET_STEPS steps, sample grid, loss curve, FID
 #   scripts/gpu_runs.sh shortcut  # shortcut DiT and flow-matching DiT, SC_STEPS steps each;
 #                                 # FID at 1, 2, 4, 8, 128 steps; 1- and 128-step grids
@@ -139,7 +140,7 @@ train() {  # train CONFIG WORKDIR STEPS SECONDS [flags]: a time-boxed run on the
 }
 
 part_bench() {
-    local out=$1 s t0 t1
+    local out=$1 s
     for s in cifar10_dit.py:size=S/2 cifar10_dit.py:size=B/2 cifar10_unet.py; do
         "$PY" -m scripts.bench --config "experiments/flow_matching/$(spec "$s")" \
             --batch "$BENCH_BATCH" --dtype bfloat16 --steps "$BENCH_STEPS" --out "$out/bench.jsonl"
@@ -150,6 +151,11 @@ part_bench() {
         "$PY" -m scripts.bench --config "experiments/$(spec "$s")" --steps "$BENCH_STEPS" \
             --no-sampling "${MNIST_BENCH_BATCH[@]}" --out "$out/bench_mnist.jsonl"
     done
+    part_fid "$out"
+}
+
+part_fid() {
+    local out=$1 t0 t1
     # FID of NUM_GIVEN given images (MNIST train) against cached statistics (MNIST test), end
     # to end: a fresh process that reads the .npz, runs Inception and compares
     "$PY" -m scripts.evaluate --dataset "$DATA_PATH" --split test \
@@ -283,7 +289,7 @@ if [ $# -lt 1 ]; then
 fi
 for part in "$@"; do
     if ! declare -F "part_$part" >/dev/null; then
-        echo "unknown part '$part'; known: bench, unet, shortcut, tarflow, memorization, earth"
+        echo "unknown part '$part'; known: bench, fid, unet, shortcut, tarflow, memorization, earth"
         exit 2
     fi
 done
