@@ -28,6 +28,7 @@ SCORE_KINDS = {"flow_matching": "velocity"}  # loss name -> what its network out
 class Options:
     """Settings of the metrics (the CLI's flags)."""
 
+    fid_method: str = "eigh"  # or "sqrtm": pytorch-fid's exact steps (metrics.fid)
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     pr_k: int = 3
@@ -169,7 +170,9 @@ class Evaluator:
 
 def _fid(ev: Evaluator) -> dict:
     ref = ev.reference_stats  # first: a missing reference fails before any Inception pass
-    return {"fid": fm.fid_from_stats(*fm.stats(ev.sample_features), *ref)}
+    stats = fm.stats(ev.sample_features)
+    method = ev.options.fid_method
+    return {"fid": fm.fid_from_stats(*stats, *ref, method=method), "fid_method": method}
 
 
 def _kid(ev: Evaluator) -> dict:

@@ -150,10 +150,37 @@ def sqrtm(a: np.ndarray) -> np.ndarray:
     return z @ r @ z.conj().T
 
 
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """`tr sqrt(s1 s2)` of two symmetric positive semi-definite matrices, from two symmetric
+    eigendecompositions: `s1 s2` is similar to the symmetric `s1^1/2 s2 s1^1/2` (same
+    eigenvalues, all >= 0), and the trace of the principal root is the sum of their roots.
+    Rounding's tiny negative eigenvalues count as 0. At D = 2048 it took 3.6 s where the
+    complex Schur of `sqrtm` took 20.6 s (2-core development CPU), and it needs no offset
+    where the root of a singular product fails."""
+    w, v = np.linalg.eigh(np.asarray(sigma1, np.float64))
+    root = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    m = root @ np.asarray(sigma2, np.float64) @ root
+    lam = np.linalg.eigvalsh((m + m.T) / 2)
+    return float(np.sqrt(np.clip(lam, 0.0, None)).sum())
+
+
+METHODS = ("eigh", "sqrtm")
+
+
 def fid_from_stats(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+    mu1: np.ndarray,
+    sigma1: np.ndarray,
+    mu2: np.ndarray,
+    sigma2: np.ndarray,
+    eps: float = 1e-6,
+    method: str = "eigh",
 ) -> float:
-    """Frechet distance `|mu1 - mu2|^2 + tr(s1 + s2 - 2 sqrt(s1 s2))`, pytorch-fid's steps."""
+    """Frechet distance `|mu1 - mu2|^2 + tr(s1 + s2 - 2 sqrt(s1 s2))`. `method="sqrtm"` takes
+    pytorch-fid's steps exactly (the principal root of the product by complex Schur, as
+    `scipy.linalg.sqrtm`; `eps` on the diagonals where that root fails); `"eigh"` (the
+    default) computes the same trace by `trace_sqrt_product` in a fraction of the time: the
+    two agreed to 1e-11 relative on full-rank statistics and to 1e-8 on rank-deficient ones
+    (fewer samples than dimensions; tests/test_fid.py)."""
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
@@ -161,6 +188,12 @@ def fid_from_stats(
             f"FID statistics differ in shape: {mu1.shape}/{sigma1.shape} vs "
             f"{mu2.shape}/{sigma2.shape}"
         )
+    if method not in METHODS:
+        raise UserError(f"unknown FID method {method!r}; known: {', '.join(METHODS)}")
+    diff = mu1 - mu2
+    if method == "eigh":
+        trace_root = trace_sqrt_product(sigma1, sigma2)
+        return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root)
     covmean = sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         warnings.warn(
@@ -173,7 +206,6 @@ def fid_from_stats(
             f"fid: the matrix square root has an imaginary part "
             f"{np.abs(covmean.imag).max():.3g}; statistics are ill-conditioned"
         )
-    diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
 
 

@@ -75,6 +75,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     add_sampling_flags(smp, num=10_000)
     m = p.add_argument_group("metric options")
     m.add_argument("--inception-batch", type=int, default=50)
+    m.add_argument(
+        "--fid-method", default="eigh", choices=("eigh", "sqrtm"),
+        help="tr sqrt(S1 S2) by symmetric eigendecompositions (fast), or by scipy's complex "
+        "Schur sqrtm as pytorch-fid (its exact steps)",
+    )  # fmt: skip
     m.add_argument("--kid-subsets", type=int, default=100)
     m.add_argument("--kid-subset-size", type=int, default=1000)
     m.add_argument("--pr-k", type=int, default=3)
@@ -165,6 +170,7 @@ def _per_space(flag: str, text: str | None, UserError):
 
 def _options(args, evaluation):
     return evaluation.Options(
+        fid_method=args.fid_method,
         kid_subsets=args.kid_subsets,
         kid_subset_size=args.kid_subset_size,
         pr_k=args.pr_k,
@@ -204,7 +210,8 @@ def _load_samples(args, want_samples: bool, UserError):
             if jax.process_index() == 0:
                 sampling.write_samples(args.save_samples, x, labels)
         config = network[2]
-        return x, labels, network, config, {"workdir": args.workdir, "step": step}
+        info = {"workdir": args.workdir, "step": step, "weights": "raw" if args.raw else "ema"}
+        return x, labels, network, config, info
     if args.samples:
         import numpy as np
 

@@ -69,7 +69,7 @@ def _fid_low_rank(fa: np.ndarray, fb: np.ndarray, eps: float = 1e-6) -> float:
 def test_write_stats_and_ref_stats_wiring(env, tmp_path, monkeypatch):
     # Fast: the stats file is the samples' Inception statistics in pytorch-fid's layout, and
     # --ref-stats feeds FID with (sample stats, file stats). The Frechet distance itself
-    # (a 2048^2 sqrtm, ~30 s here) is checked in the slow test below and in test_fid.py.
+    # (two 2048^2 eigendecompositions) is checked in the slow test below and in test_fid.py.
     a, b = _npz(tmp_path, "a.npz", env[:6]), _npz(tmp_path, "b.npz", env[6:12])
     stats = str(tmp_path / "b_stats.npz")
     cli(tmp_path, "--samples", b, "--write-stats", stats)
@@ -221,14 +221,15 @@ def _trained(tmp_path, spec: str):
     return config, workdir
 
 
-def _restored(config, workdir):
-    """The run's EMA network, restored as the CLI restores it, on the host."""
+def _restored(config, workdir, ema: bool = True):
+    """The run's EMA (or raw) network, restored as the CLI restores it, on the host."""
     import jax
     from flax import nnx
 
     from core import sampling, sharding
 
-    graphdef, params, _ = sampling.restore_network(workdir, config, sharding.make_mesh())
+    mesh = sharding.make_mesh()
+    graphdef, params, _ = sampling.restore_network(workdir, config, mesh, ema=ema)
     return nnx.merge(graphdef, jax.device_get(params))
 
 
@@ -292,13 +293,19 @@ def test_bpd_of_a_flow_run(shared_data, tmp_path, monkeypatch):
     config, workdir = _trained(tmp_path, "experiments/nf/mnist_tarflow.py:smoke=True")
     out = cli(tmp_path, "--workdir", workdir, "--metrics", "bpd", "--split", "test[:24]",
               "--batch", "16")  # fmt: skip
+    raw = cli(tmp_path, "--workdir", workdir, "--metrics", "bpd", "--split", "test[:24]",
+              "--batch", "16", "--raw")  # fmt: skip
     data = experiment.build_source(config, "test[:24]").__getitems__(np.arange(24))
     batches = [{k: v[i : i + 16] for k, v in data.items()} for i in (0, 16)]
-    direct = dataset_bpd(
-        _restored(config, workdir), batches, key=jax.random.key(0),
-        noise=config.loss.noise, noise_std=config.loss.noise_std, use_labels="cond" in data,
-    )  # fmt: skip
-    assert out["bpd"] == pytest.approx(direct, rel=1e-5) and 0.0 < out["bpd"] < 30.0
+    for result, ema in ((out, True), (raw, False)):
+        direct = dataset_bpd(
+            _restored(config, workdir, ema=ema), batches, key=jax.random.key(0),
+            noise=config.loss.noise, noise_std=config.loss.noise_std, use_labels="cond" in data,
+        )  # fmt: skip
+        assert result["bpd"] == pytest.approx(direct, rel=1e-5) and 0.0 < result["bpd"] < 30.0
+    # the JSON says which weights; after two steps the EMA is still near the initial flow
+    assert out["weights"] == "ema" and raw["weights"] == "raw"
+    assert abs(out["bpd"] - raw["bpd"]) > 1e-4
 
 
 def test_steps_sweep_of_a_shortcut_run(shared_data, tmp_path, monkeypatch):

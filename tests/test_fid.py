@@ -3,8 +3,9 @@
 Agreement measured here: the network matches the source TorchScript model's features to max
 abs 6.7e-6 (features reach 5.2), the preprocessing matches torch's interpolate to 3.6e-7,
 pytorch-fid's activations of 4 MNIST images to 8.6e-6, and FID(MNIST train[:500],
-test[:500]) = 21.5247059 vs pytorch-fid's printed 21.5247043 (relative 7e-8; the slow test
-asks for 0.1 %). References come from scripts/fid_reference_pytorch.py (tests/data/).
+test[:500]) = 21.5247059 vs pytorch-fid's printed 21.5247043 (relative 7e-8, with pytorch-fid's
+own sqrtm steps; the slow test asks for 0.1 % and runs the default, the trace by symmetric
+eigendecompositions). References come from scripts/fid_reference_pytorch.py (tests/data/).
 """
 
 import functools
@@ -168,7 +169,22 @@ def test_fid_matches_pytorch_fid_algorithm_on_rank_deficient_stats():
         + np.trace(s2)
         - 2 * np.trace(np.real(scipy.linalg.sqrtm(s1 @ s2)))
     )
-    assert fm.fid_from_stats(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-9)
+    assert fm.fid_from_stats(m1, s1, m2, s2, method="sqrtm") == pytest.approx(expected, rel=1e-9)
+    # the fast trace by eigendecompositions: the same number (1.4e-8 apart when written)
+    assert fm.fid_from_stats(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-7)
+
+
+def test_trace_sqrt_product_is_the_trace_of_the_principal_root():
+    rng = np.random.default_rng(4)
+    for rank in (None, 20):  # full rank, and rank-deficient (the root of a singular product)
+        s1, s2 = _spd(rng, 60, rank), _spd(rng, 60)
+        want = np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
+        assert fm.trace_sqrt_product(s1, s2) == pytest.approx(want, rel=1e-8)
+        assert fm.trace_sqrt_product(s2, s1) == pytest.approx(want, rel=1e-8)  # tr is symmetric
+    d = np.diag([4.0, 9.0, 0.0])  # commuting: tr sqrt(d d') = sum sqrt(d_i d'_i) = 2 * 3 + 3 * 4
+    assert fm.trace_sqrt_product(d, np.diag([9.0, 16.0, 5.0])) == pytest.approx(18.0, rel=1e-12)
+    with pytest.raises(UserError, match="unknown FID method 'schur'"):
+        fm.fid_from_stats(np.zeros(3), d, np.zeros(3), d, method="schur")
 
 
 def test_fid_closed_form_for_diagonal_gaussians():
@@ -194,8 +210,9 @@ def test_fid_of_a_set_with_itself_is_zero_and_fid_is_symmetric():
 def test_fid_singular_product_falls_back_to_eps():
     sigma = np.zeros((3, 3))
     with pytest.warns(UserWarning, match="singular product"):
-        value = fm.fid_from_stats(np.zeros(3), sigma, np.ones(3), sigma)
+        value = fm.fid_from_stats(np.zeros(3), sigma, np.ones(3), sigma, method="sqrtm")
     assert value == pytest.approx(3.0, abs=1e-5)
+    assert fm.fid_from_stats(np.zeros(3), sigma, np.ones(3), sigma) == 3.0  # eigh: no offset
 
 
 def test_stats_roundtrip_in_pytorch_fid_layout(tmp_path):
