@@ -79,10 +79,12 @@ def test_write_stats_and_ref_stats_wiring(env, tmp_path, monkeypatch):
         np.testing.assert_allclose(f["mu"], mu, rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(f["sigma"], sigma, rtol=1e-6, atol=1e-9)
     seen = []
-    monkeypatch.setattr(fm, "fid_from_stats", lambda *s: seen.append(s) or 42.0)
+    monkeypatch.setattr(fm, "fid_from_stats", lambda *s, method: seen.append((s, method)) or 42.0)
     out = cli(tmp_path, "--samples", a, "--ref-stats", stats, "--metrics", "fid")
-    assert out["fid"] == 42.0 and out["samples"] == a
-    ((mu1, sigma1, mu2, sigma2),) = seen
+    assert out["fid"] == 42.0 and out["samples"] == a and out["fid_method"] == "eigh"
+    cli(tmp_path, "--samples", a, "--ref-stats", stats, "--metrics", "fid", "--fid-method", "sqrtm")
+    (((mu1, sigma1, mu2, sigma2), method), (_, slow)) = seen
+    assert (method, slow) == ("eigh", "sqrtm")
     np.testing.assert_allclose(mu2, mu, rtol=1e-6)
     assert mu1.shape == (2048,) and sigma1.shape == (2048, 2048) and np.isfinite(sigma1).all()
 
