@@ -39,6 +39,13 @@
 # total_steps), unless *_STEPS gives them; the seconds then stay only as a safety net. Parts
 # may share the GPU (two processes, XLA_PYTHON_CLIENT_MEM_FRACTION each): the probes then
 # measure the shared rate.
+#
+# What the first session (H100, 2026-11-24, BENCHMARKS.md) taught: every process compiles
+# for 35 to 90 s before its first step, and each CLI call is its own process, so a part
+# spends minutes outside training (bench alone took over 5.5 minutes; 4 parts fitted 30
+# minutes). A 10-minute call holds about one part: `timeout` it inside the call and pack
+# $RESULTS/* after, so that a part cut short still comes back; the machine goes back 30 s
+# after a call, so have the next command ready.
 # TINY=1 rehearses every part on a CPU in minutes (smoke-size networks, meaningless numbers).
 set -euo pipefail
 
