@@ -43,9 +43,9 @@
 # What the first session (H100, 2026-11-24, BENCHMARKS.md) taught: every process compiles
 # for 35 to 90 s before its first step, and each CLI call is its own process, so a part
 # spends minutes outside training (bench alone took over 5.5 minutes; 4 parts fitted 30
-# minutes). A 10-minute call holds about one part: `timeout` it inside the call and pack
-# $RESULTS/* after, so that a part cut short still comes back; the machine goes back 30 s
-# after a call, so have the next command ready.
+# minutes). A 10-minute call holds about one part; the machine goes back 30 s
+# after a call, so have the next command ready. BUDGET=<seconds> bounds the whole invocation:
+# each part runs under `timeout` with what is left, and one cut short is still packed.
 # TINY=1 rehearses every part on a CPU in minutes (smoke-size networks, meaningless numbers).
 set -euo pipefail
 
@@ -312,6 +312,11 @@ for part in "$@"; do
         exit 2
     fi
 done
+if [ -n "${PART_ONLY:-}" ]; then  # one part, inside the BUDGET's timeout below
+    "part_$1" "$RESULTS/$1"
+    exit
+fi
+START=$(date +%s)
 for part in "$@"; do
     out=$RESULTS/$part
     rm -rf "$out"
@@ -323,11 +328,22 @@ for part in "$@"; do
         "$PY" -c "import importlib.metadata as m, jax; print(jax.devices(), *(f'{p} {m.version(p)}' \
 for p in ('jax', 'flax', 'optax', 'orbax-checkpoint', 'numpy')))"
         nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || true
-        "part_$part" "$out"
+        if [ -z "${BUDGET:-}" ]; then
+            "part_$part" "$out"
+        else  # the seconds left of BUDGET (15 kept to pack): timeout ends the whole part
+            left=$((BUDGET - ($(date +%s) - START) - 15))
+            [ "$left" -gt 0 ] || { echo "BUDGET=$BUDGET s spent before $part"; exit 124; }
+            PART_ONLY=1 BUDGET= timeout "$left" "$0" "$part"
+        fi
     ) 2>&1 | tee "$out/log.txt"
     status=${PIPESTATUS[0]}
     set -e
     echo "# $part exit $status" | tee -a "$out/log.txt"
     if [ -n "${OUT:-}" ]; then tar -czf "$OUT/$part.tgz" -C "$RESULTS" "$part"; fi
-    if [ "$status" != 0 ]; then exit "$status"; fi
+    # with a BUDGET, a part cut short (124) still leaves what it wrote; go on to the next
+    if [ "$status" != 0 ] && { [ -z "${BUDGET:-}" ] || [ "$status" != 124 ]; }; then
+        exit "$status"
+    fi
+    [ "$status" = 0 ] || cut=124
 done
+exit "${cut:-0}"
