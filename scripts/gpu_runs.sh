@@ -211,7 +211,9 @@ part_shortcut() {
     local config=experiments/shortcut/mnist_dit.py seconds=${SC_SECONDS:-170} steps=$SC_STEPS
     # the same steps for both, sized by the shortcut step (the dearer one: its bootstrap
     # targets take two extra forward passes on part of the batch)
-    [ -n "$steps" ] || steps=$(steps_for "$(probe_rate "$config:teacher=current" "${NPZ[@]}")" "$seconds")
+    if [ -z "$steps" ]; then
+        steps=$(steps_for "$(probe_rate "$config:teacher=current" "${NPZ[@]}")" "$seconds")
+    fi
     # teacher=current: on two moons the EMA teacher left k < 16 blurry at a short budget
     train "$config:teacher=current" "$sc" "$steps" "$seconds"
     train "$config:method=fm" "$fm" "$steps" "$seconds"
