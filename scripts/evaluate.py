@@ -35,6 +35,7 @@ import functools
 import json
 import os
 import sys
+import time
 
 from scripts.common import (
     add_sampling_flags,
@@ -230,6 +231,7 @@ def _load_samples(args, want_samples: bool, UserError):
 
 
 def main(argv: list[str]) -> None:
+    start = time.perf_counter()
     args = parse(argv)
     from core.errors import UserError
 
@@ -297,6 +299,9 @@ def main(argv: list[str]) -> None:
         result["reference"] = f"{ds.name}:{ds.split}"
     if args.ref_stats:
         result["ref_stats"] = args.ref_stats  # FID's reference when given (over --dataset)
+    # from main's start (imports, device start-up and sampling included; not the interpreter's
+    # own start): with fid_seconds, where an evaluation's time goes
+    result["wall_seconds"] = time.perf_counter() - start
     _write_json(result, args.out)
     change = result.get("nll_step_change")
     if change is not None and change > NLL_CHANGE_WARN:

@@ -82,6 +82,7 @@ def test_write_stats_and_ref_stats_wiring(env, tmp_path, monkeypatch):
     monkeypatch.setattr(fm, "fid_from_stats", lambda *s, method: seen.append((s, method)) or 42.0)
     out = cli(tmp_path, "--samples", a, "--ref-stats", stats, "--metrics", "fid")
     assert out["fid"] == 42.0 and out["samples"] == a and out["fid_method"] == "eigh"
+    assert 0 <= out["fid_seconds"] < out["wall_seconds"]  # the host's part of the whole
     cli(tmp_path, "--samples", a, "--ref-stats", stats, "--metrics", "fid", "--fid-method", "sqrtm")
     (((mu1, sigma1, mu2, sigma2), method), (_, slow)) = seen
     assert (method, slow) == ("eigh", "sqrtm")
