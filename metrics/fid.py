@@ -193,11 +193,18 @@ def fid_from_stats(
     diff = mu1 - mu2
     if method == "eigh":
         trace_root = trace_sqrt_product(sigma1, sigma2)
-        return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root)
+    else:
+        trace_root = _trace_sqrtm_pytorch_fid(sigma1, sigma2, eps)
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root)
+
+
+def _trace_sqrtm_pytorch_fid(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
+    """`tr sqrt(s1 s2)` by pytorch-fid's steps: the principal root of the product, `eps` on
+    the diagonals where it fails, the real part's trace."""
     covmean = sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         warnings.warn(
-            f"fid: singular product; adding {eps} to the covariance diagonals", stacklevel=2
+            f"fid: singular product; adding {eps} to the covariance diagonals", stacklevel=3
         )
         offset = np.eye(sigma1.shape[0]) * eps
         covmean = sqrtm((sigma1 + offset) @ (sigma2 + offset))
@@ -206,7 +213,7 @@ def fid_from_stats(
             f"fid: the matrix square root has an imaginary part "
             f"{np.abs(covmean.imag).max():.3g}; statistics are ill-conditioned"
         )
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
+    return float(np.trace(covmean.real))
 
 
 def fid_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:

@@ -15,10 +15,12 @@ function of (M, D, fourier_max) alone (drawn from a fixed key), not a parameter:
 trained and not stored in checkpoints.
 """
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from manifolds.sphere import to_tangent
@@ -27,13 +29,19 @@ _NUM_FREQS = 64
 _FOURIER_KEY = 20201008  # fixed: the Fourier directions are part of the architecture
 
 
-def fourier_matrix(num: int, dim: int, max_freq: float) -> jax.Array:
+@functools.lru_cache(maxsize=8)
+def fourier_matrix(num: int, dim: int, max_freq: float) -> np.ndarray:
     """`[num, dim]` frequency vectors: fixed pseudo-random unit directions, each scaled by
-    one of `num` norms spaced geometrically from 1 to `max_freq` (radians^-1)."""
-    u = jax.random.normal(jax.random.key(_FOURIER_KEY), (num, dim), jnp.float32)
-    u = u / jnp.linalg.norm(u, axis=-1, keepdims=True)
-    norms = jnp.geomspace(1.0, max_freq, num, dtype=jnp.float32)  # num = 1: [1.0]
-    return u * norms[:, None]
+    one of `num` norms spaced geometrically from 1 to `max_freq` (radians^-1). Computed once
+    per arguments, eagerly even inside a trace: a constant of the compiled forward, not a
+    random draw in every ODE step's network call."""
+    with jax.ensure_compile_time_eval():
+        u = jax.random.normal(jax.random.key(_FOURIER_KEY), (num, dim), jnp.float32)
+        u = u / jnp.linalg.norm(u, axis=-1, keepdims=True)
+        norms = jnp.geomspace(1.0, max_freq, num, dtype=jnp.float32)  # num = 1: [1.0]
+        b = np.asarray(u * norms[:, None])
+    b.flags.writeable = False  # shared by every caller through the cache
+    return b
 
 
 def time_features(t: jax.Array, num_freqs: int = _NUM_FREQS) -> jax.Array:

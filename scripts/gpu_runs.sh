@@ -138,9 +138,10 @@ print(rows[-2]['steps_per_sec'])  # a whole interval after the first (compile); 
 }
 
 steps_for() {  # steps_for RATE SECONDS: 90 % of the steps that fit, in hundreds (at least 100)
-    awk -v r="$1" -v s="$2" 'BEGIN { n = int(r * s * 0.9 / 100) * 100; print (n < 100 ? 100 : n) }'
-    echo "sized: $1 steps/s x $2 s -> $(awk -v r="$1" -v s="$2" \
-        'BEGIN { n = int(r * s * 0.9 / 100) * 100; print (n < 100 ? 100 : n) }') steps" >&2
+    local n
+    n=$(awk -v r="$1" -v s="$2" 'BEGIN { n = int(r * s * 0.9 / 100) * 100; print (n < 100 ? 100 : n) }')
+    echo "sized: $1 steps/s x $2 s -> $n steps" >&2
+    echo "$n"
 }
 
 train() {  # train CONFIG WORKDIR STEPS SECONDS [flags]: STEPS steps on the npz data
