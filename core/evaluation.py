@@ -46,11 +46,13 @@ class Options:
     plot_prefix: str | None = None
     # metrics of the run's network on held-out data (nll, geo)
     heldout_split: str = "test"
+    nll_solver: str = "dopri5"  # adaptive (nll_tol) or "rk4" (nll_steps fixed steps)
+    nll_tol: float = 1e-5  # rtol = atol of an adaptive solver
     nll_steps: int = 100
     nll_divergence: str = "auto"  # exact up to 16 dimensions, else hutchinson
     nll_probes: int = 1
-    # also integrate with nll_steps // 2 and report how much each point's log-likelihood
-    # moved (`nll_step_change`): a fixed-step ODE likelihood is only as good as its steps
+    # also integrate finer (a tenth of the tolerance, twice the steps) and report how much
+    # each point's log-likelihood moved (`nll_fine_change`): the error of the reported NLL
     nll_check: bool = True
     batch: int = 256
     sampler: str | None = None
@@ -315,17 +317,20 @@ def _nll(ev: Evaluator) -> dict:
     log_lik = functools.partial(
         likelihood.log_likelihood_batched, net, x, batch_size=min(o.batch, len(x)), cond=cond,
         manifold=manifold, divergence=divergence, num_probes=o.nll_probes, key=key,
+        with_stats=True,
     )  # fmt: skip
-    lp = log_lik(num_steps=o.nll_steps)
+    solve = likelihood.solver_options(o.nll_solver, num_steps=o.nll_steps, tol=o.nll_tol)
+    lp, stats = log_lik(**solve)
     nll = -float(np.mean(lp, dtype=np.float64))
-    out = {"nll": nll, "nll_split": o.heldout_split, "nll_steps": o.nll_steps,
-           "nll_divergence": divergence, "nll_count": len(x)}  # fmt: skip
-    if o.nll_check and o.nll_steps >= 2:
-        # RK4's error falls 16x per halving of the step once converging: a mean per-point
-        # change above a few hundredths of a nat says the steps are too few
-        half = log_lik(num_steps=o.nll_steps // 2)
-        out["nll_half_steps"] = -float(np.mean(half, dtype=np.float64))
-        out["nll_step_change"] = float(np.mean(np.abs(lp - half), dtype=np.float64))
+    out = {"nll": nll, "nll_split": o.heldout_split, "nll_solver": likelihood.describe(solve),
+           "nll_mean_steps": float(np.mean(stats["steps"])), "nll_divergence": divergence,
+           "nll_count": len(x)}  # fmt: skip
+    if o.nll_check:
+        # the finer solve's per-point change estimates the reported values' error; a mean
+        # above a few hundredths of a nat says the solve is too coarse
+        fine, _ = log_lik(**likelihood.finer(solve))
+        out["nll_fine"] = -float(np.mean(fine, dtype=np.float64))
+        out["nll_fine_change"] = float(np.mean(np.abs(lp - fine), dtype=np.float64))
     if images:  # density of u in [0, 256)^D: p_u = p_x / 127.5^D
         out["bpd"] = (nll + dim * np.log(127.5)) / (dim * np.log(2.0))
     return out

@@ -2,8 +2,12 @@
 
 `log p_1(x) = log p_0(x_0) - ∫_0^1 div v(x_t, t) dt` (instantaneous change of variables),
 where `x_t` solves `dx/dt = v(x, t)` backwards from `x_1 = x` (data, t = 1) to `x_0` (noise,
-t = 0). Both are integrated jointly with fixed-step classical RK4 on `lax.scan`; everything is
-differentiable (w.r.t. the samples and, through `nnx.merge`, the parameters).
+t = 0). Both are integrated jointly, either with fixed-step classical RK4 on `lax.scan`
+(`solver="rk4"`, `num_steps`) or with an adaptive embedded Runge-Kutta pair from diffrax
+(`solver="dopri5"` or `"tsit5"`, tolerances `rtol` / `atol`), each example with its own step
+sizes (torchdiffeq's dopri5 at rtol = atol = 1e-5 is what the Riemannian FM papers report
+their likelihoods with). Everything is differentiable (w.r.t. the samples and, through
+`nnx.merge`, the parameters).
 
 Geometry (`manifold`):
 - `"euclidean"`: `div v = tr J`, `J = ∂v/∂x` (per example, over the flattened example).
@@ -80,44 +84,37 @@ def _dynamics(net, shape: tuple[int, ...], cond, sphere: bool, probes):
     return dynamics
 
 
-def log_likelihood(
-    net,
-    x: jax.Array,
-    *,
-    num_steps: int,
-    cond: jax.Array | None = None,
-    manifold: str = "sphere",
-    base_log_prob: Callable | None = None,
-    divergence: str = "exact",
-    key: jax.Array | None = None,
-    num_probes: int = 1,
-) -> jax.Array:
-    """`log p(x)` in nats per example, `[B, ...] -> [B]`, under the flow of `net`.
+SOLVERS = ("rk4", "dopri5", "tsit5")
+_ADAPTIVE = {"dopri5": "Dopri5", "tsit5": "Tsit5"}  # diffrax's classes
 
-    Args:
-      net: `net(x [B, ...], t [B], *, cond) -> v` (t = 0 noise, t = 1 data).
-      x: data points (on the sphere for `manifold="sphere"`).
-      num_steps: RK4 steps from t = 1 to t = 0 (4 network evaluations each).
-      cond: passed to every network call.
-      manifold: "sphere" or "euclidean" (see the module docstring).
-      base_log_prob: `[B, ...] -> [B]`, the density at t = 0; default uniform on the sphere
-        or standard normal.
-      divergence: "exact" or "hutchinson" (needs `key`, uses `num_probes`).
-    """
-    if manifold not in MANIFOLDS:
-        raise UserError(f"unknown manifold {manifold!r}; known: {', '.join(MANIFOLDS)}")
-    sphere = manifold == "sphere"
-    if base_log_prob is None:
-        base_log_prob = uniform_log_prob if sphere else standard_normal_log_prob
-    z = x.reshape(x.shape[0], -1).astype(jnp.float32)
-    probes = None
-    if divergence == "hutchinson":
-        if key is None:
-            raise UserError("divergence='hutchinson' needs a key")
-        probes = jax.random.normal(key, (num_probes, *z.shape), z.dtype)
-    elif divergence != "exact":
-        raise UserError(f"unknown divergence {divergence!r}; known: exact, hutchinson")
-    dyn = _dynamics(net, x.shape, cond, sphere, probes)
+
+def solver_options(solver: str, *, num_steps: int | None = None, tol: float = 1e-5) -> dict:
+    """The keywords of one ODE solve for `log_likelihood`: RK4 with `num_steps`, or an
+    adaptive solver with `rtol = atol = tol`."""
+    if solver not in SOLVERS:
+        raise UserError(f"unknown ODE solver {solver!r}; known: {', '.join(SOLVERS)}")
+    if solver == "rk4":
+        return {"solver": "rk4", "num_steps": num_steps}
+    return {"solver": solver, "rtol": tol, "atol": tol}
+
+
+def finer(options: dict) -> dict:
+    """The same solve made finer (twice the RK4 steps, a tenth of the tolerances): the
+    change it makes estimates the error of the first."""
+    if options.get("solver", "rk4") == "rk4":
+        return {**options, "num_steps": 2 * options["num_steps"]}
+    return {**options, "rtol": options["rtol"] / 10, "atol": options["atol"] / 10}
+
+
+def describe(options: dict) -> str:
+    """`"400 RK4 steps"` or `"dopri5, rtol = atol = 1e-05"`, for tables."""
+    if options.get("solver", "rk4") == "rk4":
+        return f"{options['num_steps']} RK4 steps"
+    return f"{options['solver']}, rtol = {options['rtol']:g}, atol = {options['atol']:g}"
+
+
+def _rk4(dyn, z: jax.Array, num_steps: int, sphere: bool) -> tuple[jax.Array, jax.Array]:
+    """Fixed-step RK4 from t = 1 to t = 0: `(z_0, ∫_1^0 div dt)`."""
     h = -1.0 / num_steps
 
     def step(carry, i):
@@ -133,8 +130,104 @@ def log_likelihood(
 
     acc0 = jnp.zeros(z.shape[:1], z.dtype)
     (z0, acc), _ = jax.lax.scan(step, (z, acc0), jnp.arange(num_steps, dtype=jnp.float32))
+    return z0, acc
+
+
+def _adaptive(net, shape, z, cond, sphere, probes, solver, rtol, atol, max_steps):
+    """Adaptive solve from t = 1 to t = 0, one example at a time under `vmap` (each with
+    its own step sizes): `(z_0, ∫_1^0 div dt, accepted steps, succeeded)`, each `[B]`-led.
+
+    The state stays in ambient coordinates; on the sphere the field is evaluated at the
+    normalised point and is tangent there, so `|z|` drifts only by the local error, and
+    `z_0` is normalised at the end."""
+    import diffrax
+
+    one = (1, *shape[1:])
+
+    def solve(zi, ci, pi):
+        dyn = _dynamics(
+            net, one, None if ci is None else ci[None], sphere, None if pi is None else pi[:, None]
+        )
+
+        def field(t, y, args):
+            v, div = dyn(y[0][None], t)
+            return v[0], div[0]
+
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(field), getattr(diffrax, _ADAPTIVE[solver])(), t0=1.0, t1=0.0,
+            dt0=None, y0=(zi, jnp.zeros((), zi.dtype)), max_steps=max_steps, throw=False,
+            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        )  # fmt: skip
+        ok = sol.result == diffrax.RESULTS.successful
+        return sol.ys[0][-1], sol.ys[1][-1], sol.stats["num_accepted_steps"], ok
+
+    axes = (0, None if cond is None else 0, None if probes is None else 1)
+    z0, acc, steps, ok = jax.vmap(solve, in_axes=axes)(z, cond, probes)
+    return (normalize(z0) if sphere else z0), acc, steps, ok
+
+
+def log_likelihood(
+    net,
+    x: jax.Array,
+    *,
+    num_steps: int | None = None,
+    cond: jax.Array | None = None,
+    manifold: str = "sphere",
+    base_log_prob: Callable | None = None,
+    divergence: str = "exact",
+    key: jax.Array | None = None,
+    num_probes: int = 1,
+    solver: str = "rk4",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    max_steps: int = 4096,
+    return_stats: bool = False,
+):
+    """`log p(x)` in nats per example, `[B, ...] -> [B]`, under the flow of `net`.
+
+    Args:
+      net: `net(x [B, ...], t [B], *, cond) -> v` (t = 0 noise, t = 1 data).
+      x: data points (on the sphere for `manifold="sphere"`).
+      num_steps: RK4 steps from t = 1 to t = 0 (4 network evaluations each); `solver="rk4"`.
+      cond: passed to every network call.
+      manifold: "sphere" or "euclidean" (see the module docstring).
+      base_log_prob: `[B, ...] -> [B]`, the density at t = 0; default uniform on the sphere
+        or standard normal.
+      divergence: "exact" or "hutchinson" (needs `key`, uses `num_probes`).
+      solver: "rk4" (fixed steps) or "dopri5" / "tsit5" (adaptive, `rtol`, `atol`, at most
+        `max_steps` accepted and rejected steps per example).
+      return_stats: also return `{"steps": [B] int, "ok": [B] bool}`: the steps taken per
+        example and whether the adaptive solve finished within `max_steps` (a failed
+        example's value is meaningless; `log_likelihood_batched` raises on it).
+    """
+    if manifold not in MANIFOLDS:
+        raise UserError(f"unknown manifold {manifold!r}; known: {', '.join(MANIFOLDS)}")
+    if solver not in SOLVERS:
+        raise UserError(f"unknown ODE solver {solver!r}; known: {', '.join(SOLVERS)}")
+    if solver == "rk4" and (num_steps is None or num_steps < 1):
+        raise UserError(f"the rk4 likelihood needs num_steps >= 1, got {num_steps}")
+    sphere = manifold == "sphere"
+    if base_log_prob is None:
+        base_log_prob = uniform_log_prob if sphere else standard_normal_log_prob
+    z = x.reshape(x.shape[0], -1).astype(jnp.float32)
+    probes = None
+    if divergence == "hutchinson":
+        if key is None:
+            raise UserError("divergence='hutchinson' needs a key")
+        probes = jax.random.normal(key, (num_probes, *z.shape), z.dtype)
+    elif divergence != "exact":
+        raise UserError(f"unknown divergence {divergence!r}; known: exact, hutchinson")
+    if solver == "rk4":
+        z0, acc = _rk4(_dynamics(net, x.shape, cond, sphere, probes), z, num_steps, sphere)
+        stats = {"steps": jnp.full(z.shape[:1], num_steps), "ok": jnp.ones(z.shape[:1], bool)}
+    else:
+        z0, acc, steps, ok = _adaptive(
+            net, x.shape, z, cond, sphere, probes, solver, rtol, atol, max_steps
+        )
+        stats = {"steps": steps, "ok": ok}
     # acc = ∫_1^0 div dt = -∫_0^1 div dt
-    return base_log_prob(z0.reshape(x.shape)) + acc
+    lp = base_log_prob(z0.reshape(x.shape)) + acc
+    return (lp, stats) if return_stats else lp
 
 
 def _pad_rows(a: jax.Array, n: int) -> jax.Array:
@@ -150,18 +243,28 @@ def _compiled(graphdef, kwargs: tuple):
     checkpoints of a run (same graphdef) compiles once."""
     options = dict(kwargs)
     return jax.jit(
-        lambda s, xb, cb, k: log_likelihood(nnx.merge(graphdef, s), xb, cond=cb, key=k, **options)
+        lambda s, xb, cb, k: log_likelihood(
+            nnx.merge(graphdef, s), xb, cond=cb, key=k, return_stats=True, **options
+        )
     )
 
 
 def log_likelihood_batched(
-    net, x: jax.Array, *, batch_size: int = 1024, cond: jax.Array | None = None, **kwargs
-) -> np.ndarray:
-    """`log_likelihood` over `x` `[N, ...]` in jitted batches, `-> float32 [N]` on the host.
+    net,
+    x: jax.Array,
+    *,
+    batch_size: int = 1024,
+    cond: jax.Array | None = None,
+    with_stats: bool = False,
+    **kwargs,
+):
+    """`log_likelihood` over `x` `[N, ...]` in jitted batches, `-> float32 [N]` on the host
+    (with `with_stats`, also `{"steps": int [N]}`, the ODE steps each point took).
 
     The last batch is padded (with copies of its first row) to `batch_size`, so one
-    compilation serves any N. `kwargs` go to `log_likelihood` (`num_steps` required; a
-    `key` is folded with the batch index).
+    compilation serves any N. `kwargs` go to `log_likelihood` (`num_steps` for RK4; a `key`
+    is folded with the batch index). An adaptive solve that runs out of `max_steps` on any
+    point is an error naming how many points.
     """
     key = kwargs.pop("key", None)
     if kwargs.get("manifold", "sphere") == "sphere":
@@ -171,15 +274,29 @@ def log_likelihood_batched(
         fn = _compiled(graphdef, tuple(sorted(kwargs.items())))
     else:
         state = None
-        fn = jax.jit(lambda s, xb, cb, k: log_likelihood(net, xb, cond=cb, key=k, **kwargs))
+        fn = jax.jit(
+            lambda s, xb, cb, k: log_likelihood(
+                net, xb, cond=cb, key=k, return_stats=True, **kwargs
+            )
+        )
     pad = lambda a: _pad_rows(a, batch_size)
-    out = []
+    out, steps, failed = [], [], 0
     for i, start in enumerate(range(0, x.shape[0], batch_size)):
         xb = x[start : start + batch_size]
         cb = None if cond is None else pad(cond[start : start + batch_size])
         kb = None if key is None else jax.random.fold_in(key, i)
-        out.append(np.asarray(fn(state, pad(xb), cb, kb))[: xb.shape[0]])
-    return np.concatenate(out)
+        lp, stats = jax.device_get(fn(state, pad(xb), cb, kb))
+        out.append(np.asarray(lp)[: xb.shape[0]])
+        steps.append(np.asarray(stats["steps"])[: xb.shape[0]])
+        failed += int(np.sum(~np.asarray(stats["ok"])[: xb.shape[0]]))
+    if failed:
+        raise UserError(
+            f"the adaptive ODE solver ({kwargs.get('solver')}) ran out of max_steps="
+            f"{kwargs.get('max_steps', 4096)} on {failed} of {x.shape[0]} points: raise "
+            "max_steps or loosen rtol/atol"
+        )
+    lp = np.concatenate(out)
+    return (lp, {"steps": np.concatenate(steps)}) if with_stats else lp
 
 
 def mean_nll(

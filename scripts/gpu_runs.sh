@@ -21,7 +21,7 @@
 #                                 # table (mean ± std over seeds), maps
 #
 # The GPU machine has no tensorflow-datasets, no network and takes at most 64 MiB per call, so
-# data, weights and the two missing packages travel as files (about 58 MB, git-ignored), made
+# data, weights and the missing packages travel as files (about 59 MB, git-ignored), made
 # once where ../shared/data is:
 #
 #   TFDS_DATA_DIR=../shared/data/tfds python -m scripts.export_npz --dataset mnist \
@@ -29,7 +29,9 @@
 #   python -c "import numpy as np; d = np.load('../shared/data/inception/fid_inception_v3_2015-12-05_fp32.npz'); \
 #       np.savez('.devdata/inception_fp16.npz', **{k: d[k].astype(np.float16) for k in d.files})"
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --platform manylinux2014_x86_64 -d .whl ml_collections==1.1.0 tensorboardX==2.6.5
+#       --platform manylinux2014_x86_64 -d .whl ml_collections==1.1.0 tensorboardX==2.6.5 \
+#       diffrax==0.7.2 equinox==0.13.8 jaxtyping==0.3.11 lineax==0.1.1 optimistix==0.1.0 \
+#       wadler-lindig==0.1.8
 #   mkdir -p .devdata/earth && cp ../shared/data/earth/*.csv .devdata/earth/
 #
 # Each part writes $RESULTS/<part>/ (default gpu_results/; log.txt, JSON, PNG) and, where $OUT
@@ -58,7 +60,7 @@ PY=${PY:-python3}
 export PYTHONUNBUFFERED=1
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/driftlab-jax-cache}
 
-if ! "$PY" -c "import ml_collections, tensorboardX" 2>/dev/null; then  # carried wheels
+if ! "$PY" -c "import ml_collections, tensorboardX, diffrax" 2>/dev/null; then  # carried wheels
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/driftlab-site .whl/*.whl
     export PYTHONPATH=/tmp/driftlab-site${PYTHONPATH:+:$PYTHONPATH}
@@ -90,8 +92,9 @@ UNET_STEPS=${UNET_STEPS:-} SC_STEPS=${SC_STEPS:-} TF_STEPS=${TF_STEPS:-}
 # EARTH_STEPS unset: sized from a probe run's step rate to last EARTH_SECONDS per dataset
 EARTH_STEPS=${EARTH_STEPS:-$([ "${TINY:-0}" = 1 ] && echo 4 || echo)}
 EARTH_SECONDS=${EARTH_SECONDS:-90}
-# 400 ODE steps: with Fourier features 100 were off by 0.6 nats per point (BENCHMARKS.md)
-NLL_STEPS=$([ "${TINY:-0}" = 1 ] && echo 4 || echo 400)
+# the likelihood's ODE solve: fixed RK4 steps were off by 0.6 (100 steps) and 0.15 (400) nats
+# per point on the sharpest Fourier-feature field; adaptive dopri5 at 1e-5 by 0.03 (BENCHMARKS)
+NLL_TOL=$([ "${TINY:-0}" = 1 ] && echo 1e-3 || echo 1e-5)  # adaptive dopri5, as the papers
 if [ -d "$DEVDATA/earth" ]; then
     export DRIFTLAB_EARTH_DIR=${DRIFTLAB_EARTH_DIR:-$DEVDATA/earth}
 fi
@@ -301,7 +304,7 @@ part_earth() {
             runs+=("$RUNS/earth_${d}_s$s")
         done
     done
-    "$PY" -m scripts.nll_table --workdirs "$(IFS=,; echo "${runs[*]}")" --nll-steps "$NLL_STEPS" \
+    "$PY" -m scripts.nll_table --workdirs "$(IFS=,; echo "${runs[*]}")" --nll-tol "$NLL_TOL" \
         --out "$out/earth_nll"
 }
 

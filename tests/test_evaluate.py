@@ -254,25 +254,29 @@ def test_nll_and_geo_of_a_run(shared_data, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(evaluate, "NLL_CHANGE_WARN", 0.0)  # any change warns
     out = cli(
         tmp_path, "--workdir", workdir, "--metrics", "nll,geo", "--split", "test",
-        "--nll-steps", "6", "--steps", "3", "--batch", "32",
+        "--nll-solver", "rk4", "--nll-steps", "6", "--steps", "3", "--batch", "32",
     )  # fmt: skip
-    assert "between 3 and 6 ODE steps: the NLL is not converged" in capsys.readouterr().err
+    assert "finer solve than 6 RK4 steps: the NLL is not converged" in capsys.readouterr().err
     test = experiment.build_source(config, "test")
     batch = test.__getitems__(np.arange(test.num_examples))
     assert out["nll_count"] == out["geo/count"] == test.num_examples == 82
     lp = {
         n: likelihood.log_likelihood_batched(
-            _restored(config, workdir), jnp.asarray(batch["x"]),
-            cond=jnp.asarray(batch["cond"]), num_steps=n, manifold="sphere", batch_size=32,
+            _restored(config, workdir),
+            jnp.asarray(batch["x"]),
+            cond=jnp.asarray(batch["cond"]),
+            num_steps=n,
+            manifold="sphere",
+            batch_size=32,
         )  # fmt: skip
-        for n in (6, 3)
+        for n in (6, 12)
     }
     assert out["nll"] == pytest.approx(-lp[6].mean(), rel=1e-5)
-    assert out["nll_divergence"] == "exact"
-    # the convergence check: the same points integrated with half the steps
-    assert out["nll_half_steps"] == pytest.approx(-lp[3].mean(), rel=1e-5)
-    change = np.abs(lp[6] - lp[3]).mean()
-    assert change > 0 and out["nll_step_change"] == pytest.approx(change, rel=1e-4, abs=1e-7)
+    assert out["nll_divergence"] == "exact" and out["nll_mean_steps"] == 6
+    # the convergence check: the same points integrated with twice the steps
+    assert out["nll_fine"] == pytest.approx(-lp[12].mean(), rel=1e-5)
+    change = np.abs(lp[6] - lp[12]).mean()
+    assert change > 0 and out["nll_fine_change"] == pytest.approx(change, rel=1e-4, abs=1e-7)
     accs = [out[f"geo/acc_{t}km"] for t in (1, 25, 200, 750, 2500)]
     assert accs == sorted(accs) and 0.0 <= accs[0] and accs[-1] <= 1.0
     assert 0.0 < out["geo/error_km_mean"] <= np.pi * 6371.0 + 1e-6
@@ -383,20 +387,24 @@ def test_nll_table_picks_the_checkpoint_with_the_lowest_validation_nll(
     workdir = str(tmp_path / "earth_volcano")
     train(config, workdir)
     out = str(tmp_path / "table")
-    nll_table.main(["nll_table", "--workdirs", workdir, "--out", out, "--nll-steps", "4",
+    # the default solver (adaptive dopri5), at a loose tolerance for speed
+    nll_table.main(["nll_table", "--workdirs", workdir, "--out", out, "--nll-tol", "1e-3",
                     "--num-plot", "32"])  # fmt: skip
     with open(out + ".json") as f:
         (row,) = json.load(f)["results"]
     val = {int(k): v for k, v in row["val_nll"].items()}
     assert sorted(val) == [1, 2] and row["best_step"] == min(val, key=val.get)
     direct = cli(tmp_path, "--workdir", workdir, "--metrics", "nll", "--split", "test",
-                 "--nll-steps", "4", "--step", str(row["best_step"]))  # fmt: skip
+                 "--nll-tol", "1e-3", "--step", str(row["best_step"]))  # fmt: skip
     assert row["test_nll"] == pytest.approx(direct["nll"], rel=1e-6)
+    assert row["test_nll_fine"] == pytest.approx(direct["nll_fine"], rel=1e-6)  # at 1e-4
+    assert direct["nll_solver"] == "dopri5, rtol = 0.001, atol = 0.001"
+    assert direct["nll_mean_steps"] >= 1
     with open(out + ".md") as f:
         line = [ln for ln in f if ln.startswith("| volcano")][0]
     assert "-7.93" in line and "-4.92" in line and f"{row['test_nll']:.3f}" in line
     # --last K: the choice among the newest K checkpoints only
-    nll_table.main(["nll_table", "--workdirs", workdir, "--out", out, "--nll-steps", "4",
+    nll_table.main(["nll_table", "--workdirs", workdir, "--out", out, "--nll-tol", "1e-3",
                     "--num-plot", "32", "--last", "1"])  # fmt: skip
     with open(out + ".json") as f:
         (last,) = json.load(f)["results"]
@@ -434,17 +442,19 @@ def test_nll_table_pools_runs_of_one_dataset_as_mean_and_sample_std():
 
     def run(dataset, nll, seed):
         return {"run": f"r{seed}", "dataset": dataset, "split_seed": seed, "test_nll": nll,
-                "test_nll_8_steps": nll + 0.01, "final_test_nll": nll + 0.1, "best_step": 10,
+                "test_nll_fine": nll + 0.01, "final_test_nll": nll + 0.1, "best_step": 10,
                 "final_step": 20, "train_seconds": 60.0 * (seed + 1)}  # fmt: skip
 
     rows = nll_table.summarize(
         [run("volcano", -2.0, 0), run("volcano", -3.0, 1), run("volcano", -4.0, 2),
-         run("fire", -0.5, 0)], nll_steps=4,
+         run("fire", -0.5, 0)],
     )  # fmt: skip
     volcano, fire = rows
     assert volcano["test_nll"] == "-3.000 ± 1.000 (n=3)" and volcano["split_seeds"] == [0, 1, 2]
     assert volcano["train_minutes"] == pytest.approx(2.0) and fire["test_nll"] == "-0.500"
     assert volcano["test_nll_mean"] == -3.0 and volcano["test_nll_std"] == pytest.approx(1.0)
     assert fire["test_nll_mean"] == -0.5 and fire["test_nll_std"] is None
-    text = nll_table.table([run("volcano", -2.0, 0), run("volcano", -3.0, 1)], nll_steps=4)
+    solve = {"solver": "rk4", "num_steps": 4}
+    text = nll_table.table([run("volcano", -2.0, 0), run("volcano", -3.0, 1)], solve)
     assert "| volcano | -2.500 ± 0.707 (n=2) |" in text and "-7.93" in text
+    assert "4 RK4 steps" in text and "finer solve (8 RK4 steps)" in text

@@ -372,6 +372,37 @@ def test_likelihood_matches_analytic_flow_with_grads():
     np.testing.assert_allclose(S.to_tangent(x, gx), S.to_tangent(x, wx), atol=1e-3)
 
 
+@pytest.mark.parametrize("solver", ["dopri5", "tsit5"])
+def test_adaptive_likelihood_matches_analytic_flow_with_grads(solver):
+    # diffrax's adaptive solve, one step-size sequence per example, gradients through it
+    x = _points(64, 2)
+
+    def ode(k, x):
+        lp, stats = log_likelihood(
+            analytic_field(k=k), x, solver=solver, rtol=1e-6, atol=1e-6, return_stats=True
+        )
+        return jnp.sum(lp), (lp, stats)
+
+    (gk, _), (lp, stats) = jax.jit(jax.grad(ode, argnums=(0, 1), has_aux=True))(1.0, x)
+    np.testing.assert_allclose(lp, analytic_log_prob(x, 1.0), atol=2e-5)
+    wk = jax.grad(lambda k: jnp.sum(analytic_log_prob(x, k)))(1.0)
+    np.testing.assert_allclose(gk, wk, rtol=1e-3)
+    assert bool(jnp.all(stats["ok"])) and int(jnp.min(stats["steps"])) >= 2
+    # a looser tolerance takes fewer steps and is less exact
+    loose, ls = log_likelihood(
+        analytic_field(k=1.0), x, solver=solver, rtol=1e-2, atol=1e-2, return_stats=True
+    )
+    assert float(jnp.mean(ls["steps"])) < float(jnp.mean(stats["steps"]))
+    assert float(jnp.max(jnp.abs(loose - lp))) > 1e-5
+    # out of max_steps: one clear error from the batched driver
+    with pytest.raises(UserError, match="ran out of max_steps=2 on 64 of 64 points"):
+        log_likelihood_batched(analytic_field(k=1.0), x, solver=solver, max_steps=2)
+    with pytest.raises(UserError, match="unknown ODE solver 'euler'"):
+        log_likelihood(analytic_field(k=1.0), x, solver="euler")
+    with pytest.raises(UserError, match="rk4 likelihood needs num_steps >= 1"):
+        log_likelihood(analytic_field(k=1.0), x)
+
+
 def test_likelihood_hutchinson_and_euclidean():
     x = jnp.broadcast_to(_points(1, 3), (2048, 3))
     hutch = log_likelihood(
@@ -386,9 +417,16 @@ def test_likelihood_hutchinson_and_euclidean():
     lin = lambda x, t, *, cond=None, dt=None: a * x
     lp = log_likelihood(lin, xe, num_steps=8, manifold="euclidean")
     sq = jnp.sum(xe.reshape(32, -1) ** 2, -1)
-    np.testing.assert_allclose(
-        lp, -sq / (2 * math.exp(2 * a)) - 2 * math.log(2 * math.pi) - 4 * a, atol=1e-4
-    )
+    want = -sq / (2 * math.exp(2 * a)) - 2 * math.log(2 * math.pi) - 4 * a
+    np.testing.assert_allclose(lp, want, atol=1e-4)
+    adaptive = log_likelihood(lin, xe, manifold="euclidean", solver="dopri5")  # per example
+    np.testing.assert_allclose(adaptive, want, atol=1e-4)
+    # Hutchinson under the adaptive solver: each example keeps its own probes
+    hutch = log_likelihood(
+        lin, xe, manifold="euclidean", solver="dopri5", divergence="hutchinson",
+        key=jax.random.key(1), num_probes=64,
+    )  # fmt: skip
+    assert 1e-3 < float(jnp.std(hutch - want)) < 0.5
     with pytest.raises(UserError, match="key"):
         log_likelihood(lin, xe, num_steps=2, divergence="hutchinson")
 
