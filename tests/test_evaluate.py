@@ -83,6 +83,9 @@ def test_write_stats_and_ref_stats_wiring(env, tmp_path, monkeypatch):
     out = cli(tmp_path, "--samples", a, "--ref-stats", stats, "--metrics", "fid")
     assert out["fid"] == 42.0 and out["samples"] == a and out["fid_method"] == "eigh"
     assert 0 <= out["fid_seconds"] < out["wall_seconds"]  # the host's part of the whole
+    parts = out["fid_stats_seconds"] + out["fid_distance_seconds"]
+    assert parts == pytest.approx(out["fid_seconds"], rel=1e-6)
+    assert 0 < out["inception_seconds"] < out["wall_seconds"] - out["fid_seconds"]
     cli(tmp_path, "--samples", a, "--ref-stats", stats, "--metrics", "fid", "--fid-method", "sqrtm")
     (((mu1, sigma1, mu2, sigma2), method), (_, slow)) = seen
     assert (method, slow) == ("eigh", "sqrtm")
