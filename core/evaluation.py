@@ -314,7 +314,39 @@ def _nll(ev: Evaluator) -> dict:
                 "noise_std": float(std) if noise == "gaussian" else None,
                 "conditional": cond is not None,
                 "bpd_comparable": noise in COMPARABLE}  # fmt: skip
+    log_lik, info = heldout_log_likelihood(ev)
+    solve = likelihood.solver_options(o.nll_solver, num_steps=o.nll_steps, tol=o.nll_tol)
+    lp, stats = log_lik(**solve)
+    nll = -float(np.mean(lp, dtype=np.float64))
+    out = {"nll": nll, "nll_split": o.heldout_split, "nll_solver": likelihood.describe(solve),
+           "nll_mean_steps": float(np.mean(stats["steps"])),
+           "nll_divergence": info["divergence"], "nll_count": info["count"]}  # fmt: skip
+    if o.nll_check:
+        # the finer solve's per-point change estimates the reported values' error; a mean
+        # above a few hundredths of a nat says the solve is too coarse
+        fine, _ = log_lik(**likelihood.finer(solve))
+        out["nll_fine"] = -float(np.mean(fine, dtype=np.float64))
+        out["nll_fine_change"] = float(np.mean(np.abs(lp - fine), dtype=np.float64))
+    if info["images"]:  # density of u in [0, 256)^D: p_u = p_x / 127.5^D
+        dim = info["dim"]
+        out["bpd"] = (nll + dim * np.log(127.5)) / (dim * np.log(2.0))
+    return out
+
+
+def heldout_log_likelihood(ev: Evaluator) -> tuple:
+    """The ODE log-likelihood of the run's held-out split as a function of the solver:
+    `(log_lik(**solve) -> (log p [N], {"steps": [N]}), info)`, `solve` from
+    `metrics.likelihood.solver_options`; `info`: divergence, count, images, dim. Images are
+    uniformly dequantized with the evaluator's seed (every solve sees the same points)."""
+    import jax
+    from flax import nnx
+
+    from metrics import likelihood
+
+    graphdef, params, config = ev._need_network("nll")
+    o, data = ev.options, ev.heldout
     manifold = lookup(LIKELIHOOD_MANIFOLDS, config.loss.name, "loss with an ODE likelihood")
+    cond = data.get("cond") if "cond" in data and _conditional(config) else None
     x = np.asarray(data["x"], np.float32)
     dim = int(np.prod(x.shape[1:]))
     images = x.ndim == 4
@@ -324,25 +356,11 @@ def _nll(ev: Evaluator) -> dict:
     if divergence == "auto":
         divergence = "exact" if dim <= 16 else "hutchinson"
     log_lik = functools.partial(
-        likelihood.log_likelihood_batched, net, x, batch_size=min(o.batch, len(x)), cond=cond,
-        manifold=manifold, divergence=divergence, num_probes=o.nll_probes, key=key,
-        with_stats=True,
+        likelihood.log_likelihood_batched, nnx.merge(graphdef, params), x,
+        batch_size=min(o.batch, len(x)), cond=cond, manifold=manifold, divergence=divergence,
+        num_probes=o.nll_probes, key=jax.random.key(o.seed), with_stats=True,
     )  # fmt: skip
-    solve = likelihood.solver_options(o.nll_solver, num_steps=o.nll_steps, tol=o.nll_tol)
-    lp, stats = log_lik(**solve)
-    nll = -float(np.mean(lp, dtype=np.float64))
-    out = {"nll": nll, "nll_split": o.heldout_split, "nll_solver": likelihood.describe(solve),
-           "nll_mean_steps": float(np.mean(stats["steps"])), "nll_divergence": divergence,
-           "nll_count": len(x)}  # fmt: skip
-    if o.nll_check:
-        # the finer solve's per-point change estimates the reported values' error; a mean
-        # above a few hundredths of a nat says the solve is too coarse
-        fine, _ = log_lik(**likelihood.finer(solve))
-        out["nll_fine"] = -float(np.mean(fine, dtype=np.float64))
-        out["nll_fine_change"] = float(np.mean(np.abs(lp - fine), dtype=np.float64))
-    if images:  # density of u in [0, 256)^D: p_u = p_x / 127.5^D
-        out["bpd"] = (nll + dim * np.log(127.5)) / (dim * np.log(2.0))
-    return out
+    return log_lik, {"divergence": divergence, "count": len(x), "images": images, "dim": dim}
 
 
 def _conditional(config: ConfigDict) -> bool:

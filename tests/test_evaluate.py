@@ -403,6 +403,24 @@ def test_nll_table_picks_the_checkpoint_with_the_lowest_validation_nll(
     assert row["test_nll_fine"] == pytest.approx(direct["nll_fine"], rel=1e-6)  # at 1e-4
     assert direct["nll_solver"] == "dopri5, rtol = 0.001, atol = 0.001"
     assert direct["nll_mean_steps"] >= 1
+    # scripts.nll_solvers: the same points and network, solver by solver
+    from scripts import nll_solvers
+
+    res = str(tmp_path / "solvers.json")
+    nll_solvers.main(["nll_solvers", "--workdir", workdir, "--step", str(row["best_step"]),
+                      "--solvers", "rk4:4,dopri5:1e-3,dopri5:1e-6", "--out", res])  # fmt: skip
+    with open(res) as f:
+        rows = {r["solver"]: r for r in json.load(f)["rows"]}
+    assert rows["dopri5:1e-3"]["nll"] == pytest.approx(direct["nll"], rel=1e-6)
+    assert rows["dopri5:1e-6"]["max_abs_change"] == 0.0  # the reference: the last listed
+    for r in rows.values():
+        assert max(r["median_abs_change"], r["mean_abs_change"]) <= r["max_abs_change"]
+    assert rows["rk4:4"]["mean_steps"] == 4 and rows["dopri5:1e-6"]["mean_steps"] >= 1
+    with pytest.raises(UserError, match="expected rk4:<steps>"):
+        nll_solvers.main(["nll_solvers", "--workdir", workdir, "--solvers", "rk4:x"])
+    with pytest.raises(UserError, match="--reference 'rk4:8' is not one of"):
+        nll_solvers.main(["nll_solvers", "--workdir", workdir, "--solvers", "rk4:4",
+                          "--reference", "rk4:8"])  # fmt: skip
     with open(out + ".md") as f:
         line = [ln for ln in f if ln.startswith("| volcano")][0]
     assert "-7.93" in line and "-4.92" in line and f"{row['test_nll']:.3f}" in line
