@@ -219,8 +219,13 @@ part_shortcut() {
         steps=$(steps_for "$(probe_rate "$config:teacher=current" "${NPZ[@]}")" "$seconds")
     fi
     # teacher=current: on two moons the EMA teacher left k < 16 blurry at a short budget
-    train "$config:teacher=current" "$sc" "$steps" "$seconds"
-    train "$config:method=fm" "$fm" "$steps" "$seconds"
+    # SC_FLAGS: overrides for both runs (e.g. "--config.optim.lr=3e-4
+    # --config.optim.schedule=cosine": 2500 steps at the config's constant 1e-4 left both far
+    # from trained, H100 2026-11-24)
+    # shellcheck disable=SC2086
+    train "$config:teacher=current" "$sc" "$steps" "$seconds" ${SC_FLAGS:-}
+    # shellcheck disable=SC2086
+    train "$config:method=fm" "$fm" "$steps" "$seconds" ${SC_FLAGS:-}
     "$PY" -m scripts.steps_sweep --workdirs "$sc,$fm" --steps "$SWEEP_STEPS" --metrics fid \
         --num "$NUM_SWEEP" "${EVAL[@]}" --out "$RUNS/fid_vs_steps"
     cp "$RUNS/fid_vs_steps.json" "$RUNS/fid_vs_steps.png" "$out/"
