@@ -100,15 +100,15 @@ def solver_options(solver: str, *, num_steps: int | None = None, tol: float = 1e
 
 def finer(options: dict) -> dict:
     """The same solve made finer (twice the RK4 steps, a tenth of the tolerances): the
-    change it makes estimates the error of the first."""
-    if options.get("solver", "rk4") == "rk4":
+    change it makes estimates the error of the first. `options` from `solver_options`."""
+    if options["solver"] == "rk4":
         return {**options, "num_steps": 2 * options["num_steps"]}
     return {**options, "rtol": options["rtol"] / 10, "atol": options["atol"] / 10}
 
 
 def describe(options: dict) -> str:
-    """`"400 RK4 steps"` or `"dopri5, rtol = atol = 1e-05"`, for tables."""
-    if options.get("solver", "rk4") == "rk4":
+    """`"400 RK4 steps"` or `"dopri5, rtol = 1e-05, atol = 1e-05"`, for tables."""
+    if options["solver"] == "rk4":
         return f"{options['num_steps']} RK4 steps"
     return f"{options['solver']}, rtol = {options['rtol']:g}, atol = {options['atol']:g}"
 
@@ -177,7 +177,7 @@ def log_likelihood(
     divergence: str = "exact",
     key: jax.Array | None = None,
     num_probes: int = 1,
-    solver: str = "rk4",
+    solver: str | None = None,
     rtol: float = 1e-5,
     atol: float = 1e-5,
     max_steps: int = 4096,
@@ -195,17 +195,22 @@ def log_likelihood(
         or standard normal.
       divergence: "exact" or "hutchinson" (needs `key`, uses `num_probes`).
       solver: "rk4" (fixed steps) or "dopri5" / "tsit5" (adaptive, `rtol`, `atol`, at most
-        `max_steps` accepted and rejected steps per example).
+        `max_steps` accepted and rejected steps per example); default "rk4" when
+        `num_steps` is given, else "dopri5".
       return_stats: also return `{"steps": [B] int, "ok": [B] bool}`: the steps taken per
         example and whether the adaptive solve finished within `max_steps` (a failed
         example's value is meaningless; `log_likelihood_batched` raises on it).
     """
     if manifold not in MANIFOLDS:
         raise UserError(f"unknown manifold {manifold!r}; known: {', '.join(MANIFOLDS)}")
+    if solver is None:
+        solver = "dopri5" if num_steps is None else "rk4"
     if solver not in SOLVERS:
         raise UserError(f"unknown ODE solver {solver!r}; known: {', '.join(SOLVERS)}")
     if solver == "rk4" and (num_steps is None or num_steps < 1):
         raise UserError(f"the rk4 likelihood needs num_steps >= 1, got {num_steps}")
+    if solver != "rk4" and num_steps is not None:
+        raise UserError(f"num_steps={num_steps} is for solver='rk4'; {solver} takes rtol, atol")
     sphere = manifold == "sphere"
     if base_log_prob is None:
         base_log_prob = uniform_log_prob if sphere else standard_normal_log_prob
@@ -291,7 +296,7 @@ def log_likelihood_batched(
         failed += int(np.sum(~np.asarray(stats["ok"])[: xb.shape[0]]))
     if failed:
         raise UserError(
-            f"the adaptive ODE solver ({kwargs.get('solver')}) ran out of max_steps="
+            f"the adaptive ODE solver ({kwargs.get('solver') or 'dopri5'}) ran out of max_steps="
             f"{kwargs.get('max_steps', 4096)} on {failed} of {x.shape[0]} points: raise "
             "max_steps or loosen rtol/atol"
         )

@@ -400,7 +400,12 @@ def test_adaptive_likelihood_matches_analytic_flow_with_grads(solver):
     with pytest.raises(UserError, match="unknown ODE solver 'euler'"):
         log_likelihood(analytic_field(k=1.0), x, solver="euler")
     with pytest.raises(UserError, match="rk4 likelihood needs num_steps >= 1"):
-        log_likelihood(analytic_field(k=1.0), x)
+        log_likelihood(analytic_field(k=1.0), x, solver="rk4")
+    with pytest.raises(UserError, match="num_steps=8 is for solver='rk4'"):
+        log_likelihood(analytic_field(k=1.0), x, solver=solver, num_steps=8)
+    # no solver, no steps: dopri5 at 1e-5
+    default = log_likelihood(analytic_field(k=1.0), x)
+    np.testing.assert_allclose(default, analytic_log_prob(x, 1.0), atol=2e-4)
 
 
 def test_likelihood_hutchinson_and_euclidean():
