@@ -81,8 +81,11 @@ def main(argv: list[str]) -> None:
         diff = np.abs(values[row["solver"]] - ref)
         row.update(median_abs_change=float(np.median(diff)), mean_abs_change=float(diff.mean()),
                    max_abs_change=float(diff.max()))  # fmt: skip
-    header = f"| solver | NLL | steps per point (mean / max) | |Δ log p| vs {args.reference} (median / mean / max) | seconds |"  # noqa: E501
-    lines = [header, "|---|---|---|---|---|"]
+    lines = [
+        f"| solver | NLL | steps per point (mean / max) | abs. change of log p against "
+        f"{args.reference} (median / mean / max) | seconds |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['solver']} | {r['nll']:.4f} | {r['mean_steps']:.0f} / {r['max_steps']} | "
