@@ -86,6 +86,7 @@ class Evaluator:
         self.dataset, self.ref_stats_path, self.network = dataset, ref_stats, network
         self.options = options or Options()
         self._inception, self._want_logits = inception, False
+        self.inception_seconds = None  # the samples' Inception pass, once it has run
 
     def run(self, names: list[str]) -> dict:
         """The metrics `names` (keys of METRICS) as one flat dict of numbers."""
@@ -187,7 +188,7 @@ def _fid(ev: Evaluator) -> dict:
     # two together)
     return {"fid": fid, "fid_method": method, "fid_seconds": end - start,
             "fid_stats_seconds": mid - start, "fid_distance_seconds": end - mid,
-            "inception_seconds": ev.__dict__.get("inception_seconds")}  # fmt: skip
+            "inception_seconds": ev.inception_seconds}  # fmt: skip
 
 
 def _kid(ev: Evaluator) -> dict:

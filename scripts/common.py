@@ -111,6 +111,32 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize(**kwargs)
 
 
+def add_nll_solver_flags(parser) -> None:
+    """The ODE likelihood's solver flags (`scripts.evaluate`, `scripts.nll_table`); read
+    them back with `nll_solver_options`."""
+    from metrics.likelihood import SOLVERS
+
+    parser.add_argument(
+        "--nll-solver", default="dopri5", choices=SOLVERS,
+        help="ODE solver of the likelihood: dopri5 or tsit5 (adaptive, --nll-tol), rk4 "
+        "(--nll-steps fixed steps)",
+    )  # fmt: skip
+    parser.add_argument("--nll-tol", type=float, default=1e-5, help="rtol = atol, adaptive solvers")
+    parser.add_argument("--nll-steps", type=int, default=100, help="steps of --nll-solver rk4")
+
+
+def nll_solver_options(args) -> dict:
+    """`log_likelihood`'s solver keywords from `add_nll_solver_flags`' flags; a step count
+    below 1 or a tolerance not above 0 is a UserError."""
+    from metrics.likelihood import solver_options
+
+    if args.nll_steps < 1:
+        raise UserError(f"--nll-steps must be >= 1, got {args.nll_steps}")
+    if not args.nll_tol > 0:
+        raise UserError(f"--nll-tol must be > 0, got {args.nll_tol}")
+    return solver_options(args.nll_solver, num_steps=args.nll_steps, tol=args.nll_tol)
+
+
 def add_sampling_flags(parser, *, num: int) -> None:
     """The flags `sample_run` reads: which weights (`--step --raw`), how many samples
     (`--num --batch --seed`) and how (`--sampler --steps --cfg --sample-option`)."""

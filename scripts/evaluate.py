@@ -38,9 +38,11 @@ import sys
 import time
 
 from scripts.common import (
+    add_nll_solver_flags,
     add_sampling_flags,
     argument_parser,
     maybe_initialize_distributed,
+    nll_solver_options,
     run,
     sample_run,
 )
@@ -50,7 +52,6 @@ DEFAULT_METRICS = "fid"
 
 def parse(argv: list[str]) -> argparse.Namespace:
     from metrics.fid import METHODS
-    from metrics.likelihood import SOLVERS
 
     p = argument_parser("evaluate", __doc__)
     src = p.add_argument_group("samples and reference")
@@ -98,13 +99,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     m.add_argument("--effdim-sigma", type=float, default=1e-2, help="noise (t = 1 - sigma)")
     m.add_argument("--effdim-chunk", type=int, default=None, help="Jacobian columns per pass")
     m.add_argument("--swd-projections", type=int, default=256, help="directions of swd")
-    m.add_argument(
-        "--nll-solver", default="dopri5", choices=SOLVERS,
-        help="ODE solver of the likelihood: dopri5 or tsit5 (adaptive, --nll-tol), rk4 "
-        "(--nll-steps fixed steps)",
-    )  # fmt: skip
-    m.add_argument("--nll-tol", type=float, default=1e-5, help="rtol = atol, adaptive solvers")
-    m.add_argument("--nll-steps", type=int, default=100, help="steps of --nll-solver rk4")
+    add_nll_solver_flags(m)
     m.add_argument(
         "--nll-divergence", default="auto", help="exact, hutchinson or auto (exact up to 16-d)"
     )
@@ -140,16 +135,14 @@ def _check(args, UserError) -> None:
         "--inception-batch": (args.inception_batch, 1), "--kid-subsets": (args.kid_subsets, 1),
         "--kid-subset-size": (args.kid_subset_size, 2), "--pr-k": (args.pr_k, 1),
         "--ratio-k": (args.ratio_k, 2), "--effdim-num": (args.effdim_num, 1),
-        "--swd-projections": (args.swd_projections, 1), "--nll-steps": (args.nll_steps, 1),
-        "--nll-probes": (args.nll_probes, 1),
+        "--swd-projections": (args.swd_projections, 1), "--nll-probes": (args.nll_probes, 1),
     }  # fmt: skip
     for flag, (value, low) in at_least.items():
         if value < low:
             raise UserError(f"{flag} must be >= {low}, got {value}")
     args.delta_m = _per_space("--delta-m", args.delta_m, UserError)
     args.delta_s = _per_space("--delta-s", args.delta_s, UserError)
-    if not args.nll_tol > 0:
-        raise UserError(f"--nll-tol must be > 0, got {args.nll_tol}")
+    nll_solver_options(args)  # the solver flags' checks
     if not 0.0 < args.effdim_sigma < 1.0:
         raise UserError(f"--effdim-sigma must be in (0, 1), got {args.effdim_sigma}")
     if args.write_stats and not args.write_stats.endswith(".npz"):

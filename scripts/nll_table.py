@@ -18,7 +18,7 @@ import functools
 import json
 import os
 
-from scripts.common import argument_parser, run
+from scripts.common import add_nll_solver_flags, argument_parser, nll_solver_options, run
 
 # Test NLL (nats) published for the Earth datasets: Riemannian flow matching (Chen & Lipman
 # 2023, arXiv 2302.03660, Table 2) and Riemannian score-based models (De Bortoli et al.
@@ -33,12 +33,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argument_parser("nll_table", __doc__)
     p.add_argument("--workdirs", required=True, help="comma list of run directories")
     p.add_argument("--out", required=True, help="output prefix: <out>.json, <out>.md")
-    p.add_argument(
-        "--nll-solver", default="dopri5",
-        help="ODE solver of the likelihood: dopri5 or tsit5 (adaptive, --nll-tol), rk4",
-    )  # fmt: skip
-    p.add_argument("--nll-tol", type=float, default=1e-5, help="rtol = atol, adaptive solvers")
-    p.add_argument("--nll-steps", type=int, default=100, help="steps of --nll-solver rk4")
+    add_nll_solver_flags(p)
     p.add_argument("--val-split", default="val")
     p.add_argument("--test-split", default="test")
     p.add_argument("--num-plot", type=int, default=4096, help="samples on the map")
@@ -50,14 +45,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv[1:])
     from core.errors import UserError
-    from metrics.likelihood import solver_options
 
-    for flag, value, low in (("--nll-steps", args.nll_steps, 1), ("--last", args.last, 0)):
-        if value < low:
-            raise UserError(f"{flag} must be >= {low}, got {value}")
-    if not args.nll_tol > 0:
-        raise UserError(f"--nll-tol must be > 0, got {args.nll_tol}")
-    args.solve = solver_options(args.nll_solver, num_steps=args.nll_steps, tol=args.nll_tol)
+    if args.last < 0:
+        raise UserError(f"--last must be >= 0, got {args.last}")
+    args.solve = nll_solver_options(args)
     return args
 
 
@@ -109,7 +100,7 @@ def evaluate_run(args, workdir: str) -> dict:
     best = min(val, key=val.get)
     checked = nll(best, args.test_split, check=True)  # and the finer solve
     test, test_fine = checked["nll"], checked["nll_fine"]
-    final = nll(steps[-1], args.test_split)["nll"]
+    final = (checked if steps[-1] == best else nll(steps[-1], args.test_split))["nll"]
     name = os.path.basename(os.path.normpath(workdir))
     plot = f"{args.out}_{name}.png"
     graphdef, params, _ = network(best)
