@@ -8,8 +8,14 @@ Block k reads tokens `x [B, T, P]` (in reversed order for odd k) and maps them t
 position `i - 1` (outputs shifted right by one, `a_0 = b_0 = 0`), so
 `log|det ∂z/∂x| = -Σ_i a_i`. `forward(x) -> (z, logdet)` composes the blocks (data -> noise);
 `inverse(z) -> x` undoes them in reverse, either token by token on `lax.scan` with a KV cache
-("sequential") or by Jacobi fixed-point iteration of whole-sequence passes ("jacobi", as in
-GS-Jacobi, arXiv 2505.12849), which is exact after at most `T` iterations per block. The
+("sequential") or by Jacobi fixed-point iteration ("jacobi"): all unknown tokens of a
+segment updated at once, exact after as many passes as the segment has tokens. One segment
+is plain Jacobi over the whole sequence; shorter segments, solved one after another with
+the finished ones' keys and values cached, are the Gauss–Seidel–Jacobi of arXiv 2505.12849
+(which cuts only the blocks that converge slowly: `segment` per block). The sequential
+inverse costs `T - 1` passes of one token per block, Jacobi `n` passes of the segment's
+tokens: it pays where a pass of many tokens costs about as much as one of a single token
+(a GPU at small batch) and the passes converge well before the segment's length. The
 output projection is zero-initialised, so a fresh flow is the identity.
 
 Guidance (`cfg_scale = w`): the affine parameters of the conditional and the null condition
@@ -32,6 +38,8 @@ Invert in float32 (`scripts.flow_inverse --dtype float32`, the same weights) for
 stop at a small `tol`, or take a `tol` of the order of the bfloat16 step.
 """
 
+from collections.abc import Sequence
+
 import einops
 import jax
 import jax.numpy as jnp
@@ -43,17 +51,23 @@ from models.layers import XAVIER, CondEmbed, Dtype, attend, layer_norm
 METHODS = ("sequential", "jacobi")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_inverse_args(
     method: str,
     tol: float,
     max_iters: int | None,
+    segment: int | Sequence[int] | None = None,
     *,
-    names: tuple[str, str, str] = ("method", "tol", "max_iters"),
+    names: tuple[str, ...] = ("method", "tol", "max_iters", "segment"),
     zero_tol: bool = True,
 ) -> None:
-    """One UserError naming the argument (`names`: how the caller spells the three) for an
+    """One UserError naming the argument (`names`: how the caller spells the four) for an
     unknown inverse method, a tolerance that is not a number >= 0 (> 0 unless `zero_tol`:
-    0 runs every pass), or a pass cap that is not an integer >= 1. Used by
+    0 runs every pass), a pass cap that is not an integer >= 1, or a segment size that is
+    not an integer >= 0 (or a sequence of them; 0 or None: the whole sequence). Used by
     `TarFlow.inverse`, the sampler (`samplers.tarflow`) and `scripts.flow_inverse`."""
     if method not in METHODS:
         known = ", ".join(METHODS)
@@ -62,13 +76,29 @@ def check_inverse_args(
     if not (number and (tol >= 0 if zero_tol else tol > 0)):
         bound = ">= 0" if zero_tol else "> 0"
         raise UserError(f"{names[1]}={tol!r} must be a number {bound} (max |Δx| per pass)")
-    if max_iters is not None and (
-        isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1
-    ):
+    if max_iters is not None and not (_is_int(max_iters) and max_iters >= 1):
         raise UserError(
-            f"{names[2]}={max_iters!r} must be an integer >= 1 (Jacobi passes per block; "
-            "unset: the token count)"
+            f"{names[2]}={max_iters!r} must be an integer >= 1 (Jacobi passes per segment; "
+            "unset: the segment's size)"
         )
+    sizes = segment if isinstance(segment, list | tuple) else [segment]
+    if not sizes or not all(s is None or (_is_int(s) and s >= 0) for s in sizes):
+        raise UserError(
+            f"{names[3]}={segment!r} must be an integer >= 0 (Jacobi segment size; 0: the "
+            "whole sequence) or a list of them, one per block"
+        )
+
+
+def segment_sizes(segment: int | Sequence[int] | None, num_blocks: int) -> list[int | None]:
+    """Per block (in the order the blocks are inverted) the Jacobi segment size, None for the
+    whole sequence; a sequence of another length than `num_blocks` is a UserError."""
+    if not isinstance(segment, list | tuple):
+        segment = [segment] * num_blocks
+    if len(segment) != num_blocks:
+        raise UserError(
+            f"segment={list(segment)!r} gives {len(segment)} sizes for {num_blocks} blocks"
+        )
+    return [s or None for s in segment]
 
 
 JACOBI_BOUND = 1e6  # |x| bound on Jacobi iterates (data lies in about [-1, 1])
@@ -101,15 +131,18 @@ class CausalLayer(nnx.Module):
         return self._finish(h, attend(q, k, v, is_causal=True))
 
     def decode(
-        self, h: jax.Array, i: jax.Array, cache: tuple[jax.Array, jax.Array]
+        self, h: jax.Array, start: jax.Array, cache: tuple[jax.Array, jax.Array]
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """One token `h [B, 1, D]` at position `i`; `cache` holds keys and values
-        `[B, T, N, H]` of positions < i and gets this token's at `i`."""
+        """Tokens `h [B, S, D]` at positions `start .. start + S - 1`; `cache` holds keys and
+        values `[B, L, N, H]` of the positions before and gets these tokens' at theirs (a
+        position may be written again: a later pass over the same segment overwrites it).
+        Each token attends to the positions up to its own (causal within the segment)."""
         q, k, v = self._qkv(h)
-        keys = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), i, 1)
-        values = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), i, 1)
-        mask = (jnp.arange(keys.shape[1]) <= i)[None, None, None, :]
-        attn = jax.nn.dot_product_attention(q, keys, values, mask=mask)
+        keys = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, 1)
+        values = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, 1)
+        query_pos = start + jnp.arange(h.shape[1])
+        mask = jnp.arange(keys.shape[1])[None, :] <= query_pos[:, None]
+        attn = jax.nn.dot_product_attention(q, keys, values, mask=mask[None, None])
         return self._finish(h, attn), (keys, values)
 
 
@@ -243,33 +276,81 @@ class FlowBlock(nnx.Module):
         *,
         tol: float,
         max_iters: int,
+        segment: int | None = None,
     ) -> tuple[jax.Array, jax.Array]:
-        """Jacobi iteration `x <- z · exp(a(x)) + b(x)` over all tokens at once, from `x = z`,
-        until `max |Δx| <= tol` or `max_iters` passes. Returns `(x, iterations)`."""
+        """Jacobi iteration `x <- z · exp(a(x)) + b(x)` from `x = z`, all unknown tokens of a
+        segment at once, until `max |Δx| <= tol` or `max_iters` passes, the segments one
+        after another (Gauss–Seidel over segments, GS-Jacobi). `segment` tokens per segment
+        (None: one segment, plain Jacobi over the whole sequence; 1: one token a pass, the
+        sequential inverse). Tokens `1 .. T-1` are unknown (token 0 is `z_0`); a segment of
+        `S` of them is exact after `S` passes, so the passes per segment are capped at
+        `min(max_iters, S)`. Finished segments' keys and values are cached, so a pass runs
+        only its segment's `S` positions through the transformer. Returns `(x, passes)`,
+        `passes` summed over the segments (the sequential passes of this block)."""
         z = self.order(z)
-        _, c = self._doubled(z[:, :1], cond, weights, null_cond)
-        w = None if weights is None else weights[None, :, None]
+        tokens = z.shape[1]
+        unknown = tokens - 1
+        size = unknown if segment is None else min(segment, unknown)
+        segments = -(-unknown // size)
+        length = segments * size  # network input positions 0 .. T-2, padded at the end
+        cap = min(max_iters, size)
+        x0, c = self._doubled(z[:, 0], cond, weights, null_cond)
+        doubled = weights is not None
+        pos = jnp.pad(self.pos[...][:unknown], ((0, length - unknown), (0, 0)))
+        # segment j: the inputs at positions j·S .. j·S + S - 1 give the affine parameters of
+        # tokens j·S + 1 .. j·S + S (padding past T - 1 is never read by a real token)
+        z_segs = jnp.pad(z[:, 1:], ((0, 0), (0, length - unknown), (0, 0)))
+        z_segs = einops.rearrange(z_segs, "b (n s) p -> n b s p", s=size)
+        if doubled:
+            w = jnp.pad(weights[1:], (0, length - unknown), constant_values=1.0)
+            w_segs = w.reshape(segments, 1, size, 1)
+        else:
+            w_segs = jnp.zeros((segments,))
+        width = self.pos.shape[-1]
+        heads = self.layers[0].heads if len(self.layers) else 1
+        shape = (x0.shape[0], length, heads, width // heads)
+        caches = [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.layers]
 
-        def update(x):
-            x_in = x if weights is None else jnp.concatenate([x, x])
-            a, b = self.affine(x_in, c)
-            new = z * jnp.exp(_guided(a, w)) + _guided(b, w)
-            # Tokens past the converged prefix may overflow; a NaN there would reach the
-            # prefix through attention (0 · NaN), so they are kept finite.
-            return jnp.clip(jnp.nan_to_num(new), -JACOBI_BOUND, JACOBI_BOUND)
+        def run_segment(carry, inputs):
+            first, caches = carry  # first: the finished token j·S (twice under guidance)
+            j, z_seg, w_seg = inputs
+            start = j * size
+            pos_seg = jax.lax.dynamic_slice_in_dim(pos, start, size)[None].astype(self.dtype)
+            w = w_seg if doubled else None
 
-        def keep_going(state):
-            _, delta, k = state
-            return (k < max_iters) & (delta > tol)
+            def update(x, caches):
+                x_in = x if not doubled else jnp.concatenate([x, x])
+                inp = jnp.concatenate([first[:, None], x_in[:, :-1]], axis=1)
+                h = self.proj_in(inp.astype(self.dtype)) + pos_seg + c
+                new_caches = []
+                for layer, cache in zip(self.layers, caches):
+                    h, cache = layer.decode(h, start, cache)
+                    new_caches.append(cache)
+                a, b = _log_scale_and_shift(self.proj_out(h))
+                new = z_seg * jnp.exp(_guided(a, w)) + _guided(b, w)
+                # Tokens past the converged prefix may overflow; a NaN there would reach the
+                # prefix through attention (0 · NaN), so they are kept finite.
+                return jnp.clip(jnp.nan_to_num(new), -JACOBI_BOUND, JACOBI_BOUND), new_caches
 
-        def body(state):
-            x, _, k = state
-            new = update(x)
-            return new, jnp.max(jnp.abs(new - x)), k + 1
+            def keep_going(state):
+                _, _, delta, k = state
+                return (k < cap) & (delta > tol)
 
-        init = (z, jnp.asarray(jnp.inf, jnp.float32), jnp.asarray(0, jnp.int32))
-        x, _, iters = jax.lax.while_loop(keep_going, body, init)
-        return self.order(x), iters
+            def body(state):
+                x, caches, _, k = state
+                new, caches = update(x, caches)
+                return new, caches, jnp.max(jnp.abs(new - x)), k + 1
+
+            init = (z_seg, caches, jnp.asarray(jnp.inf, jnp.float32), jnp.asarray(0, jnp.int32))
+            x, caches, _, k = jax.lax.while_loop(keep_going, body, init)
+            last = x[:, -1] if not doubled else jnp.concatenate([x[:, -1], x[:, -1]])
+            return (last, caches), (x, k)
+
+        xs = (jnp.arange(segments), z_segs, w_segs)
+        _, (x_segs, passes) = jax.lax.scan(run_segment, (x0, caches), xs)
+        rest = einops.rearrange(x_segs, "n b s p -> b (n s) p")[:, :unknown]
+        x = jnp.concatenate([z[:, :1], rest], axis=1)
+        return self.order(x), jnp.sum(passes)
 
 
 class TarFlow(nnx.Module):
@@ -346,14 +427,20 @@ class TarFlow(nnx.Module):
         anneal: bool = False,
         tol: float = 1e-5,
         max_iters: int | None = None,
+        segment: int | Sequence[int] | None = None,
         return_iters: bool = False,
     ):
         """`z [B, H, W, C]` -> `x`. `method` "sequential" (KV-cache scan) or "jacobi" (stops
-        at `max |Δx| <= tol` or after `max_iters` passes, default `T`: exact; `tol = 0` runs
-        every pass). With `return_iters`, also the Jacobi passes per block `[num_blocks]` (in
-        inverse order; `T - 1` decode steps each for "sequential"). A bad `method`, `tol` or
-        `max_iters` is a UserError."""
-        check_inverse_args(method, tol, max_iters)
+        at `max |Δx| <= tol` or after `max_iters` passes per segment, default and at most
+        the segment's size: exact; `tol = 0` runs every pass). `segment`: tokens per
+        Jacobi segment, the segments solved one after another (GS-Jacobi); None or 0 is one
+        segment (plain Jacobi); a sequence gives one size per block in the order the blocks
+        are inverted (`passes` below), e.g. segments only for the slow blocks. With
+        `return_iters`, also the passes per block `[num_blocks]` (in inverse order, summed
+        over segments; `T - 1` decode steps each for "sequential"). A bad `method`, `tol`,
+        `max_iters` or `segment` is a UserError."""
+        check_inverse_args(method, tol, max_iters, segment)
+        sizes = segment_sizes(segment, len(self.blocks))
         tokens = self.patchify(z)
         num_tokens = tokens.shape[1]
         weights = None
@@ -362,14 +449,14 @@ class TarFlow(nnx.Module):
             weights = 1.0 + (cfg_scale - 1.0) * (j if anneal else jnp.ones_like(j))
         null = self.num_classes if null_cond is None else null_cond
         iters = []
-        for block in reversed(self.blocks):
+        for block, size in zip(reversed(self.blocks), sizes):
             if method == "sequential":
                 tokens = block.inverse_sequential(tokens, cond, weights, null)
                 iters.append(jnp.asarray(num_tokens - 1, jnp.int32))
             else:
                 limit = num_tokens if max_iters is None else max_iters
                 tokens, n = block.inverse_jacobi(
-                    tokens, cond, weights, null, tol=tol, max_iters=limit
+                    tokens, cond, weights, null, tol=tol, max_iters=limit, segment=size
                 )
                 iters.append(n)
         x = self.unpatchify(tokens)

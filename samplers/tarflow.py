@@ -15,6 +15,7 @@ The denoising step belongs to the training noise: the sampler options `noise` an
 """
 
 import inspect
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,12 @@ def guidance_options(
     return options
 
 
-SAMPLER_NAMES = ("inverse", "jacobi_tol", "jacobi_max_iters")  # how the options are spelled
+SAMPLER_NAMES = (
+    "inverse",
+    "jacobi_tol",
+    "jacobi_max_iters",
+    "jacobi_segment",
+)  # how the options are spelled
 
 
 def _inverse_options(net, **options) -> dict:
@@ -77,22 +83,29 @@ def sample_tarflow(
     inverse: str = "sequential",
     jacobi_tol: float = 1e-5,
     jacobi_max_iters: int | None = None,
+    jacobi_segment: int | Sequence[int] | None = None,
     guidance_anneal: bool = False,
 ) -> jax.Array:
     """Samples `[B, H, W, C]` from a flow; `x_init` is standard normal (prior "gaussian").
 
     `num_steps` and `key` are unused (the flow is inverted exactly and deterministically;
-    the Jacobi passes are bounded by `jacobi_max_iters`, default the token count, exact).
-    `temperature` τ scales the latent. `inverse`: "sequential" (KV cache) or "jacobi" (stops
-    at `max |Δx| <= jacobi_tol`, `jacobi_tol > 0`; a bad method, tolerance or cap is a
-    UserError). `denoise` applies the Tweedie step for the training noise: only when `noise`
-    is "gaussian", with its `noise_std` (flows trained with uniform dequantization or no
-    noise are not denoised).
+    the Jacobi passes are bounded by `jacobi_max_iters` per segment, default the segment's
+    size, exact). `temperature` τ scales the latent. `inverse`: "sequential" (KV cache) or
+    "jacobi" (stops at `max |Δx| <= jacobi_tol`, `jacobi_tol > 0`; `jacobi_segment` tokens
+    per segment, solved one segment after another as GS-Jacobi does, an int for every block
+    or one per block in inverse order; unset or 0: the whole sequence; a bad method,
+    tolerance, cap or segment is a UserError). `denoise` applies the Tweedie step for the
+    training noise: only when `noise` is "gaussian", with its `noise_std` (flows trained
+    with uniform dequantization or no noise are not denoised).
     `cfg_scale` w: 1 is the plain conditional flow; `guidance_anneal` ramps the weight from
     1 to w over each block's tokens (the paper's annealed guidance).
     """
     del num_steps, key
-    check_inverse_args(inverse, jacobi_tol, jacobi_max_iters, names=SAMPLER_NAMES, zero_tol=False)
+    if isinstance(jacobi_segment, list | tuple):  # a config list
+        jacobi_segment = tuple(jacobi_segment)
+    check_inverse_args(
+        inverse, jacobi_tol, jacobi_max_iters, jacobi_segment, names=SAMPLER_NAMES, zero_tol=False
+    )
     if noise not in NOISES:
         raise UserError(f"noise={noise!r} is not a training noise; known: {', '.join(NOISES)}")
     options = guidance_options(
@@ -100,6 +113,8 @@ def sample_tarflow(
     )
     if inverse != "sequential":
         options.update(method=inverse, tol=jacobi_tol, max_iters=jacobi_max_iters)
+        if jacobi_segment is not None:
+            options["segment"] = jacobi_segment
     z = temperature * jnp.asarray(x_init, jnp.float32)
     x = net.inverse(z, cond=cond, **_inverse_options(net, **options))
     if denoise and noise == "gaussian" and noise_std > 0:

@@ -1,7 +1,13 @@
 r"""Speed and agreement of a trained flow's inverses: sequential (KV cache) against Jacobi.
 
   python -m scripts.flow_inverse --workdir runs/mnist_tarflow --num 2048 --batch 512 \
-      --tols 1e-3,1e-4,1e-5 --out docs/tarflow_inverse.json
+      --tols 1e-3,1e-4,1e-5 --segments 0,7,48/0/0/0 --out docs/tarflow_inverse.json
+
+`--segments`: the Jacobi segment sizes to try, each with every tolerance (GS-Jacobi: the
+tokens cut into segments solved one after another, Jacobi within each; 0 is one segment,
+plain Jacobi); `a/b/c/d` gives one size per block in the order the blocks are inverted (the
+order of `passes_per_block`), e.g. segments only for the blocks that plain Jacobi finds
+slow, as GS-Jacobi's convergence ranking picks them.
 
 Draws `--num` latents `z ~ N(0, τ² I)` (τ, guidance and labels as the run's sampler uses
 them, `--cfg` overrides the guidance weight) and inverts every batch with each method, the
@@ -20,7 +26,7 @@ significant bits, so the per-pass change stalls at about one bfloat16 step and a
 tolerance runs many more passes (often near T) for no gain: bfloat16 Jacobi and sequential
 images agree only to ~1e-3 at any tolerance (`models/tarflow.py`). Compare `--dtype
 float32` for the early stop, or pass tolerances of that size.
-Tolerances must be > 0 and `--max-iters` >= 1 (one UserError).
+Tolerances must be > 0, `--max-iters` >= 1 and segment sizes >= 0 (one UserError).
 """
 
 import argparse
@@ -29,7 +35,7 @@ import time
 
 from scripts.common import argument_parser, run
 
-NAMES = ("method", "--tols", "--max-iters")  # for models.tarflow.check_inverse_args
+NAMES = ("method", "--tols", "--max-iters", "--segments")  # for check_inverse_args
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -38,7 +44,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--num", type=int, default=2048, help="latents inverted by every method")
     p.add_argument("--batch", type=int, default=512, help="latents per device call")
     p.add_argument("--tols", default="1e-3,1e-4,1e-5", help="Jacobi tolerances, comma list")
-    p.add_argument("--max-iters", type=int, default=None, help="Jacobi passes per block cap")
+    p.add_argument("--max-iters", type=int, default=None, help="Jacobi passes per segment cap")
+    p.add_argument(
+        "--segments",
+        default="0",
+        help="Jacobi segment sizes, comma list (0: whole; a/b: per block)",
+    )
     p.add_argument("--cfg", type=float, default=None, help="guidance weight (default: config)")
     p.add_argument(
         "--dtype", default=None, help="compute dtype, float32 or bfloat16 (default: the run's)"
@@ -48,6 +59,25 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the JSON here too")
     return p.parse_args(argv[1:])
+
+
+def parse_segments(text: str) -> dict:
+    """`"0,7,48/0"` -> `{"0": 0, "7": 7, "48/0": (48, 0)}` (labels to `segment` values);
+    anything else than integers is one UserError (their range is checked with the rest)."""
+    from core.errors import UserError
+
+    out = {}
+    for entry in (e.strip() for e in text.split(",") if e.strip()):
+        try:
+            sizes = tuple(int(v) for v in entry.split("/"))
+        except ValueError:
+            raise UserError(
+                f"--segments={text!r}: {entry!r} is not an integer or a/b/... of integers"
+            ) from None
+        out[entry] = sizes if len(sizes) > 1 else sizes[0]
+    if not out:
+        raise UserError(f"--segments={text!r} names no segment size")
+    return out
 
 
 def compare(x, reference) -> dict:
@@ -81,8 +111,10 @@ def main(argv: list[str]) -> None:
         tols = [float(t) for t in args.tols.split(",") if t.strip()]
     except ValueError:
         raise UserError(f"--tols={args.tols!r} is not a comma list of numbers") from None
+    segments = parse_segments(args.segments)
     for tol in tols:
-        check_inverse_args("jacobi", tol, args.max_iters, names=NAMES, zero_tol=False)
+        for segment in segments.values():
+            check_inverse_args("jacobi", tol, args.max_iters, segment, names=NAMES, zero_tol=False)
     config, spec = sampling.load_run(args.workdir)
     if args.dtype is not None:
         config.compute_dtype = args.dtype  # before restore_network builds the graph
@@ -91,9 +123,16 @@ def main(argv: list[str]) -> None:
     graphdef, params, step = sampling.restore_network(
         args.workdir, config, mesh, step=args.step, ema=not args.raw
     )
-    inverse = getattr(nnx.merge(graphdef, params), "inverse", None)
+    flow = nnx.merge(graphdef, params)
+    inverse = getattr(flow, "inverse", None)
     if inverse is None or "return_iters" not in inspect.signature(inverse).parameters:
         raise UserError(f"model {config.model.name!r} has no Jacobi inverse (TarFlow has one)")
+    for label, segment in segments.items():
+        if isinstance(segment, tuple) and len(segment) != len(flow.blocks):
+            raise UserError(
+                f"--segments: {label!r} gives {len(segment)} sizes for a flow of "
+                f"{len(flow.blocks)} blocks"
+            )
     options = dict(config.sample.get("options", {}))
     temperature = float(options.get("temperature", 1.0))
     scale = float(config.sample.cfg_scale if args.cfg is None else args.cfg)
@@ -131,7 +170,12 @@ def main(argv: list[str]) -> None:
         return x, seconds, iters
 
     methods = [("sequential", {})] + [
-        (f"jacobi_tol{t:g}", dict(method="jacobi", tol=t, max_iters=args.max_iters)) for t in tols
+        (
+            f"jacobi_tol{t:g}" + (f"_seg{label}" if segment else ""),
+            dict(method="jacobi", tol=t, max_iters=args.max_iters, segment=segment),
+        )
+        for label, segment in segments.items()
+        for t in tols
     ]
     results, reference = {}, None
     for name, method in methods:
@@ -144,6 +188,8 @@ def main(argv: list[str]) -> None:
             "passes_per_block": [float(i) for i in iters],
             "mean_passes_per_block": float(np.mean(iters)),
         }
+        if method:  # a tuple segment is a JSON list
+            row.update(tol=method["tol"], segment=method["segment"])
         if reference is None:
             reference = x
         else:

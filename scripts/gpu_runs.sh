@@ -11,7 +11,8 @@
 #   scripts/gpu_runs.sh tarflow   # TarFlow: test bits/dim of a uniform-dequantization run
 #                                 # (comparable with published numbers); a Gaussian-noise run
 #                                 # (TF_STEPS): FID, grids with and without the denoising
-#                                 # step, sequential vs Jacobi inverse
+#                                 # step, sequential vs Jacobi and GS-Jacobi inverses at
+#                                 # batch 512 and 32 (INVERSE_SEGMENTS, INVERSE_TOLS)
 #   scripts/gpu_runs.sh memorization  # MNIST U-Net on train[:K] for K in $MEM_KS, MEM_STEPS
 #                                 # steps each: memorized / spurious / generalized against K
 #   scripts/gpu_runs.sh earth     # sphere flow matching on the Earth datasets ($DATASETS, all
@@ -69,7 +70,8 @@ fi
 if [ "${TINY:-0}" = 1 ]; then
     BENCH_BATCH=8 BENCH_STEPS=2 SAMPLE_BATCH=8 NUM_FID=16 NUM_SWEEP=16 SWEEP_STEPS=1,2
     UNET_STEPS=3 SC_STEPS=3 TF_STEPS=3 NUM_GIVEN=64 INCEPTION_BATCH=16
-    INVERSE_NUM=8 INVERSE_BATCH=8 MNIST_BENCH_BATCH=(--batch 8)
+    INVERSE_NUM=8 INVERSE_BATCH=8 INVERSE_SMALL_BATCH=4 MNIST_BENCH_BATCH=(--batch 8)
+    INVERSE_SEGMENTS=${INVERSE_SEGMENTS:-0,7,7/0}  # the smoke flow has 2 blocks
     tiny_data=$RUNS/tiny_data
     mkdir -p "$tiny_data"
     "$PY" -c "
@@ -84,7 +86,7 @@ for split, n in (('train', 96), ('test', 48)):
 else
     BENCH_BATCH=256 BENCH_STEPS=50 SAMPLE_BATCH=1000 NUM_FID=10000 NUM_SWEEP=${NUM_SWEEP:-5000}
     SWEEP_STEPS=1,2,4,8,128 NUM_GIVEN=50000 INCEPTION_BATCH=500
-    INVERSE_NUM=2048 INVERSE_BATCH=512 MNIST_BENCH_BATCH=()
+    INVERSE_NUM=2048 INVERSE_BATCH=512 INVERSE_SMALL_BATCH=32 MNIST_BENCH_BATCH=()
     DATA_PATH="$DEVDATA/mnist_{split}.npz"
 fi
 # a training length left unset is sized from a probe run (probe_steps) to fill its *_SECONDS
@@ -270,8 +272,15 @@ part_tarflow() {
     cp "$RUNS/tarflow_denoised.png" "$RUNS/tarflow_raw.png" "$out/"
     # float32 inverses: in bfloat16 Jacobi's per-pass change stalls at the bf16 step and it
     # runs ~all passes (models/tarflow.py); the weights are the same
-    "$PY" -m scripts.flow_inverse --workdir "$run" --num "$INVERSE_NUM" --batch "$INVERSE_BATCH" \
-        --dtype float32 --out "$out/mnist_tarflow_inverse.json"
+    # plain Jacobi and GS-Jacobi segments (all blocks, or only the first inverted, the block
+    # plain Jacobi found slowest), at the big batch and at a small one, where a pass of many
+    # tokens costs about what a pass of one does
+    local b segs=${INVERSE_SEGMENTS:-0,7,7/0/0/0}
+    for b in "$INVERSE_BATCH" "$INVERSE_SMALL_BATCH"; do
+        "$PY" -m scripts.flow_inverse --workdir "$run" --num "$INVERSE_NUM" --batch "$b" \
+            --dtype float32 --tols "${INVERSE_TOLS:-1e-3}" --segments "$segs" \
+            --out "$out/mnist_tarflow_inverse_b$b.json"
+    done
 }
 
 part_memorization() {

@@ -130,19 +130,29 @@ def test_logdet_is_log_abs_det_jacobian(name):
     np.testing.assert_allclose(logdet[0], logabsdet, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("cfg_scale,anneal", [(1.0, False), (2.5, True)])
-def test_jacobi_inverse_equals_sequential(cfg_scale, anneal):
-    """Jacobi stopped at the default tolerance, or run to its exact fixed point (T passes per
-    block), matches the KV-cache inverse up to float32 arithmetic (measured <= 7e-6 here)."""
+@pytest.mark.parametrize(
+    "cfg_scale,anneal,segment,exact_passes",
+    [
+        (1.0, False, None, [15, 15]),  # plain Jacobi: the 15 unknown tokens in one segment
+        (2.5, True, None, [15, 15]),
+        (1.0, False, 4, [16, 16]),  # GS-Jacobi: 4 segments of 4 (the last one padded)
+        (2.5, True, (1, 6), [15, 18]),  # per block: one token at a time; 3 segments of 6
+    ],
+)
+def test_jacobi_inverse_equals_sequential(cfg_scale, anneal, segment, exact_passes):
+    """Jacobi (whole sequence or in segments solved one after another with cached keys and
+    values) stopped at the default tolerance, or run to its exact fixed point (as many
+    passes as a segment has tokens), matches the KV-cache inverse up to float32 arithmetic
+    (measured <= 7e-6 here)."""
     net = trained_like("tarflow")
     z = jax.random.normal(jax.random.key(3), X.shape)
-    kw = dict(cond=LABELS, cfg_scale=cfg_scale, anneal=anneal)
+    kw = dict(cond=LABELS, cfg_scale=cfg_scale, anneal=anneal, segment=segment)
     x_seq = call(net, "inverse", z, method="sequential", **kw)
-    tokens = (S // 2) ** 2
     for tol in (1e-5, 0.0):
         x_jac, iters = call(net, "inverse", z, method="jacobi", tol=tol, return_iters=True, **kw)
-        assert bool(jnp.all(iters <= tokens)) and bool(jnp.all(iters >= 2)), iters
-        assert tol > 0 or bool(jnp.all(iters == tokens)), iters
+        assert bool(jnp.all(iters <= jnp.array(exact_passes))), iters
+        assert bool(jnp.all(iters >= 2)), iters
+        assert tol > 0 or iters.tolist() == exact_passes, iters
         np.testing.assert_allclose(x_jac, x_seq, atol=2e-5, rtol=0)
     if cfg_scale == 1.0:  # the fixed point: forward gives z back
         np.testing.assert_allclose(call(net, "forward", x_jac, cond=LABELS)[0], z, atol=1e-5)
@@ -314,6 +324,8 @@ def test_sampler_options_follow_the_loss():
         (dict(inverse="jacobi", jacobi_tol=-1.0), r"jacobi_tol=-1.0 must be a number > 0"),
         (dict(jacobi_tol=0), r"jacobi_tol=0 must be a number > 0"),
         (dict(inverse="jacobi", jacobi_max_iters=0), r"jacobi_max_iters=0 must be an integer"),
+        (dict(inverse="jacobi", jacobi_segment=-2), r"jacobi_segment=-2 must be an integer >= 0"),
+        (dict(inverse="jacobi", jacobi_segment=(4, 0, 0)), r"gives 3 sizes for 2 blocks"),
         (dict(noise="laplace"), r"noise='laplace' .*known: gaussian, uniform, none"),
     ],
 )
@@ -337,6 +349,10 @@ def test_flow_inverse_rejects_bad_tolerances_before_loading(tmp_path):
         flow_inverse.main([*argv, "--max-iters", "0"])
     with pytest.raises(UserError, match="not a comma list"):
         flow_inverse.main([*argv, "--tols", "1e-3,x"])
+    with pytest.raises(UserError, match=r"'7/x' is not an integer or a/b/\.\.\. of integers"):
+        flow_inverse.main([*argv, "--segments", "0,7/x"])
+    with pytest.raises(UserError, match=r"--segments=\(4, -1\) must be an integer >= 0"):
+        flow_inverse.main([*argv, "--segments", "4/-1"])
     net = fresh("tarflow")
     with pytest.raises(UserError, match="tol=-1"):
         net.inverse(X, method="jacobi", tol=-1.0)
@@ -400,19 +416,26 @@ def test_flow_inverse_script_times_both_inverses_and_they_agree(tmp_path, capsys
     train(config, str(tmp_path / "run"))
     out = tmp_path / "inverse.json"
     argv = ["x", "--workdir", str(tmp_path / "run"), "--num", "6", "--batch", "4"]
-    flow_inverse.main([*argv, "--tols", "1e-6", "--cfg", "2", "--out", str(out)])
+    segments = ["--segments", "0,5/0"]  # plain Jacobi; segments of 5 in the first block only
+    flow_inverse.main([*argv, "--tols", "1e-6", "--cfg", "2", *segments, "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["num"] == 8 and result["cfg_scale"] == 2.0  # whole batches
     seq, jac = result["methods"]["sequential"], result["methods"]["jacobi_tol1e-06"]
     tokens = (28 // config.model.patch) ** 2
     assert seq["passes_per_block"] == [tokens - 1] * config.model.num_blocks
-    assert 1 < jac["mean_passes_per_block"] <= tokens  # 1 pass: an identity flow
-    assert jac["max_abs_diff"] < 1e-4 and jac["uint8_pixels_differing"] < 1e-3
-    assert jac["images_per_sec"] > 0 and jac["speedup"] > 0
+    gs = result["methods"]["jacobi_tol1e-06_seg5/0"]
+    assert gs["segment"] == [5, 0] and jac["segment"] == 0 and jac["tol"] == 1e-6
+    for row in (jac, gs):
+        assert 1 < row["mean_passes_per_block"] <= tokens  # 1 pass: an identity flow
+        assert row["max_abs_diff"] < 1e-4 and row["uint8_pixels_differing"] < 1e-3
+        assert row["images_per_sec"] > 0 and row["speedup"] > 0
+    assert gs["passes_per_block"][0] <= -(-(tokens - 1) // 5) * 5  # 5-token segments, capped
     assert result["dtype"] == config.compute_dtype == "float32"  # the run's by default
     flow_inverse.main([*argv, "--tols", "1e-2", "--dtype", "bfloat16", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["dtype"] == "bfloat16" and len(result["methods"]) == 2
+    with pytest.raises(UserError, match="'5/0/0' gives 3 sizes for a flow of 2 blocks"):
+        flow_inverse.main([*argv, "--segments", "5/0/0"])
     with pytest.raises(UserError, match="compute_dtype 'float16'"):
         flow_inverse.main([*argv, "--dtype", "float16"])
     quick = load(f"{ROOT}/experiments/quickstart.py:smoke=True")
