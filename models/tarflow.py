@@ -290,6 +290,8 @@ class FlowBlock(nnx.Module):
         z = self.order(z)
         tokens = z.shape[1]
         unknown = tokens - 1
+        if unknown == 0:  # one token: x_0 = z_0
+            return self.order(z), jnp.asarray(0, jnp.int32)
         size = unknown if segment is None else min(segment, unknown)
         segments = -(-unknown // size)
         length = segments * size  # network input positions 0 .. T-2, padded at the end
@@ -317,6 +319,7 @@ class FlowBlock(nnx.Module):
             start = j * size
             pos_seg = jax.lax.dynamic_slice_in_dim(pos, start, size)[None].astype(self.dtype)
             w = w_seg if doubled else None
+            real = (start + 1 + jnp.arange(size) <= unknown)[None, :, None]  # not padding
 
             def update(x, caches):
                 x_in = x if not doubled else jnp.concatenate([x, x])
@@ -339,7 +342,7 @@ class FlowBlock(nnx.Module):
             def body(state):
                 x, caches, _, k = state
                 new, caches = update(x, caches)
-                return new, caches, jnp.max(jnp.abs(new - x)), k + 1
+                return new, caches, jnp.max(jnp.abs(jnp.where(real, new - x, 0.0))), k + 1
 
             init = (z_seg, caches, jnp.asarray(jnp.inf, jnp.float32), jnp.asarray(0, jnp.int32))
             x, caches, _, k = jax.lax.while_loop(keep_going, body, init)
