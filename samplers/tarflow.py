@@ -47,12 +47,8 @@ def guidance_options(
     return options
 
 
-SAMPLER_NAMES = (
-    "inverse",
-    "jacobi_tol",
-    "jacobi_max_iters",
-    "jacobi_segment",
-)  # how the options are spelled
+# how the sampler options are spelled (for check_inverse_args' messages)
+SAMPLER_NAMES = ("inverse", "jacobi_tol", "jacobi_max_iters", "jacobi_segment")
 
 
 def _inverse_options(net, **options) -> dict:

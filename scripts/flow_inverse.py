@@ -1,7 +1,7 @@
 r"""Speed and agreement of a trained flow's inverses: sequential (KV cache) against Jacobi.
 
   python -m scripts.flow_inverse --workdir runs/mnist_tarflow --num 2048 --batch 512 \
-      --tols 1e-3,1e-4,1e-5 --segments 0,7,48/0/0/0 --out docs/tarflow_inverse.json
+      --tols 1e-3,1e-4,1e-5 --segments 0,7,7/0/0/0 --out docs/tarflow_inverse.json
 
 `--segments`: the Jacobi segment sizes to try, each with every tolerance (GS-Jacobi: the
 tokens cut into segments solved one after another, Jacobi within each; 0 is one segment,
@@ -62,7 +62,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def parse_segments(text: str) -> dict:
-    """`"0,7,48/0"` -> `{"0": 0, "7": 7, "48/0": (48, 0)}` (labels to `segment` values);
+    """`"0,7,7/0"` -> `{"0": 0, "7": 7, "7/0": (7, 0)}` (labels to `segment` values);
     anything else than integers is one UserError (their range is checked with the rest)."""
     from core.errors import UserError
 
