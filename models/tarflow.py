@@ -235,6 +235,28 @@ class FlowBlock(nnx.Module):
         both = jnp.concatenate([cond, null])
         return jnp.concatenate([x, x]), self.embed_cond(both, 2 * x.shape[0])
 
+    def _empty_caches(self, batch: int, length: int) -> list[tuple[jax.Array, jax.Array]]:
+        """Zero keys and values `[batch, length, N, H]` for every layer."""
+        width = self.pos.shape[-1]
+        heads = self.layers[0].heads if len(self.layers) else 1
+        shape = (batch, length, heads, width // heads)
+        return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.layers]
+
+    def _decode(
+        self, inp: jax.Array, start: jax.Array, pos: jax.Array, c: jax.Array, caches: list
+    ) -> tuple[jax.Array, jax.Array, list]:
+        """Inputs `inp [B, S, P]` at positions `start ..` (their embeddings from `pos [L, D]`)
+        through the transformer with the KV `caches` -> `(a, b, caches)`: the affine
+        parameters `[B, S, P]` of the tokens one position later."""
+        pos = jax.lax.dynamic_slice_in_dim(pos, start, inp.shape[1])[None].astype(self.dtype)
+        h = self.proj_in(inp.astype(self.dtype)) + pos + c
+        new_caches = []
+        for layer, cache in zip(self.layers, caches):
+            h, cache = layer.decode(h, start, cache)
+            new_caches.append(cache)
+        a, b = _log_scale_and_shift(self.proj_out(h))
+        return a, b, new_caches
+
     def inverse_sequential(
         self, z: jax.Array, cond: jax.Array | None, weights: jax.Array | None, null_cond: int
     ) -> jax.Array:
@@ -242,21 +264,13 @@ class FlowBlock(nnx.Module):
         z = self.order(z)
         tokens = z.shape[1]
         z0, c = self._doubled(z[:, 0], cond, weights, null_cond)
-        width = self.pos.shape[-1]
-        heads = self.layers[0].heads if len(self.layers) else 1
-        shape = (z0.shape[0], tokens, heads, width // heads)
-        caches = [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.layers]
+        caches = self._empty_caches(z0.shape[0], tokens)
 
         def step(carry, inputs):
             x_i, caches = carry  # x_i: the finished token i (twice under guidance)
             i, z_next = inputs
-            pos = jax.lax.dynamic_slice_in_dim(self.pos[...], i, 1)[None]
-            h = self.proj_in(x_i[:, None].astype(self.dtype)) + pos.astype(self.dtype) + c
-            new_caches = []
-            for layer, cache in zip(self.layers, caches):
-                h, cache = layer.decode(h, i, cache)
-                new_caches.append(cache)
-            a, b = _log_scale_and_shift(self.proj_out(h)[:, 0])
+            a, b, new_caches = self._decode(x_i[:, None], i, self.pos[...], c, caches)
+            a, b = a[:, 0], b[:, 0]
             w = None if weights is None else weights[i + 1]
             x_next = z_next * jnp.exp(_guided(a, w)) + _guided(b, w)
             x_in = x_next if weights is None else jnp.concatenate([x_next, x_next])
@@ -308,28 +322,19 @@ class FlowBlock(nnx.Module):
             w_segs = w.reshape(segments, 1, size, 1)
         else:
             w_segs = jnp.zeros((segments,))
-        width = self.pos.shape[-1]
-        heads = self.layers[0].heads if len(self.layers) else 1
-        shape = (x0.shape[0], length, heads, width // heads)
-        caches = [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.layers]
+        caches = self._empty_caches(x0.shape[0], length)
 
         def run_segment(carry, inputs):
             first, caches = carry  # first: the finished token j·S (twice under guidance)
             j, z_seg, w_seg = inputs
             start = j * size
-            pos_seg = jax.lax.dynamic_slice_in_dim(pos, start, size)[None].astype(self.dtype)
             w = w_seg if doubled else None
             real = (start + 1 + jnp.arange(size) <= unknown)[None, :, None]  # not padding
 
             def update(x, caches):
                 x_in = x if not doubled else jnp.concatenate([x, x])
                 inp = jnp.concatenate([first[:, None], x_in[:, :-1]], axis=1)
-                h = self.proj_in(inp.astype(self.dtype)) + pos_seg + c
-                new_caches = []
-                for layer, cache in zip(self.layers, caches):
-                    h, cache = layer.decode(h, start, cache)
-                    new_caches.append(cache)
-                a, b = _log_scale_and_shift(self.proj_out(h))
+                a, b, new_caches = self._decode(inp, start, pos, c, caches)
                 new = z_seg * jnp.exp(_guided(a, w)) + _guided(b, w)
                 # Tokens past the converged prefix may overflow; a NaN there would reach the
                 # prefix through attention (0 · NaN), so they are kept finite.

@@ -97,8 +97,6 @@ def sample_tarflow(
     1 to w over each block's tokens (the paper's annealed guidance).
     """
     del num_steps, key
-    if isinstance(jacobi_segment, list | tuple):  # a config list
-        jacobi_segment = tuple(jacobi_segment)
     check_inverse_args(
         inverse, jacobi_tol, jacobi_max_iters, jacobi_segment, names=SAMPLER_NAMES, zero_tol=False
     )
