@@ -69,7 +69,8 @@ fi
 
 if [ "${TINY:-0}" = 1 ]; then
     BENCH_BATCH=8 BENCH_STEPS=2 SAMPLE_BATCH=8 NUM_FID=16 NUM_SWEEP=16 SWEEP_STEPS=1,2
-    UNET_STEPS=3 SC_STEPS=3 TF_STEPS=3 NUM_GIVEN=64 INCEPTION_BATCH=16
+    # UNET_STEPS or SC_STEPS set empty: the time-boxed or probe-sized runs of a GPU session
+    UNET_STEPS=${UNET_STEPS-3} SC_STEPS=${SC_STEPS-3} TF_STEPS=3 NUM_GIVEN=64 INCEPTION_BATCH=16
     INVERSE_NUM=8 INVERSE_BATCH=8 INVERSE_SMALL_BATCH=4 MNIST_BENCH_BATCH=(--batch 8)
     INVERSE_SEGMENTS=${INVERSE_SEGMENTS:-0,7,7/0}  # the smoke flow has 2 blocks
     tiny_data=$RUNS/tiny_data
@@ -86,7 +87,7 @@ for split, n in (('train', 96), ('test', 48)):
 else
     BENCH_BATCH=256 BENCH_STEPS=50 SAMPLE_BATCH=1000 NUM_FID=10000 NUM_SWEEP=${NUM_SWEEP:-5000}
     SWEEP_STEPS=1,2,4,8,128 NUM_GIVEN=50000 INCEPTION_BATCH=500
-    INVERSE_NUM=2048 INVERSE_BATCH=512 INVERSE_SMALL_BATCH=32 MNIST_BENCH_BATCH=()
+    INVERSE_NUM=${INVERSE_NUM:-2048} INVERSE_BATCH=512 INVERSE_SMALL_BATCH=32 MNIST_BENCH_BATCH=()
     DATA_PATH="$DEVDATA/mnist_{split}.npz"
 fi
 # a training length left unset is sized from a probe run (probe_steps) to fill its *_SECONDS
@@ -126,7 +127,7 @@ probe_rate() {  # probe_rate CONFIG [flags]: train steps per second, from a shor
     # constant of the compiled step.
     local config probe steps=${PROBE_STEPS:-400}
     config=$(spec "$1")
-    probe=$RUNS/probe_$(basename "${1%%.py*}")_$$
+    probe=$RUNS/probe_$(basename "${1%%.py*}")_$BASHPID  # $$ is shared by subshells
     shift
     rm -rf "$probe"
     "$PY" -m scripts.train --config "$config" --workdir "$probe" --config.total_steps="$steps" \
@@ -201,10 +202,20 @@ print(json.dumps({'num': int(n), 'wall_s': float(t1) - float(t0), 'weights': wei
 part_unet() {
     local out=$1 run=$RUNS/mnist_unet config=experiments/flow_matching/mnist_unet.py
     local seconds=${UNET_SECONDS:-420} steps=$UNET_STEPS
-    [ -n "$steps" ] || steps=$(steps_for "$(probe_rate "$config" "${NPZ[@]}")" "$seconds")
-    # EMA 0.999: the config's 0.9999 averages over ~10k steps, too long for a short run
-    train "$config" "$run" "$steps" "$seconds" --config.ema_decay=0.999
-    cp "$run/samples.png" "$out/mnist_unet_samples.png"
+    # the config's learning rate is constant after its warm-up, so without UNET_STEPS the run
+    # is time-boxed (train_seconds = UNET_SECONDS): no probe, whose 65 s compile (H100,
+    # 2026-11-24) would not be reused. EMA 0.999: the config's 0.9999 averages over ~10k
+    # steps, too long for a short run
+    if [ -n "$steps" ]; then
+        train "$config" "$run" "$steps" "$seconds" --config.ema_decay=0.999
+    else
+        "$PY" -m scripts.train --config "$(spec "$config")" --workdir "$run" "${NPZ[@]}" \
+            --config.total_steps=10000000 --config.train_seconds="$seconds" \
+            --config.ckpt_every=100000 --config.sample_every=0 --config.log_every=100 \
+            --config.ema_decay=0.999
+    fi
+    "$PY" -m scripts.sample --workdir "$run" --num 64 --out "$RUNS/mnist_unet_samples.npz"
+    cp "$RUNS/mnist_unet_samples.png" "$out/mnist_unet_samples.png"
     cp "$run/metrics.jsonl" "$out/mnist_unet_metrics.jsonl"
     "$PY" -m scripts.plot_metrics --workdir "$run" --keys loss,grad_norm --logy \
         --out "$out/mnist_unet_loss.png"
@@ -213,21 +224,42 @@ part_unet() {
 }
 
 part_shortcut() {
-    local out=$1 sc=$RUNS/mnist_shortcut fm=$RUNS/mnist_fm run k name
+    local out=$1 sc=$RUNS/mnist_shortcut fm=$RUNS/mnist_fm run k name rate p1 p2
     local config=experiments/shortcut/mnist_dit.py seconds=${SC_SECONDS:-170} steps=$SC_STEPS
+    local v=${SC_VARIANT:+$SC_VARIANT,}  # SC_VARIANT: more of the config's variant, e.g. size=S/4
+    # SC_PARALLEL=1 trains both at once on the GPU (each for SC_SECONDS): the MNIST DiT at
+    # batch 128 leaves the H100 underused (31.7 steps/s for DiT-S/2 alone, 2026-11-24)
     # the same steps for both, sized by the shortcut step (the dearer one: its bootstrap
     # targets take two extra forward passes on part of the batch)
     if [ -z "$steps" ]; then
-        steps=$(steps_for "$(probe_rate "$config:teacher=current" "${NPZ[@]}")" "$seconds")
+        if [ "${SC_PARALLEL:-0}" = 1 ]; then  # both probes at once: the shared rate
+            probe_rate "$config:${v}teacher=current" "${NPZ[@]}" >"$RUNS/sc_rate" & p1=$!
+            probe_rate "$config:${v}method=fm" "${NPZ[@]}" >/dev/null & p2=$!
+            wait "$p1"
+            wait "$p2"
+            rate=$(cat "$RUNS/sc_rate")
+        else
+            rate=$(probe_rate "$config:${v}teacher=current" "${NPZ[@]}")
+        fi
+        steps=$(steps_for "$rate" "$seconds")
     fi
     # teacher=current: on two moons the EMA teacher left k < 16 blurry at a short budget
     # SC_FLAGS: overrides for both runs (e.g. "--config.optim.lr=3e-4
     # --config.optim.schedule=cosine": 2500 steps at the config's constant 1e-4 left both far
     # from trained, H100 2026-11-24)
-    # shellcheck disable=SC2086
-    train "$config:teacher=current" "$sc" "$steps" "$seconds" ${SC_FLAGS:-}
-    # shellcheck disable=SC2086
-    train "$config:method=fm" "$fm" "$steps" "$seconds" ${SC_FLAGS:-}
+    if [ "${SC_PARALLEL:-0}" = 1 ]; then
+        # shellcheck disable=SC2086
+        train "$config:${v}teacher=current" "$sc" "$steps" "$seconds" ${SC_FLAGS:-} & p1=$!
+        # shellcheck disable=SC2086
+        train "$config:${v}method=fm" "$fm" "$steps" "$seconds" ${SC_FLAGS:-} & p2=$!
+        wait "$p1"
+        wait "$p2"
+    else
+        # shellcheck disable=SC2086
+        train "$config:${v}teacher=current" "$sc" "$steps" "$seconds" ${SC_FLAGS:-}
+        # shellcheck disable=SC2086
+        train "$config:${v}method=fm" "$fm" "$steps" "$seconds" ${SC_FLAGS:-}
+    fi
     "$PY" -m scripts.steps_sweep --workdirs "$sc,$fm" --steps "$SWEEP_STEPS" --metrics fid \
         --num "$NUM_SWEEP" "${EVAL[@]}" --out "$RUNS/fid_vs_steps"
     cp "$RUNS/fid_vs_steps.json" "$RUNS/fid_vs_steps.png" "$out/"
@@ -318,8 +350,9 @@ part_earth() {
             runs+=("$RUNS/earth_${d}_s$s")
         done
     done
+    # EARTH_LAST: the validation NLL picks among the newest K checkpoints only (0: all ten)
     "$PY" -m scripts.nll_table --workdirs "$(IFS=,; echo "${runs[*]}")" --nll-tol "$NLL_TOL" \
-        --out "$out/earth_nll"
+        --last "${EARTH_LAST:-3}" --out "$out/earth_nll"
 }
 
 if [ $# -lt 1 ]; then

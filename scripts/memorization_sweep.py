@@ -147,10 +147,7 @@ def plot(results: list[dict], path: str, title: str) -> None:
 
 def main(argv: list[str]) -> None:
     args = parse(argv)
-    import jax
-
     from core.errors import UserError
-    from metrics.memorization import DELTAS
 
     try:
         ks = [int(k) for k in args.ks.split(",")]
@@ -160,6 +157,17 @@ def main(argv: list[str]) -> None:
     for k in ks:
         results.append(run_one(args, k))
         print(json.dumps(results[-1]), flush=True)
+        # after every K: a sweep cut short (a time limit) keeps the sizes it finished
+        write(args, results)
+    print(f"wrote {args.out}.json and {args.out}.png")
+
+
+def write(args, results: list[dict]) -> None:
+    """`<out>.json` (settings, and the results so far) and `<out>.png`."""
+    import jax
+
+    from metrics.memorization import DELTAS
+
     settings = {
         key: getattr(args, key)
         for key in (
@@ -191,8 +199,6 @@ def main(argv: list[str]) -> None:
         json.dump({"settings": settings, "results": results}, f, indent=2)
     label = "tiny CPU check" if args.tiny else f"{args.steps} steps"
     plot(results, args.out + ".png", f"MNIST U-Net ({label}), {args.num} samples per K")
-    print(f"wrote {args.out}.json and {args.out}.png")
-
 
 if __name__ == "__main__":
     run(main)
