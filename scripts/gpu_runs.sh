@@ -286,7 +286,10 @@ part_tarflow() {
     fi
     # bits/dim comparable with RealNVP / Glow / FFJORD needs uniform dequantization: its own
     # run (the Gaussian-noise run below is the sampling model: FID, grids, inverses)
-    train "$config:noise=uniform" "$bpd" "$bpd_steps" "$bpd_seconds"
+    # TF_BPD_FLAGS: overrides for this run (at the config's lr 2e-3 a 7500-step cosine run
+    # went NaN near step 1450, H100 2026-11-24; a 4000-step one had not)
+    # shellcheck disable=SC2086
+    train "$config:noise=uniform" "$bpd" "$bpd_steps" "$bpd_seconds" ${TF_BPD_FLAGS:-}
     cp "$bpd/metrics.jsonl" "$out/mnist_tarflow_uniform_metrics.jsonl"
     "$PY" -m scripts.evaluate --workdir "$bpd" --metrics bpd --split test "${EVAL[@]}" \
         --out "$out/mnist_tarflow_bpd.json"
