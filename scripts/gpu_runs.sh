@@ -228,7 +228,9 @@ part_shortcut() {
     local config=experiments/shortcut/mnist_dit.py seconds=${SC_SECONDS:-170} steps=$SC_STEPS
     local v=${SC_VARIANT:+$SC_VARIANT,}  # SC_VARIANT: more of the config's variant, e.g. size=S/4
     # SC_PARALLEL=1 trains both at once on the GPU (each for SC_SECONDS): the MNIST DiT at
-    # batch 128 leaves the H100 underused (31.7 steps/s for DiT-S/2 alone, 2026-11-24)
+    # batch 128 leaves the H100 underused (31.7 steps/s for DiT-S/2 alone, 2026-11-24). The
+    # probes must see the load the runs will: beside another part's compile they measured
+    # 75.7 steps/s, the runs then made 36 and the call's limit cut them (H100, 2026-11-24)
     # the same steps for both, sized by the shortcut step (the dearer one: its bootstrap
     # targets take two extra forward passes on part of the batch)
     if [ -z "$steps" ]; then
