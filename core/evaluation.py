@@ -160,7 +160,8 @@ class Evaluator:
     @property
     def reference_features(self) -> np.ndarray:
         """Inception features `[M, 2048]` of the reference dataset (cached on disk)."""
-        return self._need_dataset("Inception reference features").features(self.features)
+        dataset = self._need_dataset("Inception reference features")
+        return dataset.features(self.features, self.inception_precision)
 
     @functools.cached_property
     def reference_stats(self) -> tuple[np.ndarray, np.ndarray]:
@@ -169,7 +170,12 @@ class Evaluator:
             return fm.load_stats(self.ref_stats_path)
         if self.dataset is None:
             raise UserError("FID needs a reference: give --dataset, --ref-stats or --workdir")
-        return self.dataset.stats(self.features)
+        return self.dataset.stats(self.features, self.inception_precision)
+
+    @property
+    def inception_precision(self) -> str:
+        """The FID network's convolution precision ("highest" unless `inception` says)."""
+        return getattr(self._inception, "precision", "highest")
 
 
 # --- the metrics --------------------------------------------------------------------------

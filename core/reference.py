@@ -58,45 +58,54 @@ class Dataset:
     build: Callable[[], object]
     image_size: int | None = None
     cache_dir: str | None = None
+    # features / stats by (kind, precision), filled from the disk cache or computed
+    _memo: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     @property
     def tag(self) -> str:
         parts = [self.name, self.split, str(self.image_size or "full")]
         return re.sub(r"[^\w.-]+", "_", "-".join(parts))
 
-    def _path(self, suffix: str) -> str:
-        """The cache file of Inception `features.npy` / `stats.npz`: named by the data and by
-        the weights that made them (`models.inception.weights_tag`)."""
+    def _path(self, suffix: str, precision: str = "highest") -> str:
+        """The cache file of Inception `features.npy` / `stats.npz`: named by the data, by
+        the weights that made them (`models.inception.weights_tag`) and by the convolutions'
+        precision where it is not the default "highest"."""
         from models.inception import weights_tag
 
-        name = f"{self.tag}-inception_{weights_tag()}.{suffix}"
+        extra = "" if precision == "highest" else f"_{precision}"
+        name = f"{self.tag}-inception_{weights_tag()}{extra}.{suffix}"
         return os.path.join(self.cache_dir or default_cache_dir(), name)
 
     @functools.cached_property
     def images(self) -> np.ndarray:
         return source_images(self.build())
 
-    def features(self, compute: FeatureFn) -> np.ndarray:
-        """Inception features of all images: memory, else the disk cache, else `compute`."""
-        if "_features" not in self.__dict__:
-            path = self._path("features.npy")
+    def features(self, compute: FeatureFn, precision: str = "highest") -> np.ndarray:
+        """Inception features of all images: memory, else the disk cache, else `compute`
+        (whose network runs its convolutions at `precision`, which names the cache)."""
+        key = ("features", precision)
+        if key not in self._memo:
+            path = self._path("features.npy", precision)
             if os.path.exists(path):
-                self._features = np.load(path)
+                self._memo[key] = np.load(path)
             else:
-                self._features = compute(self.images)
-                _atomic_save(path, lambda p: np.save(p, self._features))
-        return self._features
+                self._memo[key] = out = compute(self.images)
+                _atomic_save(path, lambda p: np.save(p, out))
+        return self._memo[key]
 
-    def stats(self, compute: FeatureFn) -> tuple[np.ndarray, np.ndarray]:
+    def stats(
+        self, compute: FeatureFn, precision: str = "highest"
+    ) -> tuple[np.ndarray, np.ndarray]:
         """FID `(mu, sigma)`: memory, else the disk cache, else from `features(compute)`."""
-        if "_stats" not in self.__dict__:
-            path = self._path("stats.npz")
+        key = ("stats", precision)
+        if key not in self._memo:
+            path = self._path("stats.npz", precision)
             if os.path.exists(path):
-                self._stats = fm.load_stats(path)
+                self._memo[key] = fm.load_stats(path)
             else:
-                self._stats = fm.stats(self.features(compute))
-                _atomic_save(path, lambda p: fm.save_stats(p, *self._stats))
-        return self._stats
+                self._memo[key] = out = fm.stats(self.features(compute, precision))
+                _atomic_save(path, lambda p: fm.save_stats(p, *out))
+        return self._memo[key]
 
 
 def dataset_from_name(

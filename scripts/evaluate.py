@@ -85,6 +85,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="tr sqrt(S1 S2) by symmetric eigendecompositions (fast), or by scipy's complex "
         "Schur sqrtm as pytorch-fid (its exact steps)",
     )  # fmt: skip
+    m.add_argument(
+        "--inception-precision", default="highest", choices=("highest", "default"),
+        help="the Inception convolutions: full float32 (highest; the pytorch-fid agreement "
+        "was measured so), or the backend's default (TF32 tensor cores on NVIDIA GPUs, as "
+        "PyTorch's cuDNN convolutions run by default; float32 on CPUs)",
+    )  # fmt: skip
     m.add_argument("--kid-subsets", type=int, default=100)
     m.add_argument("--kid-subset-size", type=int, default=1000)
     m.add_argument("--pr-k", type=int, default=3)
@@ -275,6 +281,11 @@ def main(argv: list[str]) -> None:
         )  # fmt: skip
     elif config is not None:
         ds = reference.dataset_from_config(config, args.split, cache_dir=args.cache_dir)
+    inception = None  # the default network (highest precision), loaded when first needed
+    if args.inception_precision != "highest":
+        from models.inception import load_inception
+
+        inception = load_inception(precision=args.inception_precision)
     ev = evaluation.Evaluator(
         x,
         labels=labels,
@@ -282,8 +293,9 @@ def main(argv: list[str]) -> None:
         ref_stats=args.ref_stats,
         network=network,
         options=_options(args, evaluation),
+        inception=inception,
     )
-    result = dict(info)
+    result = dict(info, inception_precision=args.inception_precision)
     if heldout:  # on every process: `geo` samples over the whole mesh
         result.update(ev.run(heldout))
     if jax.process_index() != 0:
@@ -292,9 +304,10 @@ def main(argv: list[str]) -> None:
         if x is not None:
             stats = fm.stats(ev.sample_features)
         else:
-            stats = ds.stats(
-                functools.partial(fm.inception_features, batch_size=args.inception_batch)
+            features = functools.partial(
+                fm.inception_features, net=inception, batch_size=args.inception_batch
             )
+            stats = ds.stats(features, args.inception_precision)
         fm.save_stats(args.write_stats, *stats)
         result["stats"] = args.write_stats
     if sample_metrics:

@@ -177,26 +177,34 @@ part_bench() {
 }
 
 part_fid() {
-    local out=$1 t0 t1
+    local out=$1 t0 t1 p
     # FID of NUM_GIVEN given images (MNIST train) against cached statistics (MNIST test), end
-    # to end: a fresh process that reads the .npz, runs Inception and compares
-    "$PY" -m scripts.evaluate --dataset "$DATA_PATH" --split test \
-        --write-stats "$RUNS/mnist_test_stats.npz" --inception-batch "$INCEPTION_BATCH"
+    # to end: a fresh process that reads the .npz, runs Inception and compares. At each
+    # Inception precision of FID_PRECISIONS: "highest" (full float32, as the pytorch-fid
+    # agreement was measured) and "default" (TF32 on the GPU, as PyTorch runs cuDNN
+    # convolutions by default); the statistics are written at the same precision
     "$PY" -c "
 import sys
 import numpy as np
 x = np.load(sys.argv[1])['arr_0'][: int(sys.argv[3])]
 np.savez(sys.argv[2], arr_0=x)
 " "${DATA_PATH/\{split\}/train}" "$RUNS/given.npz" "$NUM_GIVEN"
-    t0=$(date +%s.%N)
-    "$PY" -m scripts.evaluate --samples "$RUNS/given.npz" --ref-stats "$RUNS/mnist_test_stats.npz" \
-        --metrics fid --inception-batch "$INCEPTION_BATCH" --out "$out/fid_given.json"
-    t1=$(date +%s.%N)
-    "$PY" -c "
+    for p in ${FID_PRECISIONS:-highest default}; do
+        "$PY" -m scripts.evaluate --dataset "$DATA_PATH" --split test --inception-precision "$p" \
+            --write-stats "$RUNS/mnist_test_stats_$p.npz" --inception-batch "$INCEPTION_BATCH"
+        t0=$(date +%s.%N)
+        "$PY" -m scripts.evaluate --samples "$RUNS/given.npz" --inception-precision "$p" \
+            --ref-stats "$RUNS/mnist_test_stats_$p.npz" --metrics fid \
+            --inception-batch "$INCEPTION_BATCH" --out "$out/fid_given_$p.json"
+        t1=$(date +%s.%N)
+        "$PY" -c "
 import json, sys
-n, t0, t1, weights = sys.argv[1:]
-print(json.dumps({'num': int(n), 'wall_s': float(t1) - float(t0), 'weights': weights}))
-" "$NUM_GIVEN" "$t0" "$t1" "${DRIFTLAB_INCEPTION_WEIGHTS:-default}" | tee "$out/fid_given_time.json"
+n, t0, t1, weights, precision = sys.argv[1:]
+print(json.dumps({'num': int(n), 'wall_s': float(t1) - float(t0), 'weights': weights,
+                  'inception_precision': precision}))
+" "$NUM_GIVEN" "$t0" "$t1" "${DRIFTLAB_INCEPTION_WEIGHTS:-default}" "$p" |
+            tee "$out/fid_given_time_$p.json"
+    done
 }
 
 part_unet() {

@@ -200,5 +200,6 @@ def write(args, results: list[dict]) -> None:
     label = "tiny CPU check" if args.tiny else f"{args.steps} steps"
     plot(results, args.out + ".png", f"MNIST U-Net ({label}), {args.num} samples per K")
 
+
 if __name__ == "__main__":
     run(main)

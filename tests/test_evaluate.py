@@ -113,6 +113,41 @@ def test_write_stats_then_ref_stats_fid_equals_direct_fid(env, tmp_path):
     assert sorted(cache) == [f"{tag}.features.npy", f"{tag}.stats.npz"]
 
 
+def test_inception_precision_reaches_the_network_and_names_the_cache(env, tmp_path, monkeypatch):
+    # features that say which precision's network made them (one more at "default"), so the
+    # statistics show which network ran and which cache file was read
+    calls = []
+
+    def features(images, net=None, *, batch_size=50, with_logits=False):
+        precision = "highest" if net is None else net.precision
+        calls.append(precision)
+        x = np.asarray(images, np.float64).reshape(len(images), -1)[:, 300:308]
+        return x + (precision == "default")
+
+    monkeypatch.setattr(fm, "inception_features", features)
+    data = ["--dataset", "mnist", "--split", "test[:6]"]
+    paths = {p: str(tmp_path / f"{p}.npz") for p in ("highest", "default", "again")}
+    hi = cli(tmp_path, *data, "--write-stats", paths["highest"])
+    lo = cli(tmp_path, *data, "--write-stats", paths["default"], "--inception-precision", "default")
+    assert calls == ["highest", "default"]
+    assert (hi["inception_precision"], lo["inception_precision"]) == ("highest", "default")
+    mu_hi, mu_lo = fm.load_stats(paths["highest"])[0], fm.load_stats(paths["default"])[0]
+    np.testing.assert_allclose(mu_lo, mu_hi + 1.0)
+    cache = sorted(os.listdir(tmp_path / "cache" / "driftlab" / "fid_stats"))
+    tag = f"mnist-test_6_-full-inception_{weights_tag()}"
+    assert cache == sorted(f"{tag}{p}.{f}" for p in ("", "_default") for f in FILES)
+    # FID of samples at "default" against the dataset: the samples' pass runs at "default",
+    # the dataset's statistics come from the "default" cache (no new pass), FID is 0
+    samples = _npz(tmp_path, "s.npz", env[:6])
+    out = cli(tmp_path, "--samples", samples, *data, "--metrics", "fid",
+              "--inception-precision", "default")  # fmt: skip
+    assert calls == ["highest", "default", "default"]
+    assert out["fid"] == pytest.approx(0.0, abs=1e-6)
+
+
+FILES = ("features.npy", "stats.npz")
+
+
 def test_samples_against_a_dataset_split(env, tmp_path):
     samples = _npz(tmp_path, "s.npz", env[:8])  # copies of test images: all memorized
     out = cli(
