@@ -4,22 +4,27 @@
 #   scripts/gpu_runs.sh bench     # train-step MFU of DiT-S/2, DiT-B/2 and the CIFAR U-Net (bf16,
 #                                 # batch 256); step rates of the MNIST configs (to size the
 #                                 # runs below); FID of 50,000 given images, end to end
-#   scripts/gpu_runs.sh fid       # the FID part of bench alone
-#   scripts/gpu_runs.sh unet      # MNIST U-Net: UNET_STEPS steps, sample grid, loss curve, FID
-#   scripts/gpu_runs.sh shortcut  # shortcut DiT and flow-matching DiT, SC_STEPS steps each;
+#   scripts/gpu_runs.sh fid       # the FID part of bench alone, at each Inception precision
+#                                 # of FID_PRECISIONS (default: highest default)
+#   scripts/gpu_runs.sh unet      # MNIST U-Net: UNET_SECONDS of training (time-boxed) or
+#                                 # UNET_STEPS steps; sample grid, loss curve, FID
+#   scripts/gpu_runs.sh shortcut  # shortcut DiT and flow-matching DiT, SC_STEPS steps each
+#                                 # (SC_VARIANT: e.g. size=S/4; SC_PARALLEL=1: both at once);
 #                                 # FID at 1, 2, 4, 8, 128 steps; 1- and 128-step grids
 #   scripts/gpu_runs.sh tarflow   # TarFlow: test bits/dim of a uniform-dequantization run
 #                                 # (comparable with published numbers); a Gaussian-noise run
 #                                 # (TF_STEPS): FID, grids with and without the denoising
 #                                 # step, sequential vs Jacobi and GS-Jacobi inverses at
-#                                 # batch 512 and 32 (INVERSE_SEGMENTS, INVERSE_TOLS)
+#                                 # batch 512 and 32 (INVERSE_SEGMENTS, INVERSE_TOLS,
+#                                 # INVERSE_NUM), plain Jacobi at full-float32 matmuls
 #   scripts/gpu_runs.sh memorization  # MNIST U-Net on train[:K] for K in $MEM_KS, MEM_STEPS
 #                                 # steps each: memorized / spurious / generalized against K
 #   scripts/gpu_runs.sh earth     # sphere flow matching on the Earth datasets ($DATASETS, all
 #                                 # four by default): EARTH_SECONDS (steps sized by a probe
 #                                 # run) each of a EARTH_HIDDEN x EARTH_DEPTH MLP at batch
 #                                 # EARTH_BATCH, split seeds EARTH_SEEDS (default 0); test NLL
-#                                 # table (mean ± std over seeds), maps
+#                                 # table (mean ± std over seeds; the checkpoint chosen
+#                                 # among the newest EARTH_LAST), maps
 #
 # The GPU machine has no tensorflow-datasets, no network and takes at most 64 MiB per call, so
 # data, weights and the missing packages travel as files (about 59 MB, git-ignored), made
