@@ -381,7 +381,7 @@ part_earth() {
 }
 
 if [ $# -lt 1 ]; then
-    sed -n '2,20p' "$0"
+    sed -n '2,27p' "$0"
     exit 2
 fi
 for part in "$@"; do
