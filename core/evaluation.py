@@ -55,6 +55,8 @@ class Options:
     # each point's log-likelihood moved (`nll_fine_change`): the error of the reported NLL
     nll_check: bool = True
     batch: int = 256
+    # the FID network's convolutions: "highest" (full float32) or "default" (the backend's)
+    inception_precision: str = "highest"
     sampler: str | None = None
     sample_steps: int | None = None
     cfg: float | None = None
@@ -68,7 +70,8 @@ class Evaluator:
     (None when only `HELDOUT_METRICS` are asked for); `dataset` is the reference / training
     data; `ref_stats` a pytorch-fid stats file (for FID); `network` `(graphdef, params,
     config)` of the run (for `effdim`, `nll`, `geo`); `inception` the FID network
-    (default: `load_inception()`, loaded once per process)."""
+    (default: `load_inception(precision=options.inception_precision)`, loaded once per
+    process)."""
 
     def __init__(
         self,
@@ -114,6 +117,7 @@ class Evaluator:
             self._inception,
             batch_size=self.options.inception_batch,
             with_logits=with_logits,
+            precision=self.options.inception_precision,
         )
 
     @functools.cached_property
@@ -174,8 +178,11 @@ class Evaluator:
 
     @property
     def inception_precision(self) -> str:
-        """The FID network's convolution precision ("highest" unless `inception` says)."""
-        return getattr(self._inception, "precision", "highest")
+        """The FID network's convolution precision: the given `inception`'s, else the
+        options'."""
+        if self._inception is not None:
+            return self._inception.precision
+        return self.options.inception_precision
 
 
 # --- the metrics --------------------------------------------------------------------------

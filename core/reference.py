@@ -58,7 +58,7 @@ class Dataset:
     build: Callable[[], object]
     image_size: int | None = None
     cache_dir: str | None = None
-    # features / stats by (kind, precision), filled from the disk cache or computed
+    # features / stats by (cache file suffix, precision), from the disk cache or computed
     _memo: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     @property
@@ -83,28 +83,33 @@ class Dataset:
     def features(self, compute: FeatureFn, precision: str = "highest") -> np.ndarray:
         """Inception features of all images: memory, else the disk cache, else `compute`
         (whose network runs its convolutions at `precision`, which names the cache)."""
-        key = ("features", precision)
-        if key not in self._memo:
-            path = self._path("features.npy", precision)
-            if os.path.exists(path):
-                self._memo[key] = np.load(path)
-            else:
-                self._memo[key] = out = compute(self.images)
-                _atomic_save(path, lambda p: np.save(p, out))
-        return self._memo[key]
+        return self._cached(
+            "features.npy", precision, np.load, lambda: compute(self.images), np.save
+        )
 
     def stats(
         self, compute: FeatureFn, precision: str = "highest"
     ) -> tuple[np.ndarray, np.ndarray]:
         """FID `(mu, sigma)`: memory, else the disk cache, else from `features(compute)`."""
-        key = ("stats", precision)
+        return self._cached(
+            "stats.npz",
+            precision,
+            fm.load_stats,
+            lambda: fm.stats(self.features(compute, precision)),
+            lambda path, out: fm.save_stats(path, *out),
+        )
+
+    def _cached(self, suffix: str, precision: str, load, make, save):
+        """The value of cache file `suffix` at `precision`: memory, else the file (`load`),
+        else `make()`, written with `save(path, value)`."""
+        key = (suffix, precision)
         if key not in self._memo:
-            path = self._path("stats.npz", precision)
+            path = self._path(suffix, precision)
             if os.path.exists(path):
-                self._memo[key] = fm.load_stats(path)
+                self._memo[key] = load(path)
             else:
-                self._memo[key] = out = fm.stats(self.features(compute, precision))
-                _atomic_save(path, lambda p: fm.save_stats(p, *out))
+                self._memo[key] = out = make()
+                _atomic_save(path, lambda p: save(p, out))
         return self._memo[key]
 
 

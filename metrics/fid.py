@@ -58,8 +58,8 @@ def _feature_fn(graphdef, with_logits: bool):
 
 
 @functools.cache
-def _default_net() -> InceptionV3:
-    return load_inception()
+def _default_net(precision: str = "highest") -> InceptionV3:
+    return load_inception(precision=precision)
 
 
 def inception_features(
@@ -68,12 +68,14 @@ def inception_features(
     *,
     batch_size: int = 50,
     with_logits: bool = False,
+    precision: str = "highest",
 ):
     """uint8 images `[N, H, W, C]` -> float32 features `[N, 2048]` (NumPy); with
     `with_logits`, also the 1008-way logits without bias `[N, 1008]` (the original Inception
-    Score's), which needs weights with a logits layer. `net` defaults to `load_inception()`.
+    Score's), which needs weights with a logits layer. `net` defaults to
+    `load_inception(precision=precision)`, loaded once per process and precision.
     Batches are padded to `batch_size`, so one compiled program serves every batch."""
-    net = _default_net() if net is None else net
+    net = _default_net(precision) if net is None else net
     if with_logits and net.fc is None:
         net.logits(jnp.zeros((1, 2048)))  # raises the UserError that says why
     images = np.asarray(images)

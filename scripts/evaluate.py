@@ -195,6 +195,7 @@ def _options(args, evaluation):
         effdim_chunk=args.effdim_chunk,
         swd_projections=args.swd_projections,
         inception_batch=args.inception_batch,
+        inception_precision=args.inception_precision,
         plot_prefix=os.path.splitext(args.out)[0] if args.out else None,
         heldout_split=args.split or "test",
         nll_solver=args.nll_solver,
@@ -281,11 +282,6 @@ def main(argv: list[str]) -> None:
         )  # fmt: skip
     elif config is not None:
         ds = reference.dataset_from_config(config, args.split, cache_dir=args.cache_dir)
-    inception = None  # the default network (highest precision), loaded when first needed
-    if args.inception_precision != "highest":
-        from models.inception import load_inception
-
-        inception = load_inception(precision=args.inception_precision)
     ev = evaluation.Evaluator(
         x,
         labels=labels,
@@ -293,7 +289,6 @@ def main(argv: list[str]) -> None:
         ref_stats=args.ref_stats,
         network=network,
         options=_options(args, evaluation),
-        inception=inception,
     )
     result = dict(info, inception_precision=args.inception_precision)
     if heldout:  # on every process: `geo` samples over the whole mesh
@@ -305,7 +300,9 @@ def main(argv: list[str]) -> None:
             stats = fm.stats(ev.sample_features)
         else:
             features = functools.partial(
-                fm.inception_features, net=inception, batch_size=args.inception_batch
+                fm.inception_features,
+                batch_size=args.inception_batch,
+                precision=args.inception_precision,
             )
             stats = ds.stats(features, args.inception_precision)
         fm.save_stats(args.write_stats, *stats)

@@ -119,8 +119,8 @@ def test_inception_precision_reaches_the_network_and_names_the_cache(env, tmp_pa
     # statistics show which network ran and which cache file was read
     calls = []
 
-    def features(images, net=None, *, batch_size=50, with_logits=False):
-        precision = "highest" if net is None else net.precision
+    def features(images, net=None, *, batch_size=50, with_logits=False, precision="highest"):
+        precision = precision if net is None else net.precision
         calls.append(precision)
         x = np.asarray(images, np.float64).reshape(len(images), -1)[:, 300:308]
         return x + (precision == "default")
