@@ -18,6 +18,15 @@ sequential ones on the same latents: max and mean |Δx| on the [-1, 1] scale and
 fraction of 8-bit pixels that differ. Identical 8-bit images give identical FID, so the
 last number bounds what the speed-up costs in quality.
 
+Both inverses round: in the compute dtype, and on GPUs also in the default matmul
+precision (TF32 on NVIDIA). So every method, the sequential one too, is also compared with
+the exact inverse (`exact_*` keys): the sequential inverse of the same weights in float32 at
+`jax.default_matmul_precision("highest")`. When Jacobi's distance from the sequential
+inverse is about the sequential inverse's own distance from the exact one, the two differ
+by rounding, not by the early stop. (On the CPU, a small MNIST TarFlow: Jacobi at tol 1e-3
+and the sequential inverse in bfloat16 differed in 21 % of 8-bit pixels, in float32 in
+0.002 %; BENCHMARKS.md.)
+
 `--dtype` is the network's compute dtype for both inverses (default: the run's
 `compute_dtype`; the weights are the same, the graph is rebuilt in that dtype before the
 checkpoint is restored) and is recorded in the JSON. In bfloat16 the Jacobi iterates and
@@ -169,6 +178,24 @@ def main(argv: list[str]) -> None:
         iters = np.mean([np.asarray(jax.device_get(o[1]), np.float64) for o in outs], axis=0)
         return x, seconds, iters
 
+    def exact_images():
+        """The sequential inverse of the same weights in float32 at full matmul precision."""
+        exact_config = config.copy_and_resolve_references()
+        exact_config.compute_dtype = "float32"
+        graph32, params32, _ = sampling.restore_network(
+            args.workdir, exact_config, mesh, step=step, ema=not args.raw
+        )
+
+        def fn(params, z, cond):
+            c = cond if null is not None else None
+            return nnx.merge(graph32, params).inverse(z, cond=c, **guide)
+
+        with jax.default_matmul_precision("highest"):
+            fn = jax.jit(fn, out_shardings=data)
+            outs = [sampling.to_host(fn(params32, z, c)) for z, c in zip(zs, conds)]
+        return np.concatenate(outs)[: args.num]
+
+    exact = exact_images()
     methods = [("sequential", {})] + [
         (
             f"jacobi_tol{t:g}" + (f"_seg{label}" if segment else ""),
@@ -190,6 +217,7 @@ def main(argv: list[str]) -> None:
         }
         if method:  # a tuple segment is a JSON list
             row.update(tol=method["tol"], segment=method["segment"])
+        row.update({f"exact_{k}": v for k, v in compare(x, exact).items()})
         if reference is None:
             reference = x
         else:
@@ -205,6 +233,7 @@ def main(argv: list[str]) -> None:
         "cfg_scale": scale,
         "temperature": temperature,
         "dtype": jax.numpy.dtype(dtype).name,
+        "exact": "sequential, float32, default_matmul_precision highest",
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
         "methods": results,

@@ -427,9 +427,12 @@ def test_flow_inverse_script_times_both_inverses_and_they_agree(tmp_path, capsys
     assert seq["passes_per_block"] == [tokens - 1] * config.model.num_blocks
     gs = result["methods"]["jacobi_tol1e-06_seg5/0"]
     assert gs["segment"] == [5, 0] and jac["segment"] == 0 and jac["tol"] == 1e-6
+    # the exact reference (float32, full matmul precision) is the CPU's float32 sequential
+    assert seq["exact_max_abs_diff"] < 1e-6 and seq["exact_uint8_pixels_differing"] == 0
     for row in (jac, gs):
         assert 1 < row["mean_passes_per_block"] <= tokens  # 1 pass: an identity flow
         assert row["max_abs_diff"] < 1e-4 and row["uint8_pixels_differing"] < 1e-3
+        assert row["exact_max_abs_diff"] < 1e-4
         assert row["images_per_sec"] > 0 and row["speedup"] > 0
     assert gs["passes_per_block"][0] <= -(-(tokens - 1) // 5) * 5  # 5-token segments, capped
     assert result["dtype"] == config.compute_dtype == "float32"  # the run's by default
