@@ -31,7 +31,6 @@ for) is written to `--out` and printed; plots go beside it (`<out>_effdim.png`,
 """
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -299,12 +298,7 @@ def main(argv: list[str]) -> None:
         if x is not None:
             stats = fm.stats(ev.sample_features)
         else:
-            features = functools.partial(
-                fm.inception_features,
-                batch_size=args.inception_batch,
-                precision=args.inception_precision,
-            )
-            stats = ds.stats(features, args.inception_precision)
+            stats = ds.stats(ev.features, ev.inception_precision)
         fm.save_stats(args.write_stats, *stats)
         result["stats"] = args.write_stats
     if sample_metrics:

@@ -179,12 +179,11 @@ def main(argv: list[str]) -> None:
         return x, seconds, iters
 
     def exact_images():
-        """The sequential inverse of the same weights in float32 at full matmul precision."""
+        """The sequential inverse of the same weights in float32 at full matmul precision
+        (the graph rebuilt in float32; the float32 parameters are the restored ones)."""
         exact_config = config.copy_and_resolve_references()
         exact_config.compute_dtype = "float32"
-        graph32, params32, _ = sampling.restore_network(
-            args.workdir, exact_config, mesh, step=step, ema=not args.raw
-        )
+        graph32, _ = experiment.abstract_network(experiment.network_factory(exact_config))
 
         def fn(params, z, cond):
             c = cond if null is not None else None
@@ -192,7 +191,7 @@ def main(argv: list[str]) -> None:
 
         with jax.default_matmul_precision("highest"):
             fn = jax.jit(fn, out_shardings=data)
-            outs = [sampling.to_host(fn(params32, z, c)) for z, c in zip(zs, conds)]
+            outs = [sampling.to_host(fn(params, z, c)) for z, c in zip(zs, conds)]
         return np.concatenate(outs)[: args.num]
 
     exact = exact_images()
