@@ -180,10 +180,12 @@ def main(argv: list[str]) -> None:
 
     def exact_images():
         """The sequential inverse of the same weights in float32 at full matmul precision
-        (the graph rebuilt in float32; the float32 parameters are the restored ones)."""
+        (the graph rebuilt in float32; the restored parameters, cast to float32 in case the
+        config stores them in a narrower `param_dtype`)."""
         exact_config = config.copy_and_resolve_references()
         exact_config.compute_dtype = "float32"
         graph32, _ = experiment.abstract_network(experiment.network_factory(exact_config))
+        params32 = jax.tree.map(lambda a: a.astype("float32"), params)
 
         def fn(params, z, cond):
             c = cond if null is not None else None
@@ -191,7 +193,7 @@ def main(argv: list[str]) -> None:
 
         with jax.default_matmul_precision("highest"):
             fn = jax.jit(fn, out_shardings=data)
-            outs = [sampling.to_host(fn(params, z, c)) for z, c in zip(zs, conds)]
+            outs = [sampling.to_host(fn(params32, z, c)) for z, c in zip(zs, conds)]
         return np.concatenate(outs)[: args.num]
 
     exact = exact_images()
