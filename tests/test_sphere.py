@@ -1,6 +1,7 @@
 """Riemannian flow matching on the sphere: geometry, network, loss, samplers, likelihood,
 Earth data, vMF mixtures and geolocation metrics."""
 
+import json
 import math
 
 import jax
@@ -18,6 +19,7 @@ from data.earth import (
     EarthSource,
     VMFMixture,
     load_earth_latlon,
+    nearest_train_km,
     sample_vmf,
     split_indices,
     vmf_log_prob,
@@ -624,6 +626,40 @@ def test_earth_errors(tmp_path):
         load_earth_latlon("volcano", str(tmp_path))
     with pytest.raises(UserError, match="split"):
         EarthSource("volcano", "dev", data_dir=str(tmp_path))
+
+
+def test_nearest_train_km_and_earth_splits(tmp_path):
+    # Training events 20 degrees of longitude apart on the equator; the held-out points are
+    # placed by hand: a repeat of a training event (0 km) and one 0.5 degrees north of one
+    # (0.5 * pi / 180 * 6371 km along the meridian), farther from every other event.
+    n = 20
+    parts = split_indices(n, seed=0)
+    latlon = np.zeros((n, 2))
+    latlon[parts["train"], 1] = 20.0 * np.arange(len(parts["train"]))
+    a, b = latlon[parts["train"][3]], latlon[parts["train"][7]]
+    latlon[parts["test"]] = [a, b + [0.5, 0.0]]
+    latlon[parts["val"]] = [a + [0.0, 10.0], b + [-30.0, 0.0]]
+    d = nearest_train_km(latlon, seed=0, split="test")
+    np.testing.assert_allclose(d, [0.0, 0.5 * math.pi / 180 * 6371.0], atol=1e-3)
+    dv = nearest_train_km(latlon, seed=0, split="val", chunk=1)  # chunking changes nothing
+    np.testing.assert_allclose(dv, np.deg2rad([10.0, 30.0]) * 6371.0, rtol=1e-9)
+    with pytest.raises(UserError, match="'val' or 'test'"):
+        nearest_train_km(latlon, split="train")
+    # The report over the same file, through the CLI.
+    from scripts import earth_splits
+
+    rows = ["lat,lon"] + [f"{lat:.17g},{lon:.17g}" for lat, lon in latlon]
+    (tmp_path / "volerup.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "splits"
+    earth_splits.main(["earth_splits", "--datasets", "volcano", "--data-dir", str(tmp_path),
+                       "--out", str(out)])  # fmt: skip
+    (row,) = json.loads((tmp_path / "splits.json").read_text())
+    assert row["events"] == n and row["distinct"] == n - 1  # the repeated event
+    assert row["test"]["repeat"] == 0.5 and row["test"]["within_100km"] == 1.0
+    assert row["val"]["within_100km"] == 0.0 and row["test"]["within_1km"] == 0.5
+    assert "| volcano | 20 (19) | 0 | test | 2 | 50.0% |" in (tmp_path / "splits.md").read_text()
+    with pytest.raises(UserError, match="unknown Earth dataset 'tsunami'"):
+        earth_splits.main(["earth_splits", "--datasets", "tsunami", "--out", str(out)])
 
 
 def test_geo_metrics():
