@@ -55,6 +55,18 @@
 # after a call, so have the next command ready. BUDGET=<seconds> bounds the whole invocation:
 # each part runs under `timeout` with what is left, and one cut short is still packed.
 # TINY=1 rehearses every part on a CPU in minutes (smoke-size networks, meaningless numbers).
+#
+# Since 2026-12 a task that draws a device gets one H200 for 15 minutes of device time in all
+# (starts, transfers and idle waits counted; at most 10 minutes a call): one full call, and
+# whatever start-up is left. The call that closes the most (issue 3's FID timing at the
+# backend's precision, then issue 4's shortcut/flow-matching pair), with every file carried:
+#
+#   BUDGET=560 FID_PRECISIONS=default SC_PARALLEL=1 SC_VARIANT=size=S/4 SC_SECONDS=240 \
+#       NUM_SWEEP=3000 SC_FLAGS="--config.optim.lr=3e-4 --config.optim.schedule=cosine" \
+#       scripts/gpu_runs.sh fid shortcut
+#
+# The next such lease: `UNET_SECONDS=480 scripts/gpu_runs.sh unet` alone (issue 2's ten
+# minutes); then `tarflow` (the exact_* rows on the GPU) and `earth`.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
