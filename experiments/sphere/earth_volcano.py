@@ -5,8 +5,8 @@ r"""Riemannian flow matching on the sphere: the volcano events of the Earth data
 
 The network, batch, lr and weight decay are the Riemannian FM paper's for this dataset
 (experiments/presets.py: EARTH_PAPER; a GPU job). `:small=True` is a 256-wide, 4-layer MLP
-with Fourier features of the position (256, up to 512 rad^-1) at batch 512 for a CPU;
-`:steps=N` sets the training length. Test NLL (nats) with
+with Fourier features of the position (256, up to 512 rad^-1, chosen on validation
+NLL) at batch 512 for a CPU; `:steps=N` sets the training length. Test NLL (nats) with
 `python -m scripts.evaluate --workdir runs/earth_volcano --metrics nll --split test`; measured
 numbers, and how long each trained on what, are in BENCHMARKS.md.
 """
