@@ -55,7 +55,8 @@ class Options:
     # each point's log-likelihood moved (`nll_fine_change`): the error of the reported NLL
     nll_check: bool = True
     batch: int = 256
-    # the FID network's convolutions: "highest" (full float32) or "default" (the backend's)
+    # the FID network's convolutions: "highest" (full float32), "default" (the backend's) or
+    # "tf32" (operands rounded to TF32 on any backend: core.precision)
     inception_precision: str = "highest"
     sampler: str | None = None
     sample_steps: int | None = None

@@ -21,6 +21,7 @@ from flax import nnx
 
 from core.errors import UserError
 from core.files import file_tag
+from core.precision import round_tf32
 from models import inception_pth
 
 BN_EPS = 1e-3
@@ -28,7 +29,18 @@ FEATURE_DIM = 2048
 NUM_LOGITS = 1008
 ENV_VAR = "DRIFTLAB_INCEPTION_WEIGHTS"
 CACHE_NAME = "fid_inception_v3_2015-12-05.npz"
-PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precision.DEFAULT}
+# "tf32": operands rounded to TF32, then full float32 (core.precision), on any backend: what
+# the GPU's default precision computes, to measure its effect on FID on a CPU
+PRECISIONS = {
+    "highest": jax.lax.Precision.HIGHEST,
+    "default": jax.lax.Precision.DEFAULT,
+    "tf32": jax.lax.Precision.HIGHEST,
+}
+
+
+def _operands(precision: str, x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The two operands of a conv or matmul at `precision` (rounded to TF32 for "tf32")."""
+    return (round_tf32(x), round_tf32(kernel)) if precision == "tf32" else (x, kernel)
 
 
 def _channels(v: jax.Array) -> jax.Array:
@@ -61,8 +73,9 @@ class ConvBN(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
+        x, kernel = _operands(self.precision, x.astype(kernel.dtype), kernel)
         y = jax.lax.conv_general_dilated(
-            x.astype(kernel.dtype),
+            x,
             kernel,
             (self.stride, self.stride),
             self.padding,
@@ -264,7 +277,8 @@ class InceptionV3(nnx.Module):
                 "these Inception weights have no 1008-way logits layer (the shared "
                 "npz has none); load pytorch-fid's weights for Inception Score"
             )
-        out = jnp.matmul(features, self.fc.kernel[...], precision=PRECISIONS[self.precision])
+        features, kernel = _operands(self.precision, features, self.fc.kernel[...])
+        out = jnp.matmul(features, kernel, precision=PRECISIONS[self.precision])
         return out + self.fc.bias[...][None, :] if bias else out
 
 

@@ -85,10 +85,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "Schur sqrtm as pytorch-fid (its exact steps)",
     )  # fmt: skip
     m.add_argument(
-        "--inception-precision", default="highest", choices=("highest", "default"),
+        "--inception-precision", default="highest", choices=("highest", "default", "tf32"),
         help="the Inception convolutions: full float32 (highest; the pytorch-fid agreement "
-        "was measured so), or the backend's default (TF32 tensor cores on NVIDIA GPUs, as "
-        "PyTorch's cuDNN convolutions run by default; float32 on CPUs)",
+        "was measured so), the backend's default (TF32 tensor cores on NVIDIA GPUs, as "
+        "PyTorch's cuDNN convolutions run by default; float32 on CPUs), or tf32: operands "
+        "rounded to TF32 on any backend (what the GPU's default computes, measured on a CPU)",
     )  # fmt: skip
     m.add_argument("--kid-subsets", type=int, default=100)
     m.add_argument("--kid-subset-size", type=int, default=1000)

@@ -25,7 +25,9 @@ the exact inverse (`exact_*` keys): the sequential inverse of the same weights i
 inverse is about the sequential inverse's own distance from the exact one, the two differ
 by rounding, not by the early stop. (On the CPU, a small MNIST TarFlow: Jacobi at tol 1e-3
 and the sequential inverse in bfloat16 differed in 21 % of 8-bit pixels, in float32 in
-0.002 %; BENCHMARKS.md.)
+0.002 %; BENCHMARKS.md.) `--tf32` runs every method with the operands of each float32 matmul
+rounded to TF32 (`core.precision.tf32_matmuls`; the exact inverse stays full float32): on a
+CPU, what the GPU's default precision does to the inverses.
 
 `--dtype` is the network's compute dtype for both inverses (default: the run's
 `compute_dtype`; the weights are the same, the graph is rebuilt in that dtype before the
@@ -63,6 +65,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--dtype", default=None, help="compute dtype, float32 or bfloat16 (default: the run's)"
     )
+    p.add_argument(
+        "--tf32", action="store_true",
+        help="round the operands of every float32 matmul to TF32 (the GPU's default) in "
+        "every method but the exact inverse, on any backend",
+    )  # fmt: skip
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
     p.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
     p.add_argument("--seed", type=int, default=0)
@@ -105,13 +112,14 @@ def compare(x, reference) -> dict:
 
 def main(argv: list[str]) -> None:
     args = parse(argv)
+    import contextlib
     import inspect
 
     import jax
     import numpy as np
     from flax import nnx
 
-    from core import experiment, sampling, sharding
+    from core import experiment, precision, sampling, sharding
     from core.errors import UserError
     from models.tarflow import check_inverse_args
     from samplers.tarflow import guidance_options
@@ -207,7 +215,8 @@ def main(argv: list[str]) -> None:
     ]
     results, reference = {}, None
     for name, method in methods:
-        x, seconds, iters = timed(inverter(**method))
+        with precision.tf32_matmuls() if args.tf32 else contextlib.nullcontext():
+            x, seconds, iters = timed(inverter(**method))
         if not np.isfinite(x).all():
             raise UserError(f"{name} inverse gave non-finite images")
         row = {
@@ -234,6 +243,7 @@ def main(argv: list[str]) -> None:
         "cfg_scale": scale,
         "temperature": temperature,
         "dtype": jax.numpy.dtype(dtype).name,
+        "tf32_emulated": bool(args.tf32),
         "exact": "sequential, float32, default_matmul_precision highest",
         "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,

@@ -58,10 +58,11 @@
 #
 # Since 2026-12 a task that draws a device gets one H200 for 15 minutes of device time in all
 # (starts, transfers and idle waits counted; at most 10 minutes a call): one full call, and
-# whatever start-up is left. The call that closes the most (issue 3's FID timing at the
-# backend's precision, then issue 4's shortcut/flow-matching pair), with every file carried:
+# whatever start-up is left. The call that closes the most (issue 3's FID timing at full
+# float32: TF32 convolutions moved the CPU's FID by 0.14 %, over the 0.1 % allowed; then
+# issue 4's shortcut/flow-matching pair), with every file carried:
 #
-#   BUDGET=560 FID_PRECISIONS=default SC_PARALLEL=1 SC_VARIANT=size=S/4 SC_SECONDS=240 \
+#   BUDGET=560 FID_PRECISIONS=highest SC_PARALLEL=1 SC_VARIANT=size=S/4 SC_SECONDS=240 \
 #       NUM_SWEEP=3000 SC_FLAGS="--config.optim.lr=3e-4 --config.optim.schedule=cosine" \
 #       scripts/gpu_runs.sh fid shortcut
 #
@@ -337,17 +338,24 @@ part_tarflow() {
     # plain Jacobi and GS-Jacobi segments (all blocks, or only the first inverted, the block
     # plain Jacobi found slowest), at the big batch and at a small one, where a pass of many
     # tokens costs about what a pass of one does
-    local b segs=${INVERSE_SEGMENTS:-0,7,7/0/0/0}
-    for b in "$INVERSE_BATCH" "$INVERSE_SMALL_BATCH"; do
-        "$PY" -m scripts.flow_inverse --workdir "$run" --num "$INVERSE_NUM" --batch "$b" \
-            --dtype float32 --tols "${INVERSE_TOLS:-1e-3}" --segments "$segs" \
-            --out "$out/mnist_tarflow_inverse_b$b.json"
+    # INVERSE_PRECISIONS: the matmul precisions to invert at, "default" (TF32 on the GPU)
+    # and/or "highest" (full float32). On the CPU with TF32 rounding (scripts.flow_inverse
+    # --tf32) Jacobi needed 35 passes per block where float32 needed 12, and the sequential
+    # inverse was itself 3 % of pixels off the exact one (BENCHMARKS.md): full float32 may
+    # be the faster Jacobi on a GPU, and is the one that agrees with the sequential inverse
+    local b p prec segs=${INVERSE_SEGMENTS:-0,7,7/0/0/0}
+    for p in ${INVERSE_PRECISIONS:-default highest}; do
+        prec=()
+        [ "$p" = highest ] && prec=(env JAX_DEFAULT_MATMUL_PRECISION=highest)
+        for b in "$INVERSE_BATCH" "$INVERSE_SMALL_BATCH"; do
+            "${prec[@]}" "$PY" -m scripts.flow_inverse --workdir "$run" --num "$INVERSE_NUM" \
+                --batch "$b" --dtype float32 --tols "${INVERSE_TOLS:-1e-3}" --segments "$segs" \
+                --out "$out/mnist_tarflow_inverse_b${b}_$p.json"
+        done
     done
     # about 5 % of uint8 pixels differed between every Jacobi variant and the sequential
-    # inverse (max |diff| 1.39, H100 2026-11-24) where the CPU float32 runs agree to 0.002 %:
-    # the GPU's TF32 matmuls? Every row now also reports its distance from the exact inverse
-    # (float32 at full matmul precision, `exact_*`): in bfloat16 on the CPU the sequential
-    # inverse was itself 20 % of pixels off it, as far as Jacobi (BENCHMARKS.md)
+    # inverse (max |diff| 1.39, H100 2026-11-24) where the CPU float32 runs agree to 0.002 %;
+    # every row also reports its distance from the exact inverse (`exact_*`)
 }
 
 part_memorization() {

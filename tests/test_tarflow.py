@@ -439,6 +439,11 @@ def test_flow_inverse_script_times_both_inverses_and_they_agree(tmp_path, capsys
     flow_inverse.main([*argv, "--tols", "1e-2", "--dtype", "bfloat16", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["dtype"] == "bfloat16" and len(result["methods"]) == 2
+    # TF32 operands (the GPU's default) move the sequential inverse off the exact one too
+    flow_inverse.main([*argv, "--tols", "1e-6", "--tf32", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["tf32_emulated"] and result["dtype"] == "float32"
+    assert 1e-7 < result["methods"]["sequential"]["exact_max_abs_diff"] < 0.05
     with pytest.raises(UserError, match="'5/0/0' gives 3 sizes for a flow of 2 blocks"):
         flow_inverse.main([*argv, "--segments", "5/0/0"])
     with pytest.raises(UserError, match="compute_dtype 'float16'"):
