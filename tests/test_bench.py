@@ -75,3 +75,12 @@ def test_bench_cli_prints_one_json_line(python_env, tmp_path):
     row = json.loads(out.read_text().strip())
     assert row["images_per_sec"] > 0 and row["sample_images_per_sec"] > 0
     assert row["forward_gflops_per_image"] > 0 and 0 < row["mfu"] < 1
+
+
+def test_the_cpu_sized_shortcut_dit_is_the_size_its_docstring_states():
+    # mnist_dit.py:cpu=True: width 128, depth 4, patch 4 (49 tokens), float32, 83 MFLOP
+    config = config_lib.load("experiments/shortcut/mnist_dit.py:cpu=True")
+    assert config.compute_dtype == "float32"
+    expected = dit_forward_flops("S/4", 28, 1, use_dt=True, hidden=128, depth=4, patch=4)
+    assert forward_flops(config, (28, 28, 1)) == expected
+    assert 83e6 < expected < 84e6

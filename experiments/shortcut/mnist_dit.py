@@ -14,8 +14,12 @@ teacher left k < 16 steps blurry after 5k steps, see BENCHMARKS.md); `:cond=True
 (class-conditional with label dropout and, as in the paper, guidance 1.5 inside the
 bootstrap targets: k < 128 steps are guided by training and sample with cfg_scale 1, while
 128 steps are the plain flow-matching velocity and take `cfg_scale=1.5` at sampling).
-`:smoke=True` is the CPU test size (batch 8, max_steps 8). Not yet trained by this project:
-no expected FID.
+`:cpu=True` is a DiT small enough to train on two CPU cores (width 128, depth 4, 4 heads,
+patch 4: 1.3 M parameters, 83 MFLOP per forward pass; about 0.45 s per float32 step at
+batch 128 on the 2-core development machine), float32, for the CPU comparison in
+BENCHMARKS.md. `:smoke=True` is the CPU test size (batch 8, max_steps 8). Trained only
+briefly so far (BENCHMARKS.md: 2500 GPU steps of DiT-S/2; 4800 CPU steps of `:cpu=True`,
+FID still above 200 at 128 steps): no converged FID yet.
 """
 
 from core.config import base_config, parse_variant
@@ -23,7 +27,9 @@ from experiments.presets import dit, make_conditional, shortcut_or_flow_matching
 
 
 def get_config(arg: str | None = None):
-    v = parse_variant(arg, size="S/2", method="shortcut", teacher="ema", cond=False, smoke=False)
+    v = parse_variant(
+        arg, size="S/2", method="shortcut", teacher="ema", cond=False, cpu=False, smoke=False
+    )
     c = base_config()
     c.total_steps = 50_000
     c.batch_size = 128  # 16 self-consistency rows: 2+ for each of the 7 bootstrap levels
@@ -35,6 +41,9 @@ def get_config(arg: str | None = None):
     c.optim.update(lr=1e-4, warmup_steps=1_000)
     c.data.update(name="mnist", split="train")
     c.model = dit(1, v.size)
+    if v.cpu:
+        c.model.update(hidden=128, depth=4, heads=4, patch=4)
+        c.compute_dtype = "float32"  # bfloat16 is emulated, slowly, on a CPU
     shortcut_or_flow_matching(c, v.method, teacher=v.teacher)
     c.sample.num = 64
     if v.cond:
