@@ -19,7 +19,7 @@ patch 4: 1.3 M parameters, 83 MFLOP per forward pass; about 0.45 s per float32 s
 batch 128 on the 2-core development machine), float32, for the CPU comparison in
 BENCHMARKS.md. `:smoke=True` is the CPU test size (batch 8, max_steps 8). Trained only
 briefly so far (BENCHMARKS.md: 2500 GPU steps of DiT-S/2; 4800 CPU steps of `:cpu=True`,
-FID still above 200 at 128 steps): no converged FID yet.
+FIDs near 200 at every k): no converged FID yet.
 """
 
 from core.config import base_config, parse_variant
