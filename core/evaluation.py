@@ -7,6 +7,7 @@ entry of `METRICS`, `fn(ev) -> dict of numbers` (adding one is one function and 
 Reference data and its cached features / statistics: `core.reference`.
 """
 
+import concurrent.futures
 import dataclasses
 import functools
 import inspect
@@ -55,8 +56,9 @@ class Options:
     # each point's log-likelihood moved (`nll_fine_change`): the error of the reported NLL
     nll_check: bool = True
     batch: int = 256
-    # the FID network's convolutions: "highest" (full float32), "default" (the backend's) or
-    # "tf32" (operands rounded to TF32 on any backend: core.precision)
+    # the FID network's convolutions: "highest" (full float32), "default" (the backend's),
+    # "tf32" (operands rounded to TF32 on any backend: core.precision) or "tf32x3" (float32
+    # accuracy from three TF32 products: models.inception.PRECISIONS)
     inception_precision: str = "highest"
     sampler: str | None = None
     sample_steps: int | None = None
@@ -111,27 +113,39 @@ class Evaluator:
             raise UserError(f"Inception metrics need images [N, H, W, C], got shape {x.shape}")
         return x if x.dtype == np.uint8 else plots.to_uint8(x)
 
-    def features(self, images: np.ndarray, with_logits: bool = False):
-        """Inception features (and logits) of uint8 `images` with this evaluator's net."""
+    def features(self, images: np.ndarray, with_logits: bool = False, on_batch=None):
+        """Inception features (and logits) of uint8 `images` with this evaluator's net;
+        `on_batch` as `metrics.fid.inception_features`'s."""
         return fm.inception_features(
             images,
             self._inception,
             batch_size=self.options.inception_batch,
             with_logits=with_logits,
             precision=self.options.inception_precision,
+            on_batch=on_batch,
         )
 
     @functools.cached_property
     def _sample_inception(self) -> tuple:
+        """`(features, logits or None, fm.RunningStats)` of the samples: the FID
+        statistics' sums accumulate on the host while the device runs the next batch."""
         start = time.perf_counter()
-        out = self.features(self.images, with_logits=self._want_logits)
-        # the samples' Inception pass (compilation and transfers included), for timings
+        running = fm.RunningStats()
+        out = self.features(self.images, with_logits=self._want_logits, on_batch=running.update)
+        # the samples' Inception pass (compilation, transfers and the statistics' sums
+        # included), for timings
         self.inception_seconds = time.perf_counter() - start
-        return out if self._want_logits else (out, None)
+        feats, logits = out if self._want_logits else (out, None)
+        return feats, logits, running
 
     @property
     def sample_features(self) -> np.ndarray:
         return self._sample_inception[0]
+
+    @functools.cached_property
+    def sample_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """FID `(mu, sigma)` of the samples' features (float64, as `metrics.fid.stats`)."""
+        return self._sample_inception[2].result()
 
     @property
     def sample_logits(self) -> np.ndarray:
@@ -191,15 +205,22 @@ class Evaluator:
 
 def _fid(ev: Evaluator) -> dict:
     ref = ev.reference_stats  # first: a missing reference fails before any Inception pass
-    features = ev.sample_features
-    start = time.perf_counter()  # the host's part: statistics and the Frechet distance
-    stats = fm.stats(features)
-    mid = time.perf_counter()
     method = ev.options.fid_method
-    fid = fm.fid_from_stats(*stats, *ref, method=method)
-    end = time.perf_counter()
-    # where an FID's time goes: Inception pass, statistics, distance (fid_seconds: the last
-    # two together)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # the reference's root (an eigendecomposition in LAPACK, which releases the GIL)
+        # while the samples' Inception pass runs, unless that pass is already done
+        root = None
+        if method == "eigh" and "_sample_inception" not in ev.__dict__:
+            root = pool.submit(fm.psd_sqrt, ref[1])
+        _ = ev.sample_features  # the pass, its statistics summed as it runs
+        start = time.perf_counter()  # the host's part after the pass
+        stats = ev.sample_stats
+        mid = time.perf_counter()
+        sqrt_ref = None if root is None else root.result()
+        fid = fm.fid_from_stats(*stats, *ref, method=method, sqrt_sigma2=sqrt_ref)
+        end = time.perf_counter()
+    # where an FID's time goes: the Inception pass (the statistics' sums hidden in it), what
+    # is left of the statistics, the distance (fid_seconds: the last two together)
     return {"fid": fid, "fid_method": method, "fid_seconds": end - start,
             "fid_stats_seconds": mid - start, "fid_distance_seconds": end - mid,
             "inception_seconds": ev.inception_seconds}  # fmt: skip

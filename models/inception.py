@@ -30,17 +30,31 @@ NUM_LOGITS = 1008
 ENV_VAR = "DRIFTLAB_INCEPTION_WEIGHTS"
 CACHE_NAME = "fid_inception_v3_2015-12-05.npz"
 # "tf32": operands rounded to TF32, then full float32 (core.precision), on any backend: what
-# the GPU's default precision computes, to measure its effect on FID on a CPU
+# the GPU's default precision computes, to measure its effect on FID on a CPU.
+# "tf32x3": float32 accuracy from three products at the backend's default precision (TF32
+# tensor cores on NVIDIA GPUs): each operand split into its TF32 rounding and the remainder,
+# `a b ~ a_hi b_hi + (a_hi b_lo + a_lo b_hi)`. With TF32 products each term's rounding and the
+# dropped `a_lo b_lo` are about 2^-22 of `|a| |b|`, float32's own level (tests/test_precision.py
+# emulates the GPU's rounding); on a CPU the three products are full float32, 3x the work.
 PRECISIONS = {
     "highest": jax.lax.Precision.HIGHEST,
     "default": jax.lax.Precision.DEFAULT,
     "tf32": jax.lax.Precision.HIGHEST,
+    "tf32x3": jax.lax.Precision.DEFAULT,
 }
 
 
-def _operands(precision: str, x: jax.Array, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The two operands of a conv or matmul at `precision` (rounded to TF32 for "tf32")."""
-    return (round_tf32(x), round_tf32(kernel)) if precision == "tf32" else (x, kernel)
+def _product(op, precision: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`op(x, kernel, precision)` (a conv or matmul) at `precision` (see PRECISIONS)."""
+    lax_precision = PRECISIONS[precision]
+    if precision == "tf32":
+        return op(round_tf32(x), round_tf32(kernel), lax_precision)
+    if precision == "tf32x3":
+        x_hi, k_hi = round_tf32(x), round_tf32(kernel)
+        x_lo, k_lo = x - x_hi, kernel - k_hi
+        small = op(x_hi, k_lo, lax_precision) + op(x_lo, k_hi, lax_precision)
+        return op(x_hi, k_hi, lax_precision) + small
+    return op(x, kernel, lax_precision)
 
 
 def _channels(v: jax.Array) -> jax.Array:
@@ -73,15 +87,18 @@ class ConvBN(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
-        x, kernel = _operands(self.precision, x.astype(kernel.dtype), kernel)
-        y = jax.lax.conv_general_dilated(
-            x,
-            kernel,
-            (self.stride, self.stride),
-            self.padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            precision=PRECISIONS[self.precision],
-        )
+
+        def conv(x, kernel, precision):
+            return jax.lax.conv_general_dilated(
+                x,
+                kernel,
+                (self.stride, self.stride),
+                self.padding,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                precision=precision,
+            )
+
+        y = _product(conv, self.precision, x.astype(kernel.dtype), kernel)
         scale = jax.lax.rsqrt(self.var[...] + BN_EPS)
         return jax.nn.relu(
             (y - _channels(self.mean[...])) * _channels(scale) + _channels(self.beta[...])
@@ -277,8 +294,12 @@ class InceptionV3(nnx.Module):
                 "these Inception weights have no 1008-way logits layer (the shared "
                 "npz has none); load pytorch-fid's weights for Inception Score"
             )
-        features, kernel = _operands(self.precision, features, self.fc.kernel[...])
-        out = jnp.matmul(features, kernel, precision=PRECISIONS[self.precision])
+        out = _product(
+            lambda a, b, p: jnp.matmul(a, b, precision=p),
+            self.precision,
+            features,
+            self.fc.kernel[...],
+        )
         return out + self.fc.bias[...][None, :] if bias else out
 
 

@@ -85,11 +85,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "Schur sqrtm as pytorch-fid (its exact steps)",
     )  # fmt: skip
     m.add_argument(
-        "--inception-precision", default="highest", choices=("highest", "default", "tf32"),
+        "--inception-precision", default="highest",
+        choices=("highest", "default", "tf32", "tf32x3"),
         help="the Inception convolutions: full float32 (highest; the pytorch-fid agreement "
         "was measured so), the backend's default (TF32 tensor cores on NVIDIA GPUs, as "
-        "PyTorch's cuDNN convolutions run by default; float32 on CPUs), or tf32: operands "
-        "rounded to TF32 on any backend (what the GPU's default computes, measured on a CPU)",
+        "PyTorch's cuDNN convolutions run by default; float32 on CPUs), tf32: operands "
+        "rounded to TF32 on any backend (what the GPU's default computes, measured on a CPU), "
+        "or tf32x3: float32 accuracy from three TF32 products per convolution (tensor cores "
+        "on NVIDIA GPUs; 3x the work on CPUs)",
     )  # fmt: skip
     m.add_argument("--kid-subsets", type=int, default=100)
     m.add_argument("--kid-subset-size", type=int, default=1000)
@@ -297,7 +300,7 @@ def main(argv: list[str]) -> None:
         return
     if args.write_stats:
         if x is not None:
-            stats = fm.stats(ev.sample_features)
+            stats = ev.sample_stats
         else:
             stats = ds.stats(ev.features, ev.inception_precision)
         fm.save_stats(args.write_stats, *stats)

@@ -80,7 +80,12 @@ def test_write_stats_and_ref_stats_wiring(env, tmp_path, monkeypatch):
         np.testing.assert_allclose(f["mu"], mu, rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(f["sigma"], sigma, rtol=1e-6, atol=1e-9)
     seen = []
-    monkeypatch.setattr(fm, "fid_from_stats", lambda *s, method: seen.append((s, method)) or 42.0)
+    roots = []  # the reference's root, computed while the samples' pass ran (eigh only)
+    monkeypatch.setattr(
+        fm,
+        "fid_from_stats",
+        lambda *s, method, sqrt_sigma2: seen.append((s, method)) or roots.append(sqrt_sigma2) or 42,
+    )
     out = cli(tmp_path, "--samples", a, "--ref-stats", stats, "--metrics", "fid")
     assert out["fid"] == 42.0 and out["samples"] == a and out["fid_method"] == "eigh"
     assert 0 <= out["fid_seconds"] < out["wall_seconds"]  # the host's part of the whole
@@ -92,6 +97,8 @@ def test_write_stats_and_ref_stats_wiring(env, tmp_path, monkeypatch):
     assert (method, slow) == ("eigh", "sqrtm")
     np.testing.assert_allclose(mu2, mu, rtol=1e-6)
     assert mu1.shape == (2048,) and sigma1.shape == (2048, 2048) and np.isfinite(sigma1).all()
+    assert roots[1] is None  # sqrtm takes no root
+    np.testing.assert_allclose(roots[0] @ roots[0], sigma, rtol=0, atol=1e-9 * np.abs(sigma).max())
 
 
 @pytest.mark.slow
@@ -119,11 +126,16 @@ def test_inception_precision_reaches_the_network_and_names_the_cache(env, tmp_pa
     # statistics show which network ran and which cache file was read
     calls = []
 
-    def features(images, net=None, *, batch_size=50, with_logits=False, precision="highest"):
+    def features(
+        images, net=None, *, batch_size=50, with_logits=False, precision="highest", on_batch=None
+    ):
         precision = precision if net is None else net.precision
         calls.append(precision)
         x = np.asarray(images, np.float64).reshape(len(images), -1)[:, 300:308]
-        return x + (precision == "default")
+        x = x + (precision == "default")
+        if on_batch is not None:
+            on_batch(x)
+        return x
 
     monkeypatch.setattr(fm, "inception_features", features)
     data = ["--dataset", "mnist", "--split", "test[:6]"]

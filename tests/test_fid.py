@@ -181,6 +181,10 @@ def test_trace_sqrt_product_is_the_trace_of_the_principal_root():
         want = np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
         assert fm.trace_sqrt_product(s1, s2) == pytest.approx(want, rel=1e-8)
         assert fm.trace_sqrt_product(s2, s1) == pytest.approx(want, rel=1e-8)  # tr is symmetric
+        root = fm.psd_sqrt(s2)  # a known root of the second matrix gives the same trace
+        np.testing.assert_allclose(root @ root, s2, rtol=0, atol=1e-12 * np.abs(s2).max())
+        got = fm.trace_sqrt_product(s1, s2, sqrt_sigma2=root)
+        assert got == pytest.approx(want, rel=1e-8)
     d = np.diag([4.0, 9.0, 0.0])  # commuting: tr sqrt(d d') = sum sqrt(d_i d'_i) = 2 * 3 + 3 * 4
     assert fm.trace_sqrt_product(d, np.diag([9.0, 16.0, 5.0])) == pytest.approx(18.0, rel=1e-12)
     with pytest.raises(UserError, match="unknown FID method 'schur'"):
@@ -213,6 +217,24 @@ def test_fid_singular_product_falls_back_to_eps():
         value = fm.fid_from_stats(np.zeros(3), sigma, np.ones(3), sigma, method="sqrtm")
     assert value == pytest.approx(3.0, abs=1e-5)
     assert fm.fid_from_stats(np.zeros(3), sigma, np.ones(3), sigma) == 3.0  # eigh: no offset
+
+
+def test_running_stats_equal_stats_of_the_concatenation():
+    # features far from 0 (mean 1e3, spread 1): plain sums of x x^T would lose about 6 of
+    # float64's 16 digits to cancellation; the shifted sums lose none
+    rng = np.random.default_rng(5)
+    feats = 1e3 + rng.standard_normal((1000, 40)) @ rng.standard_normal((40, 40)) / 6
+    running = fm.RunningStats()
+    for part in np.split(feats, [7, 300, 301, 999]):  # uneven batches, one of a single row
+        running.update(part.astype(np.float32))
+    mu, sigma = running.result()
+    want_mu, want_sigma = fm.stats(feats.astype(np.float32))
+    np.testing.assert_allclose(mu, want_mu, rtol=1e-14)
+    np.testing.assert_allclose(sigma, want_sigma, rtol=0, atol=1e-12 * np.abs(want_sigma).max())
+    with pytest.raises(UserError, match=r"batches \[n, 40\] \[n, D\], got \(2, 3\)"):
+        running.update(np.zeros((2, 3)))
+    with pytest.raises(UserError, match="N >= 2"):
+        fm.RunningStats().result()
 
 
 def test_stats_roundtrip_in_pytorch_fid_layout(tmp_path):
@@ -375,8 +397,12 @@ def test_features_match_pytorch_fid_activations_on_mnist(shared_data):
     # on MNIST train[:4]; measured max abs difference 8.6e-6 (features up to 4.2).
     expected = np.load(os.path.join(DATA, "mnist_pytorch_fid_features.npz"))["train_0_4"]
     images = _mnist(shared_data, "train-images-idx3-ubyte.gz")[:4]
-    feats = fm.inception_features(images, _net(os.path.join(shared_data, WEIGHTS)))
+    seen = []  # batches of 3 and 1 (padded to 3): each reaches on_batch once, in order
+    net = _net(os.path.join(shared_data, WEIGHTS))
+    feats = fm.inception_features(images, net, batch_size=3, on_batch=seen.append)
     np.testing.assert_allclose(feats, expected, rtol=0, atol=5e-5)
+    assert [len(b) for b in seen] == [3, 1]
+    np.testing.assert_array_equal(np.concatenate(seen), feats)
 
 
 @pytest.mark.slow

@@ -75,3 +75,27 @@ def test_inception_conv_at_tf32_rounds_its_operands(precision):
     assert np.allclose(out, expected[precision], rtol=0, atol=1e-6)
     other = "highest" if precision == "tf32" else "tf32"
     assert np.abs(out - expected[other]).max() > 1e-5
+
+
+def test_three_tf32_products_recover_float32_accuracy():
+    # "tf32x3" on the GPU: three convolutions whose operands the tensor cores round to TF32.
+    # tf32_matmuls() rounds them the same way here; the result stays at float32's accuracy
+    # while one TF32 convolution ("tf32") is about 2^-11 off
+    from models.inception import ConvBN
+
+    x = jax.random.normal(jax.random.key(5), (2, 9, 9, 8))
+    nets = {
+        p: ConvBN(8, 16, 3, padding=1, precision=p, rngs=nnx.Rngs(1))
+        for p in ("highest", "tf32", "tf32x3")
+    }
+    exact = np.asarray(nets["highest"](x), np.float64)
+    with tf32_matmuls():
+        out = {p: np.asarray(jax.jit(lambda x, net=nets[p]: net(x))(x)) for p in ("tf32", "tf32x3")}
+    scale = np.abs(exact).max()
+    tf32_error = np.abs(out["tf32"] - exact).max() / scale
+    x3_error = np.abs(out["tf32x3"] - exact).max() / scale
+    assert 1e-5 < tf32_error < 1e-2
+    assert x3_error < 2e-6 and x3_error < tf32_error / 100
+    # without the rounding (a CPU's default precision is float32), the three products sum to
+    # the float32 result to rounding
+    np.testing.assert_allclose(nets["tf32x3"](x), exact, rtol=0, atol=2e-6 * scale)
