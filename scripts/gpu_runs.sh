@@ -5,7 +5,7 @@
 #                                 # batch 256); step rates of the MNIST configs (to size the
 #                                 # runs below); FID of 50,000 given images, end to end
 #   scripts/gpu_runs.sh fid       # the FID part of bench alone, at each Inception precision
-#                                 # of FID_PRECISIONS (default: highest default)
+#                                 # of FID_PRECISIONS (default: highest tf32x3 default)
 #   scripts/gpu_runs.sh unet      # MNIST U-Net: UNET_SECONDS of training (time-boxed) or
 #                                 # UNET_STEPS steps; sample grid, loss curve, FID
 #   scripts/gpu_runs.sh shortcut  # shortcut DiT and flow-matching DiT, SC_STEPS steps each
@@ -62,9 +62,13 @@
 # float32: TF32 convolutions moved the CPU's FID by 0.14 %, over the 0.1 % allowed; then
 # issue 4's shortcut/flow-matching pair), with every file carried:
 #
-#   BUDGET=560 FID_PRECISIONS=highest SC_PARALLEL=1 SC_VARIANT=size=S/4 SC_SECONDS=240 \
-#       NUM_SWEEP=3000 SC_FLAGS="--config.optim.lr=3e-4 --config.optim.schedule=cosine" \
+#   BUDGET=560 FID_PRECISIONS="highest tf32x3" SC_PARALLEL=1 SC_VARIANT=size=S/4 \
+#       SC_SECONDS=210 NUM_SWEEP=3000 \
+#       SC_FLAGS="--config.optim.lr=3e-4 --config.optim.schedule=cosine" \
 #       scripts/gpu_runs.sh fid shortcut
+#
+# (tf32x3: three TF32 products per convolution, float32's accuracy on the tensor cores; its
+# effect on FID was measured on the CPU with the GPU's rounding emulated, BENCHMARKS.md.)
 #
 # The next such lease: `UNET_SECONDS=480 scripts/gpu_runs.sh unet` alone (issue 2's ten
 # minutes); then `tarflow` (the exact_* rows on the GPU) and `earth`.
@@ -199,7 +203,8 @@ part_fid() {
     # FID of NUM_GIVEN given images (MNIST train) against cached statistics (MNIST test), end
     # to end: a fresh process that reads the .npz, runs Inception and compares. At each
     # Inception precision of FID_PRECISIONS: "highest" (full float32, as the pytorch-fid
-    # agreement was measured) and "default" (TF32 on the GPU, as PyTorch runs cuDNN
+    # agreement was measured), "tf32x3" (three TF32 products per convolution: float32's
+    # accuracy from the tensor cores) and "default" (TF32 on the GPU, as PyTorch runs cuDNN
     # convolutions by default); the statistics are written at the same precision
     "$PY" -c "
 import sys
@@ -207,7 +212,7 @@ import numpy as np
 x = np.load(sys.argv[1])['arr_0'][: int(sys.argv[3])]
 np.savez(sys.argv[2], arr_0=x)
 " "${DATA_PATH/\{split\}/train}" "$RUNS/given.npz" "$NUM_GIVEN"
-    for p in ${FID_PRECISIONS:-highest default}; do
+    for p in ${FID_PRECISIONS:-highest tf32x3 default}; do
         "$PY" -m scripts.evaluate --dataset "$DATA_PATH" --split test --inception-precision "$p" \
             --write-stats "$RUNS/mnist_test_stats_$p.npz" --inception-batch "$INCEPTION_BATCH"
         t0=$(date +%s.%N)

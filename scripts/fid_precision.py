@@ -1,0 +1,92 @@
+r"""FID between two image files with the Inception convolutions at one precision, and the GPU's
+TF32 rounding optionally emulated on a CPU, on the network alone.
+
+  python -m scripts.fid_precision --a a.npz --b b.npz --precision tf32x3 --emulate-tf32 \
+      --out fid.json
+
+`--emulate-tf32` rounds both operands of every float32 convolution of the Inception network
+to TF32, as an NVIDIA GPU's tensor cores do at the default precision (`core.precision`), so
+that what a precision would do to FID on the GPU is measured here. The bilinear resize to
+299x299 runs before, outside the emulation: on the GPU it runs at full float32
+(`metrics.fid.preprocess` asks for `HIGHEST`), and rounding its operands too would perturb
+the images themselves. Files: `.npz` with uint8 images in `arr_0` (the ADM layout).
+"""
+
+import argparse
+import contextlib
+import json
+import time
+
+import numpy as np
+
+from scripts.common import argument_parser, run
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argument_parser("fid_precision", __doc__)
+    p.add_argument("--a", required=True, help=".npz with uint8 images in arr_0")
+    p.add_argument("--b", required=True, help=".npz with uint8 images in arr_0")
+    p.add_argument("--precision", default="highest", help="models.inception.PRECISIONS")
+    p.add_argument("--emulate-tf32", action="store_true", help="the GPU's TF32 rounding")
+    p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--out", default=None, help="JSON file (also printed)")
+    return p.parse_args(argv[1:])
+
+
+def features(images: np.ndarray, net, batch: int, emulate: bool) -> np.ndarray:
+    """Inception features `[N, 2048]`: the resize in full float32, then the network (with
+    its convolutions' operands rounded to TF32 if `emulate`)."""
+    import jax
+    from flax import nnx
+
+    from core.precision import tf32_matmuls
+    from metrics import fid as fm
+
+    pre = jax.jit(fm.preprocess)
+    inputs = []
+    for start in range(0, len(images), batch):
+        part = images[start : start + batch]
+        pad = np.zeros((batch - len(part), *part.shape[1:]), part.dtype)
+        inputs.append((np.asarray(pre(np.concatenate([part, pad]))), len(part)))
+    graphdef, params = nnx.split(net)
+    with tf32_matmuls() if emulate else contextlib.nullcontext():
+        forward = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))  # traced inside
+        return np.concatenate([np.asarray(forward(params, x))[:n] for x, n in inputs])
+
+
+def main(argv: list[str]) -> None:
+    start = time.perf_counter()
+    args = parse(argv)
+    from core.errors import UserError
+    from metrics import fid as fm
+    from models.inception import load_inception
+
+    if args.batch < 1:
+        raise UserError(f"--batch must be >= 1, got {args.batch}")
+    net = load_inception(precision=args.precision)
+    sets = []
+    for path in (args.a, args.b):
+        try:
+            with np.load(path) as f:
+                sets.append(f["arr_0"])
+        except (OSError, KeyError, ValueError) as e:
+            raise UserError(f"could not read images from {path} (.npz with arr_0): {e}") from None
+    fa, fb = (features(x, net, args.batch, args.emulate_tf32) for x in sets)
+    result = {
+        "fid": fm.fid_from_features(fa, fb),
+        "a": args.a,
+        "b": args.b,
+        "num": [len(x) for x in sets],
+        "inception_precision": args.precision,
+        "emulate_tf32": args.emulate_tf32,
+        "wall_seconds": time.perf_counter() - start,
+    }
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    run(main)
