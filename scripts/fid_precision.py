@@ -63,7 +63,6 @@ def main(argv: list[str]) -> None:
 
     if args.batch < 1:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
-    net = load_inception(precision=args.precision)
     sets = []
     for path in (args.a, args.b):
         try:
@@ -71,6 +70,7 @@ def main(argv: list[str]) -> None:
                 sets.append(f["arr_0"])
         except (OSError, KeyError, ValueError) as e:
             raise UserError(f"could not read images from {path} (.npz with arr_0): {e}") from None
+    net = load_inception(precision=args.precision)
     fa, fb = (features(x, net, args.batch, args.emulate_tf32) for x in sets)
     result = {
         "fid": fm.fid_from_features(fa, fb),

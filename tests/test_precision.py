@@ -99,3 +99,27 @@ def test_three_tf32_products_recover_float32_accuracy():
     # without the rounding (a CPU's default precision is float32), the three products sum to
     # the float32 result to rounding
     np.testing.assert_allclose(nets["tf32x3"](x), exact, rtol=0, atol=2e-6 * scale)
+
+
+def test_fid_precision_emulates_tf32_on_the_network_only(shared_data, capsys):
+    # scripts.fid_precision: full float32 with every convolution's operands rounded to TF32
+    # is the network's "tf32" precision (the resize before it untouched in both), and a bad
+    # file is one line that names it
+    import os
+
+    from metrics import fid as fm
+    from models.inception import load_inception
+    from scripts import fid_precision
+
+    weights = os.path.join(shared_data, "inception/fid_inception_v3_2015-12-05_fp32.npz")
+    images = np.asarray(jax.random.randint(jax.random.key(6), (3, 28, 28, 1), 0, 256), np.uint8)
+    emulated = fid_precision.features(images, load_inception(weights), 2, emulate=True)
+    want = fm.inception_features(images, load_inception(weights, precision="tf32"), batch_size=2)
+    np.testing.assert_allclose(emulated, want, rtol=0, atol=1e-5)
+    plain = fid_precision.features(images, load_inception(weights), 2, emulate=False)
+    assert np.abs(plain - want).max() > 1e-4  # the rounding did something
+    with pytest.raises(SystemExit) as info:
+        fid_precision.run(lambda argv: fid_precision.main(["x", "--a", "nope.npz", "--b", "b"]))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: could not read images from nope.npz") and err.count("\n") == 1
