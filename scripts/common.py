@@ -23,6 +23,18 @@ def run(main: Callable[[list[str]], int | None]) -> None:
     sys.exit(code or 0)
 
 
+def write_json(result: dict, path: str | None) -> None:
+    """Print `result` as indented JSON and, when `path` is given, write it there too."""
+    import json
+
+    text = json.dumps(result, indent=2, sort_keys=True)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
 def argument_parser(name: str, doc: str | None):
     """The argparse parser of `python -m scripts.<name>`, its help the module docstring."""
     import argparse

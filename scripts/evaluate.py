@@ -31,7 +31,6 @@ for) is written to `--out` and printed; plots go beside it (`<out>_effdim.png`,
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -44,6 +43,7 @@ from scripts.common import (
     nll_solver_options,
     run,
     sample_run,
+    write_json,
 )
 
 DEFAULT_METRICS = "fid"
@@ -316,21 +316,12 @@ def main(argv: list[str]) -> None:
     # from main's start (imports, device start-up and sampling included; not the interpreter's
     # own start): with fid_seconds, where an evaluation's time goes
     result["wall_seconds"] = time.perf_counter() - start
-    _write_json(result, args.out)
+    write_json(result, args.out)
     change = result.get("nll_fine_change")
     if change is not None and change > NLL_CHANGE_WARN:
         print(f"warning: each point's log-likelihood moved {change:.3f} nats on average "
               f"against a finer solve than {result['nll_solver']}: the NLL is not "
               f"converged; lower --nll-tol (or raise --nll-steps)", file=sys.stderr)  # fmt: skip
-
-
-def _write_json(result: dict, path: str | None) -> None:
-    text = json.dumps(result, indent=2, sort_keys=True)
-    if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text + "\n")
-    print(text)
 
 
 if __name__ == "__main__":

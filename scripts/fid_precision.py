@@ -14,12 +14,11 @@ the images themselves. Files: `.npz` with uint8 images in `arr_0` (the ADM layou
 
 import argparse
 import contextlib
-import json
 import time
 
 import numpy as np
 
-from scripts.common import argument_parser, run
+from scripts.common import argument_parser, run, write_json
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -58,6 +57,7 @@ def main(argv: list[str]) -> None:
     start = time.perf_counter()
     args = parse(argv)
     from core.errors import UserError
+    from data.arrays import ArraySource
     from metrics import fid as fm
     from models.inception import load_inception
 
@@ -66,10 +66,9 @@ def main(argv: list[str]) -> None:
     sets = []
     for path in (args.a, args.b):
         try:
-            with np.load(path) as f:
-                sets.append(f["arr_0"])
-        except (OSError, KeyError, ValueError) as e:
-            raise UserError(f"could not read images from {path} (.npz with arr_0): {e}") from None
+            sets.append(ArraySource(path).x)  # checks the ADM layout
+        except UserError as e:
+            raise UserError(f"could not read images from {path}: {e}") from None
     net = load_inception(precision=args.precision)
     fa, fb = (features(x, net, args.batch, args.emulate_tf32) for x in sets)
     result = {
@@ -81,11 +80,7 @@ def main(argv: list[str]) -> None:
         "emulate_tf32": args.emulate_tf32,
         "wall_seconds": time.perf_counter() - start,
     }
-    text = json.dumps(result, indent=2, sort_keys=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    print(text)
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":
