@@ -4,12 +4,13 @@ TF32 rounding optionally emulated on a CPU, on the network alone.
   python -m scripts.fid_precision --a a.npz --b b.npz --precision tf32x3 --emulate-tf32 \
       --out fid.json
 
-`--emulate-tf32` rounds both operands of every float32 convolution of the Inception network
-to TF32, as an NVIDIA GPU's tensor cores do at the default precision (`core.precision`), so
-that what a precision would do to FID on the GPU is measured here. The bilinear resize to
-299x299 runs before, outside the emulation: on the GPU it runs at full float32
-(`metrics.fid.preprocess` asks for `HIGHEST`), and rounding its operands too would perturb
-the images themselves. Files: `.npz` with uint8 images in `arr_0` (the ADM layout).
+`--emulate-tf32` computes the features inside `core.precision.tf32_matmuls()`: both operands
+of every float32 product that an NVIDIA GPU runs on TF32 tensor cores are rounded to TF32, so
+that what a precision does to FID on the GPU is measured here. That is every convolution at
+`--precision default` or `tf32x3`; at `highest` none (the GPU computes them in float32, and so
+the emulation changes nothing), and the bilinear resize to 299x299 keeps full float32 in all
+cases (`metrics.fid.preprocess` asks for `HIGHEST`, as on the GPU). Files: `.npz` with uint8
+images in `arr_0` (the ADM layout).
 """
 
 import argparse
@@ -33,24 +34,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def features(images: np.ndarray, net, batch: int, emulate: bool) -> np.ndarray:
-    """Inception features `[N, 2048]`: the resize in full float32, then the network (with
-    its convolutions' operands rounded to TF32 if `emulate`)."""
-    import jax
-    from flax import nnx
-
+    """Inception features `[N, 2048]`, with the GPU's TF32 rounding emulated if `emulate`
+    (`metrics.fid.inception_features`, traced inside `tf32_matmuls()`)."""
     from core.precision import tf32_matmuls
     from metrics import fid as fm
 
-    pre = jax.jit(fm.preprocess)
-    inputs = []
-    for start in range(0, len(images), batch):
-        part = images[start : start + batch]
-        pad = np.zeros((batch - len(part), *part.shape[1:]), part.dtype)
-        inputs.append((np.asarray(pre(np.concatenate([part, pad]))), len(part)))
-    graphdef, params = nnx.split(net)
     with tf32_matmuls() if emulate else contextlib.nullcontext():
-        forward = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x))  # traced inside
-        return np.concatenate([np.asarray(forward(params, x))[:n] for x, n in inputs])
+        return fm.inception_features(images, net, batch_size=batch)
 
 
 def main(argv: list[str]) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from core.precision import emulating_tf32, round_tf32, tf32_matmuls
+from core.precision import emulating_tf32, gpu_uses_tf32, round_tf32, tf32_matmuls
 
 X = jax.random.normal(jax.random.key(0), (16, 64))
 W = jax.random.normal(jax.random.key(1), (64, 32))
@@ -40,20 +40,36 @@ def test_matmuls_inside_the_context_use_rounded_operands_and_only_there():
     assert np.array_equal(f(X, W), exact)  # the patch is gone, the caches too
 
 
-def test_convolutions_inside_the_context_use_rounded_operands():
+def test_convolutions_inside_the_context_use_rounded_operands_unless_highest():
+    # as on the GPU: a convolution at the default precision runs on TF32 tensor cores, one
+    # at HIGHEST in float32
     x = jax.random.normal(jax.random.key(2), (2, 9, 9, 3))
     k = jax.random.normal(jax.random.key(3), (3, 3, 3, 4))
 
-    def conv(x, k):
+    def conv(x, k, precision=jax.lax.Precision.HIGHEST):
         return jax.lax.conv_general_dilated(
             x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            precision=jax.lax.Precision.HIGHEST,
+            precision=precision,
         )  # fmt: skip
 
     with tf32_matmuls():
-        rounded = jax.jit(conv)(x, k)
+        rounded = jax.jit(lambda x, k: conv(x, k, None))(x, k)
+        highest = jax.jit(conv)(x, k)
     assert np.array_equal(rounded, conv(round_tf32(x), round_tf32(k)))
     assert np.abs(rounded - conv(x, k)).max() > 1e-5
+    assert np.array_equal(highest, conv(x, k))
+
+
+def test_which_products_the_gpu_computes_in_tf32():
+    P = jax.lax.Precision
+    assert gpu_uses_tf32(None) and gpu_uses_tf32((P.DEFAULT, P.DEFAULT))
+    assert gpu_uses_tf32((P.HIGH, P.HIGH))  # what jax.default_matmul_precision("tensorfloat32") gives
+    assert not gpu_uses_tf32((P.HIGHEST, P.HIGHEST)) and not gpu_uses_tf32((P.HIGH, P.HIGHEST))
+    assert gpu_uses_tf32(jax.lax.DotAlgorithmPreset.TF32_TF32_F32)
+    assert not gpu_uses_tf32(jax.lax.DotAlgorithmPreset.F32_F32_F32)
+    with jax.default_matmul_precision("highest"), tf32_matmuls():  # resolved when traced
+        out = jax.jit(lambda x, w: x @ w)(X, W)
+    assert np.array_equal(out, _highest_matmul(X, W))
 
 
 @pytest.mark.parametrize("precision", ["highest", "tf32"])
@@ -102,9 +118,9 @@ def test_three_tf32_products_recover_float32_accuracy():
 
 
 def test_fid_precision_emulates_tf32_on_the_network_only(shared_data, capsys):
-    # scripts.fid_precision: full float32 with every convolution's operands rounded to TF32
-    # is the network's "tf32" precision (the resize before it untouched in both), and a bad
-    # file is one line that names it
+    # scripts.fid_precision: the default-precision network with the GPU's rounding emulated
+    # is the network's "tf32" precision (the resize before it untouched in both), the
+    # HIGHEST one is left in float32, and a bad file is one line that names it
     import os
 
     from metrics import fid as fm
@@ -113,11 +129,16 @@ def test_fid_precision_emulates_tf32_on_the_network_only(shared_data, capsys):
 
     weights = os.path.join(shared_data, "inception/fid_inception_v3_2015-12-05_fp32.npz")
     images = np.asarray(jax.random.randint(jax.random.key(6), (3, 28, 28, 1), 0, 256), np.uint8)
-    emulated = fid_precision.features(images, load_inception(weights), 2, emulate=True)
+    default = load_inception(weights, precision="default")
+    emulated = fid_precision.features(images, default, 2, emulate=True)
     want = fm.inception_features(images, load_inception(weights, precision="tf32"), batch_size=2)
     np.testing.assert_allclose(emulated, want, rtol=0, atol=1e-5)
-    plain = fid_precision.features(images, load_inception(weights), 2, emulate=False)
+    plain = fid_precision.features(images, default, 2, emulate=False)
     assert np.abs(plain - want).max() > 1e-4  # the rounding did something
+    highest = load_inception(weights)  # the GPU computes HIGHEST in float32: nothing to round
+    np.testing.assert_allclose(
+        fid_precision.features(images, highest, 2, emulate=True), plain, rtol=0, atol=1e-5
+    )
     with pytest.raises(SystemExit) as info:
         fid_precision.run(lambda argv: fid_precision.main(["x", "--a", "nope.npz", "--b", "b"]))
     assert info.value.code == 2
