@@ -8,13 +8,17 @@ Each (run, k) is one `scripts.evaluate --workdir RUN --steps k` (the run's own s
 k shortcut steps of size 1/k for a shortcut model, k ODE steps otherwise; `--sampler`
 overrides), so the numbers are exactly what that command prints; its JSON goes to
 `<out>_<run>_k<k>.json`. Writes `<out>.json` (run -> k -> numbers) and `<out>.png`
-(`--plot-key`, default the first metric, against k, one line per run). Other flags
-(`--num`, `--cfg`, `--dataset`, ...) are passed to `scripts.evaluate`.
+(`--plot-key`, default the first metric, against k, one line per run). `--grid N` (image
+runs) also writes `<out>_grids.png`: the first N of the very samples each number was
+computed on, one row per run and one column per k (same seed, so the same noise in every
+cell). Other flags (`--num`, `--cfg`, `--dataset`, `--step`, ...) are passed to
+`scripts.evaluate`.
 """
 
 import argparse
 import json
 import os
+import tempfile
 
 from scripts.common import argument_parser, run
 
@@ -26,6 +30,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--metrics", default="fid", help="comma list (scripts.evaluate's)")
     p.add_argument("--out", required=True, help="output prefix: <out>.json, <out>.png")
     p.add_argument("--plot-key", default=None, help="number to plot (default: the metric)")
+    p.add_argument("--grid", type=int, default=0, help="samples per cell of <out>_grids.png")
     return p.parse_known_args(argv[1:])
 
 
@@ -47,6 +52,38 @@ def plot(results: dict, metric: str, path: str) -> None:
     fig.savefig(path)
 
 
+def _first_images(path: str, n: int, UserError):
+    import numpy as np
+
+    with np.load(path) as f:
+        x = f["arr_0"][:n]
+    if x.ndim != 4:
+        raise UserError(f"--grid is for image runs; the samples have shape {x.shape}")
+    return x
+
+
+def plot_grids(grids: dict, path: str) -> None:
+    """`grids[run][k]`: uint8 images `[N, H, W, C]` -> one figure, a row per run, a column
+    per k."""
+    from matplotlib.figure import Figure
+
+    from core.plots import image_grid
+
+    names = list(grids)
+    ks = sorted({k for by_k in grids.values() for k in by_k})
+    fig = Figure(figsize=(2.2 * len(ks), 2.4 * len(names)), dpi=120)
+    axes = fig.subplots(len(names), len(ks), squeeze=False)
+    for row, name in zip(axes, names):
+        for ax, k in zip(row, ks):
+            ax.set_xticks([]), ax.set_yticks([])
+            if k in grids[name]:
+                ax.imshow(image_grid(grids[name][k]))
+            ax.set_title(f"k = {k}", fontsize=9)
+        row[0].set_ylabel(name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main(argv: list[str]) -> None:
     args, rest = parse(argv)
     from core.errors import UserError
@@ -58,22 +95,34 @@ def main(argv: list[str]) -> None:
         raise UserError(f"--steps must be a comma list of integers, got {args.steps!r}") from None
     if not ks or min(ks) < 1:
         raise UserError(f"--steps needs positive step counts, got {args.steps!r}")
+    if args.grid < 0:
+        raise UserError(f"--grid must be >= 0 (samples per cell), got {args.grid}")
+    if args.grid and "--save-samples" in rest:
+        raise UserError("--grid saves the samples itself: drop --save-samples")
     workdirs = [w for w in args.workdirs.split(",") if w]
     metrics = [m for m in args.metrics.split(",") if m]
-    results = {}
+    results, grids = {}, {}
+    tmp = tempfile.TemporaryDirectory() if args.grid else None
     for workdir in workdirs:
         name = os.path.basename(os.path.normpath(workdir))
-        results[name] = {}
+        results[name], grids[name] = {}, {}
         for k in ks:
             path = f"{args.out}_{name}_k{k}.json"
             flags = ["--workdir", workdir, "--steps", str(k), "--metrics", args.metrics]
+            if tmp is not None:
+                flags += ["--save-samples", os.path.join(tmp.name, f"{name}_k{k}.npz")]
             evaluate.main(["evaluate", *flags, "--out", path, *rest])
             with open(path) as f:
                 results[name][str(k)] = json.load(f)
+            if tmp is not None:
+                grids[name][k] = _first_images(flags[-1], args.grid, UserError)
     with open(args.out + ".json", "w") as f:
         json.dump({"steps": ks, "metrics": metrics, "results": results}, f, indent=2)
     key = args.plot_key or metrics[0]
     plot(results, key, args.out + ".png")
+    if tmp is not None:
+        plot_grids(grids, args.out + "_grids.png")
+        tmp.cleanup()
     for name, by_k in results.items():
         row = ", ".join(f"k={k}: {by_k[str(k)].get(key)}" for k in ks)
         print(f"{name}: {key} {row}")

@@ -407,9 +407,14 @@ def test_steps_sweep_of_a_shortcut_run(shared_data, tmp_path, monkeypatch):
     train(config, workdir)
     out = str(tmp_path / "sweep")
     key = "pixel/nn_train_mean"
+    shown = {}
+    plot_grids = steps_sweep.plot_grids
+    monkeypatch.setattr(
+        steps_sweep, "plot_grids", lambda g, path: (shown.update(g), plot_grids(g, path))
+    )
     steps_sweep.main(
         ["steps_sweep", "--workdirs", workdir, "--steps", "1,2", "--metrics", "memorization",
-         "--out", out, "--plot-key", key, "--num", "8", "--mem-space", "pixel"]
+         "--out", out, "--plot-key", key, "--num", "8", "--mem-space", "pixel", "--grid", "4"]
     )  # fmt: skip
     with open(out + ".json") as f:
         by_k = json.load(f)["results"]["sc"]
@@ -417,6 +422,15 @@ def test_steps_sweep_of_a_shortcut_run(shared_data, tmp_path, monkeypatch):
     with open(f"{out}_sc_k2.json") as f:
         assert json.load(f)[key] == by_k["2"][key]
     assert os.path.getsize(out + ".png") > 0
+    # the grid cells: the first 4 samples of each evaluation, as uint8 images (the smoke
+    # run's velocities are ~0, so k = 1 and k = 2 round to the same 8-bit noise here)
+    cells = shown["sc"]
+    assert sorted(cells) == [1, 2] and all(c.shape == (4, 28, 28, 1) for c in cells.values())
+    assert all(c.dtype == np.uint8 and c.std() > 10 for c in cells.values())
+    assert os.path.getsize(out + "_grids.png") > 0
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["sc", "sweep.json", "sweep.png", "sweep_grids.png", "sweep_sc_k1.json", "sweep_sc_k2.json"]
+    )  # the samples themselves were not left behind
 
 
 def test_nll_table_picks_the_checkpoint_with_the_lowest_validation_nll(
