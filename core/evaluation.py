@@ -43,7 +43,7 @@ class Options:
     effdim_sigma: float = 1e-2
     effdim_chunk: int | None = None
     swd_projections: int = 256
-    inception_batch: int = 50
+    inception_batch: int | None = None  # metrics.fid.default_batch()
     plot_prefix: str | None = None
     # metrics of the run's network on held-out data (nll, geo)
     heldout_split: str = "test"

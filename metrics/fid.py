@@ -63,11 +63,24 @@ def _default_net(precision: str = "highest") -> InceptionV3:
     return load_inception(precision=precision)
 
 
+# Images per Inception call when none is asked for. On CPUs small batches are faster: a batch
+# of 10 took 20 % less CPU time per image than pytorch-fid's 50 on the 2-core development
+# machine (0.21 vs 0.26 s; the 50-image batch's activations, ~140 MB a layer, are fresh
+# pages from the kernel on every call, a quarter of its time in the system). Accelerators
+# keep 50 (raise it there with --inception-batch). The features do not depend on it.
+DEFAULT_BATCH = {"cpu": 10}
+
+
+def default_batch() -> int:
+    """`DEFAULT_BATCH` for the default backend (50 where it names none)."""
+    return DEFAULT_BATCH.get(jax.default_backend(), 50)
+
+
 def inception_features(
     images: np.ndarray,
     net: InceptionV3 | None = None,
     *,
-    batch_size: int = 50,
+    batch_size: int | None = None,
     with_logits: bool = False,
     precision: str = "highest",
     on_batch: Callable[[np.ndarray], None] | None = None,
@@ -76,7 +89,8 @@ def inception_features(
     `with_logits`, also the 1008-way logits without bias `[N, 1008]` (the original Inception
     Score's), which needs weights with a logits layer. `net` defaults to
     `load_inception(precision=precision)`, loaded once per process and precision.
-    Batches are padded to `batch_size`, so one compiled program serves every batch.
+    Batches are padded to `batch_size` (default `default_batch()`), so one compiled program
+    serves every batch.
     `on_batch(features)` sees each batch's features in order (e.g. `RunningStats.update`):
     the host works on batch i while batch i + 1 runs on the device."""
     net = _default_net(precision) if net is None else net
@@ -85,7 +99,9 @@ def inception_features(
     images = np.asarray(images)
     if len(images) == 0:
         raise UserError("inception_features got no images")
-    batch_size = min(batch_size, len(images))
+    batch_size = min(default_batch() if batch_size is None else batch_size, len(images))
+    if batch_size < 1:
+        raise UserError(f"inception_features needs batch_size >= 1, got {batch_size}")
     graphdef, params = nnx.split(net)
     fn = _feature_fn(graphdef, with_logits)
     outs, pending = [], None

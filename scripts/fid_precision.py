@@ -28,12 +28,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--b", required=True, help=".npz with uint8 images in arr_0")
     p.add_argument("--precision", default="highest", help="models.inception.PRECISIONS")
     p.add_argument("--emulate-tf32", action="store_true", help="the GPU's TF32 rounding")
-    p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--batch", type=int, default=None, help="default: metrics.fid.default_batch()")
     p.add_argument("--out", default=None, help="JSON file (also printed)")
     return p.parse_args(argv[1:])
 
 
-def features(images: np.ndarray, net, batch: int, emulate: bool) -> np.ndarray:
+def features(images: np.ndarray, net, batch: int | None, emulate: bool) -> np.ndarray:
     """Inception features `[N, 2048]`, with the GPU's TF32 rounding emulated if `emulate`
     (`metrics.fid.inception_features`, traced inside `tf32_matmuls()`)."""
     from core.precision import tf32_matmuls
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
     from metrics import fid as fm
     from models.inception import load_inception
 
-    if args.batch < 1:
+    if args.batch is not None and args.batch < 1:
         raise UserError(f"--batch must be >= 1, got {args.batch}")
     sets = []
     for path in (args.a, args.b):

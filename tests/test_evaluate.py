@@ -127,7 +127,7 @@ def test_inception_precision_reaches_the_network_and_names_the_cache(env, tmp_pa
     calls = []
 
     def features(
-        images, net=None, *, batch_size=50, with_logits=False, precision="highest", on_batch=None
+        images, net=None, *, batch_size=None, with_logits=False, precision="highest", on_batch=None
     ):
         precision = precision if net is None else net.precision
         calls.append(precision)

@@ -403,6 +403,11 @@ def test_features_match_pytorch_fid_activations_on_mnist(shared_data):
     np.testing.assert_allclose(feats, expected, rtol=0, atol=5e-5)
     assert [len(b) for b in seen] == [3, 1]
     np.testing.assert_array_equal(np.concatenate(seen), feats)
+    # the default batch (10 on a CPU, so all 4 in one call) gives the same features
+    assert fm.default_batch() == 10
+    np.testing.assert_allclose(fm.inception_features(images, net), feats, rtol=0, atol=1e-5)
+    with pytest.raises(UserError, match="batch_size >= 1, got 0"):
+        fm.inception_features(images, net, batch_size=0)
 
 
 @pytest.mark.slow
