@@ -425,3 +425,24 @@ def test_fid_matches_pytorch_fid_on_mnist(shared_data):
         _mnist(shared_data, "t10k-images-idx3-ubyte.gz")[:500], net, batch_size=10
     )
     assert fm.fid_from_features(a, b) == pytest.approx(reference["fid"], rel=1e-3)
+
+
+def test_bench_inception_times_each_batch_size(shared_data, tmp_path, monkeypatch, capsys):
+    # scripts.bench_inception: one row per batch size and pass, positive times; a bad list
+    # of batch sizes is one error line
+    from scripts import bench_inception
+
+    monkeypatch.setenv("DRIFTLAB_INCEPTION_WEIGHTS", os.path.join(shared_data, WEIGHTS))
+    out = tmp_path / "bench.json"
+    bench_inception.main(
+        ["x", "--batches", "1,2", "--num", "2", "--repeats", "1", "--out", str(out)]
+    )
+    result = json.loads(out.read_text())
+    assert result["backend"] == "cpu" and [r["batch"] for r in result["passes"]] == [1, 2]
+    assert all(r["wall_s_per_image"] > 0 and r["cpu_s_per_image"] > 0 for r in result["passes"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        bench_inception.run(lambda argv: bench_inception.main(["x", "--batches", "a,b"]))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --batches must be a comma list") and err.count("\n") == 1

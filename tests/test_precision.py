@@ -63,7 +63,8 @@ def test_convolutions_inside_the_context_use_rounded_operands_unless_highest():
 def test_which_products_the_gpu_computes_in_tf32():
     P = jax.lax.Precision
     assert gpu_uses_tf32(None) and gpu_uses_tf32((P.DEFAULT, P.DEFAULT))
-    assert gpu_uses_tf32((P.HIGH, P.HIGH))  # what jax.default_matmul_precision("tensorfloat32") gives
+    # HIGH: what jax.default_matmul_precision("tensorfloat32") gives
+    assert gpu_uses_tf32((P.HIGH, P.HIGH))
     assert not gpu_uses_tf32((P.HIGHEST, P.HIGHEST)) and not gpu_uses_tf32((P.HIGH, P.HIGHEST))
     assert gpu_uses_tf32(jax.lax.DotAlgorithmPreset.TF32_TF32_F32)
     assert not gpu_uses_tf32(jax.lax.DotAlgorithmPreset.F32_F32_F32)
