@@ -35,14 +35,18 @@ def write_json(result: dict, path: str | None) -> None:
     print(text)
 
 
-def argument_parser(name: str, doc: str | None):
-    """The argparse parser of `python -m scripts.<name>`, its help the module docstring."""
+def argument_parser(name: str, doc: str | None, *, passes_on: bool = False):
+    """The argparse parser of `python -m scripts.<name>`, its help the module docstring.
+    `passes_on`: the script hands the flags it does not know to another CLI
+    (`parse_known_args`), so abbreviations are off: `--step` (the other's) would otherwise be
+    taken as this one's `--steps`."""
     import argparse
 
     return argparse.ArgumentParser(
         prog=f"python -m scripts.{name}",
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=not passes_on,
     )
 
 

@@ -24,7 +24,7 @@ from scripts.common import argument_parser, run
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argument_parser("steps_sweep", __doc__)
+    p = argument_parser("steps_sweep", __doc__, passes_on=True)
     p.add_argument("--workdirs", required=True, help="comma list of run directories")
     p.add_argument("--steps", required=True, help="comma list of step counts")
     p.add_argument("--metrics", default="fid", help="comma list (scripts.evaluate's)")

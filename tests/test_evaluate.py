@@ -393,6 +393,14 @@ def test_tarflow_ema_is_as_good_a_flow_as_its_weights(shared_data, tmp_path, mon
     assert abs(gaps[True]) < 0.1 and gaps[False] > 1.0, gaps
 
 
+def test_steps_sweep_passes_evaluates_flags_on_unabbreviated():
+    # `--step` is evaluate's (the checkpoint); the sweep's own `--steps` must not swallow it
+    from scripts.steps_sweep import parse
+
+    args, rest = parse(["x", "--workdirs", "w", "--steps", "1,2", "--out", "o", "--step", "7"])
+    assert args.steps == "1,2" and rest == ["--step", "7"]
+
+
 def test_steps_sweep_of_a_shortcut_run(shared_data, tmp_path, monkeypatch):
     # One evaluate call per k with the run's own (shortcut) sampler: k = 1 and k = 2 draw
     # different samples from the same noise, and each number is the evaluate CLI's.
