@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from core.errors import UserError
-from core.files import file_tag
+from core.files import content_tag
 from core.precision import round_tf32
 from models import inception_pth
 
@@ -407,10 +407,11 @@ def resolve_weights(path: str | None = None) -> str:
 
 
 def weights_tag(path: str | None = None) -> str:
-    """8 hex digits naming the weights file `resolve_weights(path)` (its real path, size and
-    mtime): caches of Inception features carry it, so other weights (an fp16 copy, say)
-    never read features another file made."""
-    return file_tag(resolve_weights(path), digits=8)
+    """8 hex digits naming the weights file `resolve_weights(path)` by its contents
+    (`core.files.content_tag`): caches of Inception features carry it, so other weights (an
+    fp16 copy, say) never read features another file made, while the same weights found
+    anew (a data folder re-provisioned, a copy elsewhere) still read theirs."""
+    return content_tag(resolve_weights(path), digits=8)
 
 
 def has_logits(path: str | None = None) -> bool:

@@ -101,6 +101,21 @@ def test_write_stats_and_ref_stats_wiring(env, tmp_path, monkeypatch):
     np.testing.assert_allclose(roots[0] @ roots[0], sigma, rtol=0, atol=1e-9 * np.abs(sigma).max())
 
 
+def test_weights_are_named_by_their_contents(tmp_path):
+    # the tag that names Inception feature caches: the same bytes elsewhere or with a new
+    # mtime (a re-provisioned data folder) keep it; one changed byte does not
+    from core.files import content_tag, file_tag
+
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    a.write_bytes(bytes(range(256)) * 64)
+    b.write_bytes(a.read_bytes())
+    os.utime(b, ns=(1, 1))
+    assert content_tag(str(a)) == content_tag(str(b)) and file_tag(str(a)) != file_tag(str(b))
+    c = tmp_path / "c.npz"
+    c.write_bytes(a.read_bytes()[:-1] + b"x")
+    assert content_tag(str(c)) != content_tag(str(a)) and len(content_tag(str(c))) == 8
+
+
 @pytest.mark.slow
 def test_write_stats_then_ref_stats_fid_equals_direct_fid(env, tmp_path):
     a, b = _npz(tmp_path, "a.npz", env[:6]), _npz(tmp_path, "b.npz", env[6:12])
