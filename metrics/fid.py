@@ -63,11 +63,12 @@ def _default_net(precision: str = "highest") -> InceptionV3:
     return load_inception(precision=precision)
 
 
-# Images per Inception call when none is asked for. On CPUs small batches are faster: a batch
-# of 10 took 20 % less CPU time per image than pytorch-fid's 50 on the 2-core development
-# machine (0.21 vs 0.26 s; the 50-image batch's activations, ~140 MB a layer, are fresh
-# pages from the kernel on every call, a quarter of its time in the system). Accelerators
-# keep 50 (raise it there with --inception-batch). The features do not depend on it.
+# Images per Inception call when none is asked for. On CPUs small batches are faster: on the
+# idle 2-core development machine a batch of 10 took 0.125 s per image, pytorch-fid's 50
+# took 0.16 (scripts/bench_inception.py, BENCHMARKS.md): the 50-image batch's activations,
+# ~140 MB a layer, are fresh pages from the kernel on every call, about a third of its CPU
+# time spent in the system. Accelerators keep 50 (raise it there with --inception-batch).
+# The features do not depend on it.
 DEFAULT_BATCH = {"cpu": 10}
 
 
