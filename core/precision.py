@@ -44,7 +44,9 @@ def gpu_uses_tf32(precision) -> bool:
     if isinstance(precision, jax.lax.DotAlgorithmPreset):
         return precision.name in _TF32_ALGORITHMS
     pair = precision if isinstance(precision, tuple) else (precision,)
-    return all(p is None or p != jax.lax.Precision.HIGHEST for p in pair)
+    if not all(p is None or isinstance(p, jax.lax.Precision) for p in pair):
+        return False  # a custom DotAlgorithm: computed as it names, not emulated here
+    return all(p != jax.lax.Precision.HIGHEST for p in pair)
 
 
 def round_tf32(x: jax.Array) -> jax.Array:
