@@ -16,7 +16,8 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from core import experiment, plots
-from core.files import file_tag
+from core.errors import UserError
+from core.files import content_tag
 from metrics import fid as fm
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]  # uint8 images [N, H, W, C] -> [N, 2048]
@@ -130,14 +131,16 @@ def dataset_from_name(
 
 def _cache_name(name: str, path: str | None, split: str) -> str:
     """The dataset's name in cache tags. An npz file is named by its stem and a digest of its
-    full path, size and modification time: two files, or a rewritten file, never share
-    cached features."""
+    bytes (`core.files.content_tag`): a rewritten file never shares cached features, and the
+    same file re-provisioned with a new modification time keeps them."""
     if name != "npz" or path is None:
         return name
     import data
 
     path = data.npz_path(path, split)
-    return f"npz_{os.path.splitext(os.path.basename(path))[0]}_{file_tag(path)}"
+    if not os.path.isfile(path):
+        raise UserError(f"npz file {path!r} not found")
+    return f"npz_{os.path.splitext(os.path.basename(path))[0]}_{content_tag(path)}"
 
 
 def dataset_from_config(

@@ -101,16 +101,17 @@ def test_write_stats_and_ref_stats_wiring(env, tmp_path, monkeypatch):
     np.testing.assert_allclose(roots[0] @ roots[0], sigma, rtol=0, atol=1e-9 * np.abs(sigma).max())
 
 
-def test_weights_are_named_by_their_contents(tmp_path):
-    # the tag that names Inception feature caches: the same bytes elsewhere or with a new
-    # mtime (a re-provisioned data folder) keep it; one changed byte does not
-    from core.files import content_tag, file_tag
+def test_files_are_named_by_their_contents(tmp_path):
+    # the tag that names Inception feature caches (by the weights and by an .npz dataset):
+    # the same bytes elsewhere or with a new mtime (a re-provisioned data folder) keep it;
+    # one changed byte does not
+    from core.files import content_tag
 
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"
     a.write_bytes(bytes(range(256)) * 64)
     b.write_bytes(a.read_bytes())
     os.utime(b, ns=(1, 1))
-    assert content_tag(str(a)) == content_tag(str(b)) and file_tag(str(a)) != file_tag(str(b))
+    assert content_tag(str(a)) == content_tag(str(b))
     c = tmp_path / "c.npz"
     c.write_bytes(a.read_bytes()[:-1] + b"x")
     assert content_tag(str(c)) != content_tag(str(a)) and len(content_tag(str(c))) == 8
@@ -219,6 +220,7 @@ def test_bad_input_is_one_line(env, tmp_path, monkeypatch, capsys):
             "--samples", a, "--ref-stats", "nope_stats.npz",
         ],
         "FID needs a reference": ["--samples", a, "--metrics", "fid"],
+        "npz file 'nope.npz' not found": ["--samples", a, "--dataset", "nope.npz"],
         "effdim needs the run's network": ["--samples", a, "--metrics", "effdim"],
         "nll need the run's network: give --workdir": ["--samples", a, "--metrics", "nll"],
         "not both": ["--samples", a, "--workdir", str(tmp_path)],
