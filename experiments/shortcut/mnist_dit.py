@@ -17,9 +17,9 @@ bootstrap targets: k < 128 steps are guided by training and sample with cfg_scal
 `:cpu=True` is a DiT small enough to train on two CPU cores (width 128, depth 4, 4 heads,
 patch 4: 1.3 M parameters, 83 MFLOP per forward pass; about 0.45 s per float32 step at
 batch 128 on the 2-core development machine), float32, for the CPU comparison in
-BENCHMARKS.md. `:smoke=True` is the CPU test size (batch 8, max_steps 8). At 14,000 CPU
-steps of `:cpu=True,teacher=current` (lr 3e-4, cosine to 20,000) the shortcut model's FID
-(1000 samples) was 112.8 at 1 step and 53.1 at 128, flow matching's 291.8 and 61.9
+BENCHMARKS.md. `:smoke=True` is the CPU test size (batch 8, max_steps 8). After 20,000 CPU
+steps of `:cpu=True,teacher=current` (lr 3e-4, cosine) the shortcut model's FID (1000
+samples) was 107.6 at 1 step and 49.0 at 128, flow matching's 301.5 and 57.0
 (BENCHMARKS.md); the GPU runs of DiT-S/2 so far are short.
 """
 
