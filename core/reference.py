@@ -16,7 +16,6 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from core import experiment, plots
-from core.errors import UserError
 from core.files import content_tag
 from metrics import fid as fm
 
@@ -136,10 +135,9 @@ def _cache_name(name: str, path: str | None, split: str) -> str:
     if name != "npz" or path is None:
         return name
     import data
+    from data.arrays import require_file
 
-    path = data.npz_path(path, split)
-    if not os.path.isfile(path):
-        raise UserError(f"npz file {path!r} not found")
+    path = require_file(data.npz_path(path, split))
     return f"npz_{os.path.splitext(os.path.basename(path))[0]}_{content_tag(path)}"
 
 

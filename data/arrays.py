@@ -22,10 +22,16 @@ def to_float(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float32, copy=False)
 
 
-def _read(path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(data, labels or None) from the first layout the file holds."""
+def require_file(path: str) -> str:
+    """`path`, or one error line when no such file exists."""
     if not os.path.isfile(path):
         raise UserError(f"npz file {path!r} not found")
+    return path
+
+
+def _read(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(data, labels or None) from the first layout the file holds."""
+    require_file(path)
     try:
         with np.load(path) as f:
             for data_key, label_key in LAYOUTS:
