@@ -135,9 +135,8 @@ def _cache_name(name: str, path: str | None, split: str) -> str:
     if name != "npz" or path is None:
         return name
     import data
-    from data.arrays import require_file
 
-    path = require_file(data.npz_path(path, split))
+    path = data.arrays.require_file(data.npz_path(path, split))
     return f"npz_{os.path.splitext(os.path.basename(path))[0]}_{content_tag(path)}"
 
 
