@@ -66,12 +66,19 @@ def bench_train(config: ConfigDict, example_shape, *, steps: int, warmup: int) -
     factory = experiment.network_factory(config)
     graphdef, abstract = experiment.abstract_network(factory, config.seed)
     tx = make_optimizer(**config.optim, total_steps=config.total_steps)
-    abstract_state = jax.eval_shape(lambda p: init_state(p, tx), abstract)
+    teacher_ema_decay = config.get("teacher_ema_decay", 0.0)
+    start = lambda p: init_state(p, tx, teacher_ema=teacher_ema_decay > 0)
+    abstract_state = jax.eval_shape(start, abstract)
     shardings = sharding.state_shardings(mesh, abstract_state, config.mesh.fsdp_min_size)
-    init = lambda: init_state(experiment.init_params(factory, config.seed), tx)
+    init = lambda: start(experiment.init_params(factory, config.seed))
     state = jax.jit(init, out_shardings=shardings)()
     step = make_train_step(
-        graphdef, experiment.build_loss(config), tx, ema_decay=config.ema_decay, seed=config.seed
+        graphdef,
+        experiment.build_loss(config),
+        tx,
+        ema_decay=config.ema_decay,
+        teacher_ema_decay=teacher_ema_decay,
+        seed=config.seed,
     )
     step = jax.jit(step, donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh)))
     batch = _synthetic_batch(config, example_shape, config.batch_size, mesh)

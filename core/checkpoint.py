@@ -1,7 +1,8 @@
 """Orbax checkpoints of a TrainState: async, keep-N, resumable, partial restore of weights.
 
-Layout: `<workdir>/checkpoints/<step>/{params, ema, opt_state}`. A save killed half-way
-leaves only a temporary folder, which Orbax ignores; the last committed step is intact.
+Layout: `<workdir>/checkpoints/<step>/{params, ema, opt_state}`, and `teacher_ema` for a
+run that keeps one. A save killed half-way leaves only a temporary folder, which Orbax
+ignores; the last committed step is intact.
 """
 
 import logging
@@ -14,6 +15,7 @@ from core.errors import UserError
 from core.train_state import TrainState
 
 ITEMS = ("params", "ema", "opt_state")
+OPTIONAL_ITEMS = ("teacher_ema",)  # saved and restored when the state holds one
 
 
 class _QuietReadOnly(logging.Filter):
@@ -33,6 +35,10 @@ def _shapes(tree) -> dict[str, tuple]:
     name = lambda path: ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {name(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _items(state: TrainState) -> tuple[str, ...]:
+    return ITEMS + tuple(k for k in OPTIONAL_ITEMS if getattr(state, k) is not None)
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -62,7 +68,9 @@ class Checkpoints:
             create=not read_only,
             read_only=read_only,
         )
-        self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        self._manager = ocp.CheckpointManager(
+            self.directory, item_names=ITEMS + OPTIONAL_ITEMS, options=options
+        )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -72,17 +80,24 @@ class Checkpoints:
 
     def save(self, state: TrainState) -> None:
         step = int(jax.device_get(state.step))
-        args = {k: ocp.args.StandardSave(getattr(state, k)) for k in ITEMS}
+        args = {k: ocp.args.StandardSave(getattr(state, k)) for k in _items(state)}
         self._manager.save(step, args=ocp.args.Composite(**args))
 
     def restore(self, step: int, target: TrainState) -> TrainState:
-        """Restore all items into the structure, shapes and shardings of `target`
+        """Restore the items `target` holds into its structure, shapes and shardings
         (arrays or `jax.ShapeDtypeStruct`s with shardings)."""
         self._check_step(step)
-        args = {k: ocp.args.StandardRestore(_abstract(getattr(target, k))) for k in ITEMS}
+        items = _items(target)
+        for k in items:
+            if not os.path.isdir(os.path.join(self.directory, str(step), k)):
+                raise UserError(
+                    f"the step-{step} checkpoint in {self.directory} has no {k!r} (the run "
+                    f"was trained without it; {k}_decay adds it only to a new run)"
+                )
+        args = {k: ocp.args.StandardRestore(_abstract(getattr(target, k))) for k in items}
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         return target.replace(
-            step=jax.numpy.asarray(step, jax.numpy.int32), **{k: restored[k] for k in ITEMS}
+            step=jax.numpy.asarray(step, jax.numpy.int32), **{k: restored[k] for k in items}
         )
 
     def mismatches(self, step: int, target_params) -> list[str]:

@@ -34,6 +34,9 @@ def base_config() -> ConfigDict:
     c.compute_dtype = "float32"  # or "bfloat16" (params and optimizer stay float32)
     c.ema_decay = 0.9999
     c.ema_warmup = False  # decay min(ema_decay, (1 + n) / (10 + n)) at update n
+    # a second EMA with its own decay, as the bootstrap teacher of the shortcut loss
+    # (loss.teacher="teacher_ema"; the "twin EMA" of iSM, arXiv 2510.21250); 0 = none
+    c.teacher_ema_decay = 0.0
     c.mesh = ConfigDict({"data": -1, "fsdp": 1, "fsdp_min_size": 2**18})
     c.optim = ConfigDict(
         {
@@ -170,13 +173,13 @@ def add_option_overrides(config: ConfigDict, argv: list[str], flag: str = "confi
 
     from ml_collections import FieldReference
 
+    import losses
+
     for section in ("loss", "model"):
         if section not in config or "name" not in config[section]:
             continue
         name = flag_value(argv, f"{flag}.{section}.name") or config[section].name
         if section == "loss":
-            import losses
-
             fn = losses.LOSSES.get(name)
         else:
             import models
@@ -185,7 +188,7 @@ def add_option_overrides(config: ConfigDict, argv: list[str], flag: str = "confi
         if fn is None:
             continue  # an unknown name: its own error later
         params = inspect.signature(fn).parameters
-        skip = {"self", "rngs", "ema_net", "net", "batch", "key"}
+        skip = {"self", "rngs", "net", "batch", "key", *losses.FROZEN_NETS}
         for key, param in params.items():
             text = flag_value(argv, f"{flag}.{section}.{key}")
             if key in skip or text is None:

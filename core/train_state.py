@@ -13,12 +13,15 @@ from core.errors import UserError
 @flax.struct.dataclass
 class TrainState:
     """`params` and `ema` are pure dicts of arrays (`nnx.to_pure_dict` of the network's
-    `nnx.Param` state); `opt_state` is optax's; `step` is an int32 scalar."""
+    `nnx.Param` state); `opt_state` is optax's; `step` is an int32 scalar. `teacher_ema` is
+    a second EMA of the params with its own decay (`config.teacher_ema_decay`), kept only
+    when a loss trains against it (the shortcut loss's `teacher="teacher_ema"`); else None."""
 
     step: jax.Array
     params: Any
     ema: Any
     opt_state: Any
+    teacher_ema: Any = None
 
 
 def make_optimizer(
@@ -70,10 +73,13 @@ def learning_rate(tx_config: dict, total_steps: int, step: int) -> float:
     return float(fn(step)) if callable(fn) else float(fn)
 
 
-def init_state(params, tx: optax.GradientTransformation) -> TrainState:
+def init_state(
+    params, tx: optax.GradientTransformation, *, teacher_ema: bool = False
+) -> TrainState:
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         ema=jax.tree.map(jnp.copy, params),
         opt_state=tx.init(params),
+        teacher_ema=jax.tree.map(jnp.copy, params) if teacher_ema else None,
     )

@@ -6,7 +6,6 @@ The loss decides what is trained (velocity net, flow, ...); the trainer only kno
 function of (seed, step), so a resumed run equals an uninterrupted one.
 """
 
-import inspect
 import json
 import os
 import time
@@ -20,6 +19,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
+import losses
 from core import experiment, plots, sampling, sharding
 from core.checkpoint import Checkpoints
 from core.config import to_json
@@ -39,19 +39,31 @@ def make_train_step(
     ema_decay: float,
     seed: int,
     ema_warmup: bool = False,
+    teacher_ema_decay: float = 0.0,
 ) -> Callable:
     """`step(state, batch) -> (state, metrics)`; a non-finite loss, gradient or update
     leaves the state unchanged (but for `step`) and is reported as `nonfinite = 1`.
 
     The EMA decays by `ema_decay`, or with `ema_warmup` by `min(ema_decay, (1 + n) / (10 + n))`
     at update `n` (0.1 at the first update), so that a short run's EMA forgets the
-    initialisation (with a fixed 0.9999 it keeps weight 0.9999^n on it: 37 % after 10k)."""
-    wants_ema = "ema_net" in inspect.signature(loss_fn).parameters
+    initialisation (with a fixed 0.9999 it keeps weight 0.9999^n on it: 37 % after 10k).
+    A state with a `teacher_ema` updates it the same way with `teacher_ema_decay`. The
+    loss gets each frozen network its signature names (`losses.FROZEN_NETS`: `ema_net`
+    from `state.ema`, `teacher_ema_net` from `state.teacher_ema`) that the state holds."""
+    wanted = losses.frozen_nets(loss_fn)
     base_key = jax.random.key(seed)
+
+    def rate(decay, step):
+        """`1 - decay` at update `step` (with the warm-up if asked)."""
+        decay = jnp.asarray(decay, jnp.float32)
+        if ema_warmup:
+            n = step.astype(jnp.float32)
+            decay = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+        return 1.0 - decay
 
     def step(state: TrainState, batch: dict):
         key = jax.random.fold_in(base_key, state.step)
-        extras = {"ema_net": nnx.merge(graphdef, state.ema)} if wants_ema else {}
+        extras = _frozen(graphdef, state, wanted)
 
         def objective(params):
             per_example, metrics = loss_fn(nnx.merge(graphdef, params), batch, key, **extras)
@@ -60,11 +72,12 @@ def make_train_step(
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        decay = jnp.asarray(ema_decay, jnp.float32)
-        if ema_warmup:
-            n = state.step.astype(jnp.float32)
-            decay = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
-        ema = optax.incremental_update(params, state.ema, 1.0 - decay)
+        ema = optax.incremental_update(params, state.ema, rate(ema_decay, state.step))
+        teacher_ema = state.teacher_ema
+        if teacher_ema is not None:  # static: the state's structure
+            teacher_ema = optax.incremental_update(
+                params, teacher_ema, rate(teacher_ema_decay, state.step)
+            )
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
@@ -73,6 +86,7 @@ def make_train_step(
             params=keep(params, state.params),
             ema=keep(ema, state.ema),
             opt_state=keep(opt_state, state.opt_state),
+            teacher_ema=None if teacher_ema is None else keep(teacher_ema, state.teacher_ema),
         )
         metrics = {
             **metrics,
@@ -83,6 +97,13 @@ def make_train_step(
         return new_state, jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
 
     return step
+
+
+def _frozen(graphdef, state: TrainState, wanted: Sequence[str]) -> dict:
+    """`{"ema_net": net(state.ema), ...}` for each name in `wanted` whose state field
+    (the name without `_net`) is kept."""
+    trees = {name: getattr(state, name.removesuffix("_net")) for name in wanted}
+    return {name: nnx.merge(graphdef, tree) for name, tree in trees.items() if tree is not None}
 
 
 class _Run:
@@ -99,8 +120,9 @@ class _Run:
         self.factory = experiment.network_factory(config)
         self.graphdef, abstract_params = experiment.abstract_network(self.factory, config.seed)
         self.loss_fn = experiment.build_loss(config)
+        self.teacher_ema = _wants_teacher_ema(config, self.loss_fn)
         self.tx = make_optimizer(**config.optim, total_steps=config.total_steps)
-        abstract_state = jax.eval_shape(lambda p: init_state(p, self.tx), abstract_params)
+        abstract_state = jax.eval_shape(self._init_state, abstract_params)
         self.shardings = sharding.state_shardings(
             self.mesh, abstract_state, config.mesh.fsdp_min_size
         )
@@ -131,9 +153,13 @@ class _Run:
                 f": {first}"
             ) from e
 
+    def _init_state(self, params) -> TrainState:
+        return init_state(params, self.tx, teacher_ema=self.teacher_ema)
+
     def _extras(self, params):
-        wants = "ema_net" in inspect.signature(self.loss_fn).parameters
-        return {"ema_net": nnx.merge(self.graphdef, params)} if wants else {}
+        """The frozen networks the train step passes, all made from `params` (for tracing)."""
+        state = self._init_state(params)
+        return _frozen(self.graphdef, state, losses.frozen_nets(self.loss_fn))
 
     def init_or_restore(self, ckpt: Checkpoints, workdir: str) -> TrainState:
         latest = ckpt.latest_step()
@@ -149,7 +175,7 @@ class _Run:
                 )
             return ckpt.restore(latest, self.abstract_state)
         seed = self.config.seed
-        init = lambda: init_state(experiment.init_params(self.factory, seed), self.tx)
+        init = lambda: self._init_state(experiment.init_params(self.factory, seed))
         return jax.jit(init, out_shardings=self.shardings)()
 
     def jit_step(self) -> Callable:
@@ -159,6 +185,7 @@ class _Run:
             self.tx,
             ema_decay=self.config.ema_decay,
             ema_warmup=bool(self.config.get("ema_warmup", False)),
+            teacher_ema_decay=self.config.get("teacher_ema_decay", 0.0),
             seed=self.config.seed,
         )
         batch_sharding = sharding.batch_sharding(self.mesh)
@@ -179,6 +206,21 @@ class _Run:
             random_flip=self.config.data.random_flip,
         )
         return prefetch(b.iterate(start_step), 2, lambda x: sharding.place_batch(x, self.mesh))
+
+
+def _wants_teacher_ema(config: ConfigDict, loss_fn) -> bool:
+    """Whether the run keeps a teacher EMA (`teacher_ema_decay > 0`); a decay outside
+    [0, 1) or one set for a loss that cannot use it is a UserError."""
+    decay = float(config.get("teacher_ema_decay", 0.0))
+    if not 0.0 <= decay < 1.0:
+        raise UserError(f"teacher_ema_decay={decay} must be in [0, 1) (0 = no teacher EMA)")
+    if decay > 0 and "teacher_ema_net" not in losses.frozen_nets(loss_fn):
+        raise UserError(
+            f"teacher_ema_decay={decay} keeps a teacher EMA, but loss {config.loss.name!r} "
+            "takes none (the shortcut loss with loss.teacher='teacher_ema' does); "
+            "set teacher_ema_decay=0"
+        )
+    return decay > 0
 
 
 def _config_changes(workdir: str, config: ConfigDict, limit: int = 6) -> str:

@@ -68,9 +68,11 @@ def shortcut(
     target_clip: float | None = 4.0,
     max_steps: int = 128,
     bootstrap_every: int = 8,
+    teacher_ema_decay: float = 0.99,
 ) -> None:
     """Shortcut-model training (Frans et al. 2024) and one-step sample grids. The loss and
-    the sampler share `max_steps` (one FieldReference: it fixes the `dt` mapping)."""
+    the sampler share `max_steps` (one FieldReference: it fixes the `dt` mapping).
+    `teacher="teacher_ema"` also keeps the teacher EMA, with `teacher_ema_decay`."""
     steps = FieldReference(max_steps)
     c.loss = dict(
         name="shortcut",
@@ -82,6 +84,8 @@ def shortcut(
         time_sampling="uniform",
     )
     c.sample.update(sampler="shortcut", num_steps=1, options=dict(max_steps=steps))
+    if teacher == "teacher_ema":
+        c.teacher_ema_decay = teacher_ema_decay
 
 
 def shortcut_or_flow_matching(c: ConfigDict, method: str, **shortcut_kw) -> None:

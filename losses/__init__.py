@@ -9,8 +9,9 @@ Conventions (stated once, here, for the whole codebase):
 - A batch is a dict: `"x"` (data, float32, images scaled to [-1, 1]) and optionally
   `"cond"` (int labels `[B]` or embeddings `[B, E]`).
 - A loss is `loss(net, batch, key, **hparams) -> (per_example [B], metrics dict)`; the
-  trainer reduces. Frozen extras (an EMA teacher, ...) are keyword-only (`ema_net=`);
-  the trainer passes `ema_net` to a loss whose signature names it.
+  trainer reduces. Frozen networks (an EMA teacher, ...) are keyword-only extras named in
+  `FROZEN_NETS`: the trainer passes `ema_net` (the EMA weights) to a loss whose signature
+  names it, and `teacher_ema_net` (a second EMA, `config.teacher_ema_decay`) when it keeps one.
 - Randomness is explicit (`key`); networks are deterministic. Label dropout, time sampling
   and noise live here, never in networks.
 """
@@ -24,6 +25,8 @@ from losses.flow_nll import loss_flow_nll
 from losses.shortcut import loss_shortcut
 from losses.sphere import loss_sphere_fm
 
+FROZEN_NETS = ("ema_net", "teacher_ema_net")  # never options: the trainer supplies them
+
 LOSSES = {
     "flow_matching": loss_flow_matching,
     "sphere_fm": loss_sphere_fm,
@@ -32,13 +35,19 @@ LOSSES = {
 }
 
 
+def frozen_nets(loss_fn) -> tuple[str, ...]:
+    """The names of `FROZEN_NETS` that `loss_fn`'s signature takes."""
+    params = inspect.signature(loss_fn).parameters
+    return tuple(name for name in FROZEN_NETS if name in params)
+
+
 def build(name: str, **hparams):
     """The loss `name` with its hyper-parameters bound (`functools.partial`)."""
     fn = lookup(LOSSES, name, "loss")
     params = inspect.signature(fn).parameters
     unknown = sorted(k for k in hparams if k not in params)
     if unknown:
-        known = [k for k, p in params.items() if p.kind == p.KEYWORD_ONLY and k != "ema_net"]
+        known = [k for k, p in params.items() if p.kind == p.KEYWORD_ONLY and k not in FROZEN_NETS]
         raise UserError(
             f"loss {name!r} has no option(s) {', '.join(unknown)}; its options: {', '.join(known)}"
         )

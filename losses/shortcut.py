@@ -20,11 +20,14 @@ A batch of `B` rows is split statically:
 
 The network sees `d` through `samplers.shortcut.level_dt` (`log2` level / `J`, in [0, 1]).
 Options beyond the paper's defaults: `teacher="current"` (the official code's
-`bootstrap_ema=0`), classifier-free guidance of weight `bootstrap_cfg_scale` inside the
-targets of the finest bootstrap level (whose teacher is the flow-matching velocity; coarser
-levels inherit the guidance by distillation, as in the official code), and `target_clip`
-(clip `x'` and the target to `[-c, c]`; the official code uses 4). Label dropout applies to
-every row, so the null label is trained at every step size.
+`bootstrap_ema=0`), `teacher="teacher_ema"` (a second EMA with its own, faster decay,
+`config.teacher_ema_decay`, while the slow EMA stays the sampling weights: iSM's "twin EMA",
+arXiv 2510.21250, for the lag of a slow EMA teacher behind the network), classifier-free
+guidance of weight `bootstrap_cfg_scale` inside the targets of the finest bootstrap level
+(whose teacher is the flow-matching velocity; coarser levels inherit the guidance by
+distillation, as in the official code), and `target_clip` (clip `x'` and the target to
+`[-c, c]`; the official code uses 4). Label dropout applies to every row, so the null label
+is trained at every step size.
 """
 
 import jax
@@ -36,7 +39,7 @@ from losses.flow_matching import broadcast_to, drop_cond, sample_time
 from samplers.guidance import null_like
 from samplers.shortcut import level_dt, num_levels
 
-TEACHERS = ("ema", "current")
+TEACHERS = ("ema", "current", "teacher_ema")
 
 
 def bootstrap_size(batch_size: int, bootstrap_every: int, max_steps: int) -> int:
@@ -210,6 +213,7 @@ def loss_shortcut(
     cond_drop_prob: float = 0.0,
     null_cond: int | None = None,
     ema_net=None,
+    teacher_ema_net=None,
 ):
     """Shortcut-model loss; returns (per-example loss [B], metrics). See the module doc."""
     if teacher not in TEACHERS:
@@ -218,6 +222,14 @@ def loss_shortcut(
         raise UserError(
             "shortcut loss with teacher='ema' needs ema_net (the trainer passes it); "
             "pass ema_net= or use teacher='current'"
+        )
+    if (teacher == "teacher_ema") != (teacher_ema_net is not None):
+        raise UserError(
+            "shortcut loss with teacher='teacher_ema' needs a teacher EMA: set "
+            "teacher_ema_decay > 0 (e.g. 0.99)"
+            if teacher == "teacher_ema"
+            else f"a teacher EMA is kept (teacher_ema_decay > 0) but loss.teacher={teacher!r} "
+            "never uses it: set loss.teacher='teacher_ema' or teacher_ema_decay=0"
         )
     x1 = batch["x"].astype(jnp.float32)
     batch_size = x1.shape[0]
@@ -234,8 +246,9 @@ def loss_shortcut(
     cond = drop_cond(k_drop, batch.get("cond"), cond_drop_prob, null_cond)
     if cond is not None and bootstrap_cfg_scale != 1.0 and null_cond is None:
         raise UserError("bootstrap_cfg_scale != 1 needs null_cond (the network's num_classes)")
+    teachers = {"current": net, "ema": ema_net, "teacher_ema": teacher_ema_net}
     x_t, dt, target = shortcut_targets(
-        net if teacher == "current" else ema_net,
+        teachers[teacher],
         x0,
         x1,
         t,

@@ -193,6 +193,41 @@ def test_bootstrap_guidance_acts_on_the_finest_level_and_ema_is_the_teacher():
     np.testing.assert_allclose(per_example[bootstrap_rows(64, 8)], 16.0)
 
 
+def test_teacher_ema_is_a_second_ema_with_its_own_decay_and_the_bootstrap_teacher():
+    """The twin EMA (iSM): `state.teacher_ema` moves by its own decay beside the sampling EMA,
+    and the loss of a step is the shortcut loss with that tree as the teacher."""
+    net = models.build("mlp", dim=2, hidden=16, depth=1, use_dt=True, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(net, nnx.Param)
+    tx = optax.adam(1e-2)
+    hp = dict(bootstrap_every=4, max_steps=8)
+    loss_fn = losses.build("shortcut", teacher="teacher_ema", **hp)
+    step = jax.jit(
+        make_train_step(graphdef, loss_fn, tx, ema_decay=0.9, teacher_ema_decay=0.5, seed=0)
+    )
+    state = init_state(nnx.to_pure_dict(params), tx, teacher_ema=True)
+    batch = {"x": jax.random.normal(jax.random.key(1), (64, 2))}
+    for _ in range(2):
+        new, _ = step(state, batch)
+        for name, decay in (("ema", 0.9), ("teacher_ema", 0.5)):
+            mix = lambda e, p, d=decay: d * e + (1 - d) * p
+            want = jax.tree.map(mix, getattr(state, name), new.params)
+            for a, b in zip(jax.tree.leaves(getattr(new, name)), jax.tree.leaves(want)):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=name)
+        state = new
+    key = jax.random.fold_in(jax.random.key(0), 2)
+    student = nnx.merge(graphdef, state.params)
+    direct = lambda **kw: float(jnp.mean(loss_shortcut(student, batch, key, **hp, **kw)[0]))
+    _, metrics = step(state, batch)
+    twin = direct(teacher="teacher_ema", teacher_ema_net=nnx.merge(graphdef, state.teacher_ema))
+    slow = direct(teacher="ema", ema_net=nnx.merge(graphdef, state.ema))
+    assert float(metrics["loss"]) == pytest.approx(twin, rel=1e-5)
+    assert abs(twin - slow) > 1e-3 * twin  # the two EMAs differ, so the teacher matters
+    with pytest.raises(UserError, match=r"teacher='teacher_ema' needs .*teacher_ema_decay > 0"):
+        loss_shortcut(student, batch, key, teacher="teacher_ema")
+    with pytest.raises(UserError, match=r"loss.teacher='current' never uses it"):
+        loss_shortcut(student, batch, key, teacher="current", teacher_ema_net=student)
+
+
 def test_row_helpers_equal_numpy_indexing_for_strided_and_other_rows():
     a = jnp.arange(2 * 13, dtype=jnp.float32).reshape(13, 2)
     for rows in (

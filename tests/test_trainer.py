@@ -252,3 +252,55 @@ def test_ema_warmup_decays_by_min_of_the_rate_and_one_plus_n_over_ten_plus_n():
             for a, b in zip(jax.tree.leaves(new.ema), jax.tree.leaves(want)):
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
             state = new
+
+
+def twin_config(**overrides):
+    c = config_lib.load("experiments/shortcut/moons_mlp.py:smoke=True")
+    c.loss.teacher = "teacher_ema"
+    c.update(
+        {**dict(teacher_ema_decay=0.5, ckpt_every=2, log_every=1, sample_every=0), **overrides}
+    )
+    return c
+
+
+def test_teacher_ema_is_checkpointed_and_resumes_exactly_and_bad_uses_are_errors(tmp_path):
+    import orbax.checkpoint as ocp
+
+    straight, halves = str(tmp_path / "straight"), str(tmp_path / "halves")
+    train(twin_config(total_steps=4), straight)
+    train(twin_config(total_steps=2), halves)
+    train(twin_config(total_steps=4), halves)  # resumes from step 2, teacher EMA included
+    trees = {}
+    for run in (straight, halves):
+        ckpt = open_for_reading(run)
+        assert sorted(os.listdir(os.path.join(ckpt.directory, "4"))) == sorted(
+            ["_CHECKPOINT_METADATA", "commit_success.txt", "ema", "opt_state", "params",
+             "teacher_ema"]
+        )  # fmt: skip
+        names = ("params", "teacher_ema", "ema")
+        args = ocp.args.Composite(**{k: ocp.args.StandardRestore() for k in names})
+        trees[run] = dict(ckpt._manager.restore(4, args=args))
+        ckpt.close()
+    for k in ("params", "teacher_ema", "ema"):
+        for a, b in zip(jax.tree.leaves(trees[straight][k]), jax.tree.leaves(trees[halves][k])):
+            np.testing.assert_array_equal(a, b, err_msg=k)
+    differs = lambda a, b: any(
+        not np.allclose(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+    assert differs(trees[straight]["teacher_ema"], trees[straight]["ema"])
+    # a run trained without the teacher EMA cannot grow one on resume
+    plain = quick_config(total_steps=2, ckpt_every=2, log_every=1, sample_every=0)
+    train(config_lib.load("experiments/shortcut/moons_mlp.py:smoke=True"), str(tmp_path / "p"))
+    before = (tmp_path / "p" / "config.json").read_text()
+    with pytest.raises(UserError, match=r"checkpoint in .* has no 'teacher_ema'"):
+        train(twin_config(total_steps=4), str(tmp_path / "p"))
+    assert (tmp_path / "p" / "config.json").read_text() == before
+    for bad, match in (
+        (dict(teacher_ema_decay=1.0), r"teacher_ema_decay=1.0 must be in \[0, 1\)"),
+        (dict(teacher_ema_decay=0.0), r"teacher='teacher_ema' needs a teacher EMA"),
+    ):
+        with pytest.raises(UserError, match=match):
+            train(twin_config(total_steps=2, **bad), str(tmp_path / "bad"))
+    plain.teacher_ema_decay = 0.9
+    with pytest.raises(UserError, match=r"loss 'flow_matching' takes none"):
+        train(plain, str(tmp_path / "bad"))

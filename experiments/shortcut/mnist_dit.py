@@ -10,7 +10,9 @@ value). Variants: `:size=S/4` (or B/2 ...); `:method=fm` (the flow-matching base
 same DiT without the `dt` input, same data, batch, optimizer, EMA and uniform time
 sampling, sampled with k Euler steps; compare with `scripts.steps_sweep`); `:teacher=current`
 (bootstrap targets from the current parameters instead of the EMA: on two moons the EMA
-teacher left k < 16 steps blurry after 5k steps, see BENCHMARKS.md); `:cond=True`
+teacher left k < 16 steps blurry after 5k steps, see BENCHMARKS.md); `:teacher=teacher_ema`
+(iSM's twin EMA: a second EMA of decay `teacher_ema_decay`, 0.99, is the teacher, the 0.999
+EMA stays the sampling weights); `:cond=True`
 (class-conditional with label dropout and, as in the paper, guidance 1.5 inside the
 bootstrap targets: k < 128 steps are guided by training and sample with cfg_scale 1, while
 128 steps are the plain flow-matching velocity and take `cfg_scale=1.5` at sampling).
