@@ -30,7 +30,9 @@ def get_config(arg: str | None = None):
     c.data.update(name="moons", split="train")
     c.model = dict(name="mlp", dim=2, hidden=256, depth=3)
     # teacher="current": at this budget (5k steps, EMA 0.999) the EMA teacher lags the chain
-    # of 7 levels and k < 16 steps stay blurry (BENCHMARKS.md, moons section)
+    # of 7 levels and k < 16 steps stay blurry; a twin EMA of 0.99 as the teacher
+    # (teacher="teacher_ema") was far better than that but 21-41 % worse than the current
+    # parameters at one step (two seeds; BENCHMARKS.md, moons section)
     shortcut_or_flow_matching(c, v.method, teacher="current", target_clip=None)
     c.sample.num = 4096
     if v.smoke:
