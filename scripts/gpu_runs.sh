@@ -276,7 +276,8 @@ part_shortcut() {
         fi
         steps=$(steps_for "$rate" "$seconds")
     fi
-    # teacher=current: on two moons the EMA teacher left k < 16 blurry at a short budget
+    # teacher=current: on two moons the EMA teacher left k < 16 blurry at a short budget; a
+    # twin EMA of 0.99 (teacher=teacher_ema) cost one-step quality on moons and the CPU MNIST run
     # SC_FLAGS: overrides for both runs (e.g. "--config.optim.lr=3e-4
     # --config.optim.schedule=cosine": 2500 steps at the config's constant 1e-4 left both far
     # from trained, H100 2026-11-24)
