@@ -25,8 +25,7 @@ samples) was 107.6 at 1 step and 49.0 at 128, flow matching's 301.5 and 57.0
 (BENCHMARKS.md); twice the self-consistency rows (`--config.loss.bootstrap_every=4`) left the
 1-step FID unchanged at steps 8000 and 14000 and the 128-step one worse; the twin EMA
 (`:teacher=teacher_ema`) made the 1-step FID worse at both (149.3 and 123.6 against 136.5
-and 112.8). The GPU runs of
-DiT-S/2 so far are short.
+and 112.8). The GPU runs of DiT-S/2 so far are short.
 """
 
 from core.config import base_config, parse_variant
