@@ -18,7 +18,7 @@ from ml_collections import ConfigDict
 import models
 from core import experiment, sharding
 from core.train_state import init_state, make_optimizer
-from core.trainer import make_train_step
+from core.trainer import make_train_step, wants_teacher_ema
 from models.flops import TRAIN_FACTOR, count_flops
 
 
@@ -66,18 +66,19 @@ def bench_train(config: ConfigDict, example_shape, *, steps: int, warmup: int) -
     factory = experiment.network_factory(config)
     graphdef, abstract = experiment.abstract_network(factory, config.seed)
     tx = make_optimizer(**config.optim, total_steps=config.total_steps)
-    teacher_ema_decay = config.get("teacher_ema_decay", 0.0)
-    start = lambda p: init_state(p, tx, teacher_ema=teacher_ema_decay > 0)
+    loss_fn = experiment.build_loss(config)
+    teacher_ema = wants_teacher_ema(config, loss_fn)
+    start = lambda p: init_state(p, tx, teacher_ema=teacher_ema)
     abstract_state = jax.eval_shape(start, abstract)
     shardings = sharding.state_shardings(mesh, abstract_state, config.mesh.fsdp_min_size)
     init = lambda: start(experiment.init_params(factory, config.seed))
     state = jax.jit(init, out_shardings=shardings)()
     step = make_train_step(
         graphdef,
-        experiment.build_loss(config),
+        loss_fn,
         tx,
         ema_decay=config.ema_decay,
-        teacher_ema_decay=teacher_ema_decay,
+        teacher_ema_decay=config.get("teacher_ema_decay", 0.0),
         seed=config.seed,
     )
     step = jax.jit(step, donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh)))

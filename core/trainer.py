@@ -63,7 +63,7 @@ def make_train_step(
 
     def step(state: TrainState, batch: dict):
         key = jax.random.fold_in(base_key, state.step)
-        extras = _frozen(graphdef, state, wanted)
+        extras = _frozen(graphdef, {"ema": state.ema, "teacher_ema": state.teacher_ema}, wanted)
 
         def objective(params):
             per_example, metrics = loss_fn(nnx.merge(graphdef, params), batch, key, **extras)
@@ -99,11 +99,11 @@ def make_train_step(
     return step
 
 
-def _frozen(graphdef, state: TrainState, wanted: Sequence[str]) -> dict:
-    """`{"ema_net": net(state.ema), ...}` for each name in `wanted` whose state field
-    (the name without `_net`) is kept."""
-    trees = {name: getattr(state, name.removesuffix("_net")) for name in wanted}
-    return {name: nnx.merge(graphdef, tree) for name, tree in trees.items() if tree is not None}
+def _frozen(graphdef, trees: dict, wanted: Sequence[str]) -> dict:
+    """`{"ema_net": net(trees["ema"]), ...}` for each name in `wanted` whose tree (the name
+    without `_net`: a TrainState field) is kept (not None)."""
+    kept = {name: trees[name.removesuffix("_net")] for name in wanted}
+    return {name: nnx.merge(graphdef, tree) for name, tree in kept.items() if tree is not None}
 
 
 class _Run:
@@ -120,7 +120,7 @@ class _Run:
         self.factory = experiment.network_factory(config)
         self.graphdef, abstract_params = experiment.abstract_network(self.factory, config.seed)
         self.loss_fn = experiment.build_loss(config)
-        self.teacher_ema = _wants_teacher_ema(config, self.loss_fn)
+        self.teacher_ema = wants_teacher_ema(config, self.loss_fn)
         self.tx = make_optimizer(**config.optim, total_steps=config.total_steps)
         abstract_state = jax.eval_shape(self._init_state, abstract_params)
         self.shardings = sharding.state_shardings(
@@ -158,8 +158,8 @@ class _Run:
 
     def _extras(self, params):
         """The frozen networks the train step passes, all made from `params` (for tracing)."""
-        state = self._init_state(params)
-        return _frozen(self.graphdef, state, losses.frozen_nets(self.loss_fn))
+        trees = {"ema": params, "teacher_ema": params if self.teacher_ema else None}
+        return _frozen(self.graphdef, trees, losses.frozen_nets(self.loss_fn))
 
     def init_or_restore(self, ckpt: Checkpoints, workdir: str) -> TrainState:
         latest = ckpt.latest_step()
@@ -208,7 +208,7 @@ class _Run:
         return prefetch(b.iterate(start_step), 2, lambda x: sharding.place_batch(x, self.mesh))
 
 
-def _wants_teacher_ema(config: ConfigDict, loss_fn) -> bool:
+def wants_teacher_ema(config: ConfigDict, loss_fn) -> bool:
     """Whether the run keeps a teacher EMA (`teacher_ema_decay > 0`); a decay outside
     [0, 1) or one set for a loss that cannot use it is a UserError."""
     decay = float(config.get("teacher_ema_decay", 0.0))

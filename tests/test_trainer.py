@@ -289,7 +289,6 @@ def test_teacher_ema_is_checkpointed_and_resumes_exactly_and_bad_uses_are_errors
     )
     assert differs(trees[straight]["teacher_ema"], trees[straight]["ema"])
     # a run trained without the teacher EMA cannot grow one on resume
-    plain = quick_config(total_steps=2, ckpt_every=2, log_every=1, sample_every=0)
     train(config_lib.load("experiments/shortcut/moons_mlp.py:smoke=True"), str(tmp_path / "p"))
     before = (tmp_path / "p" / "config.json").read_text()
     with pytest.raises(UserError, match=r"checkpoint in .* has no 'teacher_ema'"):
@@ -301,6 +300,7 @@ def test_teacher_ema_is_checkpointed_and_resumes_exactly_and_bad_uses_are_errors
     ):
         with pytest.raises(UserError, match=match):
             train(twin_config(total_steps=2, **bad), str(tmp_path / "bad"))
+    plain = quick_config(total_steps=2, ckpt_every=2, log_every=1, sample_every=0)
     plain.teacher_ema_decay = 0.9
     with pytest.raises(UserError, match=r"loss 'flow_matching' takes none"):
         train(plain, str(tmp_path / "bad"))
