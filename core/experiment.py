@@ -127,6 +127,29 @@ def check_classes(config: ConfigDict, spec: dict) -> None:
         )
 
 
+def sampling_setup(
+    config: ConfigDict,
+    *,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+    cfg_scale: float | None = None,
+) -> dict:
+    """How `make_sample_fn` samples: the given `sampler`, `num_steps` and `cfg_scale`, else
+    the config's (`config.sample`), and `config.sample.options` -> `{"sampler",
+    "sampling_steps", "cfg", "sample_options"}` (what an evaluation records beside its
+    numbers)."""
+    s = config.sample
+    steps = int(s.num_steps if num_steps is None else num_steps)
+    if steps < 1:
+        raise UserError(f"the number of sampling steps must be >= 1, got {steps}")
+    return {
+        "sampler": sampler or s.sampler,
+        "sampling_steps": steps,
+        "cfg": float(s.cfg_scale if cfg_scale is None else cfg_scale),
+        "sample_options": _plain(s.get("options", ConfigDict())),
+    }
+
+
 def make_sample_fn(
     graphdef,
     config: ConfigDict,
@@ -144,18 +167,15 @@ def make_sample_fn(
     their affine parameters, not a velocity): then it gets `cfg_scale` and `null_cond`.
     `config.sample.options` are passed to the sampler as keyword arguments.
     """
-    s = config.sample
-    sample = samplers.build(sampler or s.sampler)
-    prior = samplers.build_prior(s.prior)
-    steps = int(s.num_steps if num_steps is None else num_steps)
-    if steps < 1:
-        raise UserError(f"the number of sampling steps must be >= 1, got {steps}")
-    scale = float(s.cfg_scale if cfg_scale is None else cfg_scale)
+    setup = sampling_setup(config, sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale)
+    sample = samplers.build(setup["sampler"])
+    prior = samplers.build_prior(config.sample.prior)
+    steps, scale = setup["sampling_steps"], setup["cfg"]
     # label models: null label = num_classes; embedding models: the null is the zero vector
     null = null_cond(config)
     conditional = null is not None or int(config.model.get("cond_dim", 0)) > 0
     null = 0 if null is None else null
-    options = _plain(s.get("options", ConfigDict()))
+    options = dict(setup["sample_options"])
     accepted = inspect.signature(sample).parameters
     own_guidance = "cfg_scale" in accepted
     reserved = {"net", "x_init", "key", "num_steps", "cond", "cfg_scale", "null_cond"}
@@ -163,7 +183,7 @@ def make_sample_fn(
     if unknown:
         known = ", ".join(k for k in accepted if k not in reserved) or "none"
         raise UserError(
-            f"sampler {sampler or s.sampler!r} has no option(s) {', '.join(unknown)} "
+            f"sampler {setup['sampler']!r} has no option(s) {', '.join(unknown)} "
             f"(sample.options); its options: {known}"
         )
     if scale != 1.0 and not conditional:

@@ -232,6 +232,13 @@ def _load_samples(args, want_samples: bool, UserError):
                 sampling.write_samples(args.save_samples, x, labels)
         config = network[2]
         info = {"workdir": args.workdir, "step": step, "weights": "raw" if args.raw else "ema"}
+        if want_samples:  # how they were drawn (the config's sampler unless overridden)
+            from core import experiment
+
+            setup = experiment.sampling_setup(
+                config, sampler=args.sampler, num_steps=args.steps, cfg_scale=args.cfg
+            )
+            info.update(setup, seed=args.seed)
         return x, labels, network, config, info
     if args.samples:
         import numpy as np

@@ -273,6 +273,10 @@ def test_eval_hook_and_workdir_mode(tmp_path, monkeypatch):
     assert out["step"] == 2 and out["num_samples"] == 32 and out["effdim_ambient"] == 2
     assert len(out["effdim_per_sample"]) == 3 and os.path.exists(out["effdim_plot"])
     assert out["reference"] == f"{config.data.name}:train"
+    # how the samples were drawn: the run's own sampler and steps, no guidance, seed 0
+    assert out["sampler"] == config.sample.sampler
+    assert out["sampling_steps"] == config.sample.num_steps
+    assert (out["cfg"], out["seed"]) == (1.0, 0)
     config.eval.fid = True  # FID of 2-D points is not defined: said before any training
     with pytest.raises(UserError, match="config.eval.fid needs image data"):
         make_eval_hook(config, workdir)
@@ -444,6 +448,11 @@ def test_steps_sweep_of_a_shortcut_run(shared_data, tmp_path, monkeypatch):
     with open(out + ".json") as f:
         by_k = json.load(f)["results"]["sc"]
     assert sorted(by_k) == ["1", "2"] and by_k["1"][key] != by_k["2"][key]
+    # each cell's JSON says how its samples were drawn: k shortcut steps
+    assert [(by_k[k]["sampler"], by_k[k]["sampling_steps"]) for k in "12"] == [
+        (config.sample.sampler, 1),
+        (config.sample.sampler, 2),
+    ] and config.sample.sampler == "shortcut"
     with open(f"{out}_sc_k2.json") as f:
         assert json.load(f)[key] == by_k["2"][key]
     assert os.path.getsize(out + ".png") > 0
