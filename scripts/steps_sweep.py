@@ -13,11 +13,17 @@ runs) also writes `<out>_grids.png`: the first N of the very samples each number
 computed on, one row per run and one column per k (same seed, so the same noise in every
 cell). Other flags (`--num`, `--cfg`, `--dataset`, `--step`, ...) are passed to
 `scripts.evaluate`.
+
+`--reuse` reads the cells whose JSON is already there instead of evaluating them again (a
+sweep cut short goes on where it stopped; one run in pieces is gathered into one
+`<out>.json`): a cell made with another `--num`, `--step`, run, step count or without one of
+the metrics is an error that names its file.
 """
 
 import argparse
 import json
 import os
+import sys
 import tempfile
 
 from scripts.common import argument_parser, run
@@ -31,6 +37,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--out", required=True, help="output prefix: <out>.json, <out>.png")
     p.add_argument("--plot-key", default=None, help="number to plot (default: the metric)")
     p.add_argument("--grid", type=int, default=0, help="samples per cell of <out>_grids.png")
+    p.add_argument("--reuse", action="store_true", help="read the cells already written")
     return p.parse_known_args(argv[1:])
 
 
@@ -39,11 +46,21 @@ def plot(results: dict, metric: str, path: str) -> None:
 
     fig = Figure(figsize=(6, 4), dpi=120)
     ax = fig.subplots()
+    lines = 0
     for name, by_k in results.items():
         ks = sorted(int(k) for k in by_k)
         values = [by_k[str(k)].get(metric) for k in ks]
         if all(isinstance(v, int | float) for v in values):
             ax.plot(ks, values, "o-", label=name)
+            lines += 1
+    if not lines:
+        numbers = sorted(
+            {key for by_k in results.values() for cell in by_k.values() for key, v in cell.items()
+             if isinstance(v, int | float) and not isinstance(v, bool)}
+        )  # fmt: skip
+        print(f"warning: no cell has a number {metric!r} to plot; --plot-key one of: "
+              f"{', '.join(numbers)}", file=sys.stderr)  # fmt: skip
+        return
     ax.set_xscale("log", base=2)
     ax.set(xlabel="sampling steps k", ylabel=metric, title=f"{metric} against sampling steps")
     ax.grid(True, alpha=0.3)
@@ -60,6 +77,30 @@ def _first_images(path: str, n: int, UserError):
     if x.ndim != 4:
         raise UserError(f"--grid is for image runs; the samples have shape {x.shape}")
     return x
+
+
+def reused_cell(path: str, request, workdir: str, k: int, metrics: list[str], UserError) -> dict:
+    """The JSON of a cell written before, checked against what this sweep asks of it
+    (`request`: `scripts.evaluate`'s parsed flags for the cell)."""
+    with open(path) as f:
+        cell = json.load(f)
+    want = {"workdir": workdir, "num_samples": request.num}
+    if request.step is not None:
+        want["step"] = request.step
+    if "sampling_steps" in cell:  # written since evaluations record it; else the file name
+        want["sampling_steps"] = k
+    got = dict(cell, workdir=os.path.normpath(cell.get("workdir") or "."))
+    want["workdir"] = os.path.normpath(workdir)
+    for key, value in want.items():
+        if got.get(key) != value:
+            raise UserError(
+                f"{path}: made with {key}={got.get(key)!r}, this sweep asks {value!r}; "
+                "move it away or drop --reuse"
+            )
+    missing = [m for m in metrics if m not in cell.get("metrics", [])]
+    if missing:
+        raise UserError(f"{path} has no {', '.join(missing)}; move it away or drop --reuse")
+    return cell
 
 
 def plot_grids(grids: dict, path: str) -> None:
@@ -99,6 +140,8 @@ def main(argv: list[str]) -> None:
         raise UserError(f"--grid must be >= 0 (samples per cell), got {args.grid}")
     if args.grid and "--save-samples" in rest:
         raise UserError("--grid saves the samples itself: drop --save-samples")
+    if args.grid and args.reuse:
+        raise UserError("--grid needs every cell's samples: drop --reuse (or --grid)")
     workdirs = [w for w in args.workdirs.split(",") if w]
     metrics = [m for m in args.metrics.split(",") if m]
     results, grids = {}, {}
@@ -111,7 +154,13 @@ def main(argv: list[str]) -> None:
             flags = ["--workdir", workdir, "--steps", str(k), "--metrics", args.metrics]
             if tmp is not None:
                 flags += ["--save-samples", os.path.join(tmp.name, f"{name}_k{k}.npz")]
-            evaluate.main(["evaluate", *flags, "--out", path, *rest])
+            argv = ["evaluate", *flags, "--out", path, *rest]
+            if args.reuse and os.path.exists(path):
+                request = evaluate.parse(argv)
+                results[name][str(k)] = reused_cell(path, request, workdir, k, metrics, UserError)
+                print(f"{path}: reused")
+                continue
+            evaluate.main(argv)
             with open(path) as f:
                 results[name][str(k)] = json.load(f)
             if tmp is not None:

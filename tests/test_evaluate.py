@@ -422,6 +422,17 @@ def test_steps_sweep_passes_evaluates_flags_on_unabbreviated():
     assert args.steps == "1,2" and rest == ["--step", "7"]
 
 
+def test_steps_sweep_plot_names_the_numbers_when_the_key_is_not_one(tmp_path, capsys):
+    from scripts.steps_sweep import plot
+
+    results = {"a": {"1": {"fid": 9.0, "kid": 0.1, "step": 5, "metrics": ["fid", "kid"]}}}
+    plot(results, "fid", str(tmp_path / "ok.png"))
+    assert os.path.getsize(tmp_path / "ok.png") > 0 and not capsys.readouterr().err
+    plot(results, "memorization", str(tmp_path / "none.png"))  # a metric, not a number
+    assert not os.path.exists(tmp_path / "none.png")
+    assert "one of: fid, kid, step" in capsys.readouterr().err
+
+
 def test_steps_sweep_of_a_shortcut_run(shared_data, tmp_path, monkeypatch):
     # One evaluate call per k with the run's own (shortcut) sampler: k = 1 and k = 2 draw
     # different samples from the same noise, and each number is the evaluate CLI's.
@@ -465,6 +476,28 @@ def test_steps_sweep_of_a_shortcut_run(shared_data, tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == sorted(
         ["sc", "sweep.json", "sweep.png", "sweep_grids.png", "sweep_sc_k1.json", "sweep_sc_k2.json"]
     )  # the samples themselves were not left behind
+
+    # --reuse: k = 1 and 2 are read back, only k = 4 is evaluated, and <out>.json holds all
+    from scripts import evaluate
+
+    evaluated = []
+    main = evaluate.main
+    monkeypatch.setattr(evaluate, "main", lambda argv: (evaluated.append(argv), main(argv)))
+    flags = ["--metrics", "memorization", "--out", out, "--num", "8", "--mem-space", "pixel",
+             "--plot-key", key]  # fmt: skip
+    steps_sweep.main(["steps_sweep", "--workdirs", workdir, "--steps", "1,2,4", *flags, "--reuse"])
+    assert [argv[argv.index("--steps") + 1] for argv in evaluated] == ["4"]
+    with open(out + ".json") as f:
+        again = json.load(f)["results"]["sc"]
+    assert sorted(again) == ["1", "2", "4"] and again["2"] == by_k["2"]
+    # a cell made otherwise is named, not mixed in: another --num, another metric
+    for other, match in (["--num", "16"], "num_samples=8"), (["--metrics", "fid"], "no fid"):
+        with pytest.raises(UserError, match=f"sweep_sc_k1.json.*{match}"):
+            steps_sweep.main(["steps_sweep", "--workdirs", workdir, "--steps", "1",
+                              *flags, *other, "--reuse"])  # fmt: skip
+    with pytest.raises(UserError, match="--grid needs every cell's samples"):
+        steps_sweep.main(["steps_sweep", "--workdirs", workdir, "--steps", "1", *flags,
+                          "--reuse", "--grid", "2"])  # fmt: skip
 
 
 def test_nll_table_picks_the_checkpoint_with_the_lowest_validation_nll(
