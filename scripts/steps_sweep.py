@@ -16,8 +16,8 @@ cell). Other flags (`--num`, `--cfg`, `--dataset`, `--step`, ...) are passed to
 
 `--reuse` reads the cells whose JSON is already there instead of evaluating them again (a
 sweep cut short goes on where it stopped; one run in pieces is gathered into one
-`<out>.json`): a cell made with another `--num`, `--step`, run, step count or without one of
-the metrics is an error that names its file.
+`<out>.json`): a cell made with another `--num`, `--step`, `--raw`, `--seed`, run or step
+count, or without one of the metrics, is an error that names its file.
 """
 
 import argparse
@@ -84,11 +84,11 @@ def reused_cell(path: str, request, workdir: str, k: int, metrics: list[str], Us
     (`request`: `scripts.evaluate`'s parsed flags for the cell)."""
     with open(path) as f:
         cell = json.load(f)
-    want = {"workdir": workdir, "num_samples": request.num}
+    want = {"num_samples": request.num, "weights": "raw" if request.raw else "ema"}
     if request.step is not None:
         want["step"] = request.step
-    if "sampling_steps" in cell:  # written since evaluations record it; else the file name
-        want["sampling_steps"] = k
+    if "sampling_steps" in cell:  # written since evaluations record them; else the file name
+        want.update(sampling_steps=k, seed=request.seed)
     got = dict(cell, workdir=os.path.normpath(cell.get("workdir") or "."))
     want["workdir"] = os.path.normpath(workdir)
     for key, value in want.items():

@@ -491,7 +491,12 @@ def test_steps_sweep_of_a_shortcut_run(shared_data, tmp_path, monkeypatch):
         again = json.load(f)["results"]["sc"]
     assert sorted(again) == ["1", "2", "4"] and again["2"] == by_k["2"]
     # a cell made otherwise is named, not mixed in: another --num, another metric
-    for other, match in (["--num", "16"], "num_samples=8"), (["--metrics", "fid"], "no fid"):
+    for other, match in (
+        (["--num", "16"], "num_samples=8"),
+        (["--raw"], "weights='ema'"),
+        (["--seed", "3"], "seed=0"),
+        (["--metrics", "fid"], "no fid"),
+    ):
         with pytest.raises(UserError, match=f"sweep_sc_k1.json.*{match}"):
             steps_sweep.main(["steps_sweep", "--workdirs", workdir, "--steps", "1",
                               *flags, *other, "--reuse"])  # fmt: skip
