@@ -84,17 +84,20 @@ def reused_cell(path: str, request, workdir: str, k: int, metrics: list[str], Us
     (`request`: `scripts.evaluate`'s parsed flags for the cell)."""
     with open(path) as f:
         cell = json.load(f)
-    want = {"num_samples": request.num, "weights": "raw" if request.raw else "ema"}
+    want = {
+        "workdir": os.path.normpath(workdir),
+        "num_samples": request.num,
+        "weights": "raw" if request.raw else "ema",
+    }
     if request.step is not None:
         want["step"] = request.step
     if "sampling_steps" in cell:  # written since evaluations record them; else the file name
         want.update(sampling_steps=k, seed=request.seed)
-    got = dict(cell, workdir=os.path.normpath(cell.get("workdir") or "."))
-    want["workdir"] = os.path.normpath(workdir)
+    cell["workdir"] = os.path.normpath(cell.get("workdir") or ".")
     for key, value in want.items():
-        if got.get(key) != value:
+        if cell.get(key) != value:
             raise UserError(
-                f"{path}: made with {key}={got.get(key)!r}, this sweep asks {value!r}; "
+                f"{path}: made with {key}={cell.get(key)!r}, this sweep asks {value!r}; "
                 "move it away or drop --reuse"
             )
     missing = [m for m in metrics if m not in cell.get("metrics", [])]
