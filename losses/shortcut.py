@@ -28,6 +28,14 @@ guidance of weight `bootstrap_cfg_scale` inside the targets of the finest bootst
 distillation, as in the official code), and `target_clip` (clip `x'` and the target to
 `[-c, c]`; the official code uses 4). Label dropout applies to every row, so the null label
 is trained at every step size.
+
+`ot_pairing=True` re-pairs the batch's noise to its data along a minibatch entropic OT plan
+(`losses.flow_matching.sinkhorn_pairing`, as OT-CFM; `ot_reg`, `ot_iters`) before the rows
+are split, so the flow-matching rows and the bootstrap rows' `x_t` lie on one coupling's
+paths: the straighter paths that iSM's "scaling optimal transport" (arXiv 2510.21250) brings
+to shortcut models, here at the size of the global batch (under a data-sharded mesh the
+`B x B` cost matrix gathers the batch). Its key is `fold_in(key, 1)`, so runs without it
+draw exactly the numbers they drew before.
 """
 
 import jax
@@ -35,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from core.errors import UserError
-from losses.flow_matching import broadcast_to, drop_cond, sample_time
+from losses.flow_matching import broadcast_to, drop_cond, sample_time, sinkhorn_pairing
 from samplers.guidance import null_like
 from samplers.shortcut import level_dt, num_levels
 
@@ -212,6 +220,9 @@ def loss_shortcut(
     logit_std: float = 1.0,
     cond_drop_prob: float = 0.0,
     null_cond: int | None = None,
+    ot_pairing: bool = False,
+    ot_reg: float = 0.05,
+    ot_iters: int = 100,
     ema_net=None,
     teacher_ema_net=None,
 ):
@@ -243,6 +254,9 @@ def loss_shortcut(
     )
     t = put_rows(t, rows, grid_times(k_grid, levels[rows], max_steps))
     x0 = jax.random.normal(k_noise, x1.shape)
+    if ot_pairing:
+        k_ot = jax.random.fold_in(key, 1)
+        x0 = sinkhorn_pairing(k_ot, x0, x1, reg=ot_reg, num_iters=ot_iters)
     cond = drop_cond(k_drop, batch.get("cond"), cond_drop_prob, null_cond)
     if cond is not None and bootstrap_cfg_scale != 1.0 and null_cond is None:
         raise UserError("bootstrap_cfg_scale != 1 needs null_cond (the network's num_classes)")

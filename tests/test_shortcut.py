@@ -121,6 +121,34 @@ def test_exact_shortcut_has_zero_self_consistency_loss():
     )
 
 
+def test_ot_pairing_gives_the_noise_of_every_row_and_shortens_the_pairs(monkeypatch):
+    batch = gaussian_batch(jax.random.key(5), 256)
+    x1 = batch["x"]
+    hp = dict(teacher="current", bootstrap_every=2, max_steps=M)
+
+    def run(net, **kw):
+        return jax.jit(lambda b: loss_shortcut(net, b, jax.random.key(6), **hp, **kw))(batch)
+
+    # the real plan: pairs closer than independent ones (the zero net's flow-matching rows
+    # measure |x1 - x0|^2), and the default draws what it drew before the option existed
+    zero = lambda x, t, *, cond=None, dt=None: jnp.zeros_like(x)
+    _, independent = run(zero)
+    _, paired = run(zero, ot_pairing=True)
+    assert float(paired["loss_fm"]) < 0.75 * float(independent["loss_fm"])
+    np.testing.assert_array_equal(run(zero, ot_pairing=False)[0], run(zero)[0])
+    # the pairing's output is the noise of every row: pair each point with itself (x0 = x1,
+    # so x_t = x1 at every t); for the identity net, the flow-matching rows' loss is then
+    # |x1|^2 and a bootstrap row of level l (half step h = 2^(l-1) / M) has the target
+    # (x1 + (1 + h) x1) / 2, so its loss is (h / 2)^2 |x1|^2
+    monkeypatch.setattr(losses.shortcut, "sinkhorn_pairing", lambda key, x0, x1, **kw: x1)
+    per_example, _ = run(lambda x, t, *, cond=None, dt=None: x, ot_pairing=True)
+    rows = bootstrap_rows(256, 128)
+    half = 2.0 ** (bootstrap_levels(128, M) - 1) / M
+    expected = np.mean(np.square(np.asarray(x1)), axis=1)
+    expected[rows] *= (half / 2) ** 2
+    np.testing.assert_allclose(per_example, expected, rtol=2e-4)  # float32 cancellation
+
+
 @pytest.mark.parametrize("finest", ["average", "velocity"])
 def test_one_step_of_the_exact_shortcut_is_the_ode_solution(finest):
     x0 = jax.random.normal(jax.random.key(4), (4096, 2))
@@ -326,3 +354,34 @@ def test_sharded_step_moves_no_rows_between_devices(python_env):
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     assert counts["all-reduce"] >= 1, counts
     assert all(counts[op] == 0 for op in counts if op != "all-reduce"), counts
+
+
+OT_ON_MESHES = """
+import json, sys
+import jax
+from core import config as config_lib
+from core.trainer import train
+out = {}
+for data, fsdp in [(1, 1), (8, 1), (4, 2)]:
+    c = config_lib.load("experiments/shortcut/moons_mlp.py:smoke=True")
+    c.update(total_steps=3, batch_size=64, ckpt_every=3, log_every=1)
+    c.optim.warmup_steps = 0
+    c.loss.update(bootstrap_every=8, max_steps=8, ot_pairing=True)
+    c.mesh.update(data=data, fsdp=fsdp, fsdp_min_size=0)
+    train(c, f"{sys.argv[1]}/{data}x{fsdp}", devices=jax.devices()[: data * fsdp])
+    with open(f"{sys.argv[1]}/{data}x{fsdp}/metrics.jsonl") as f:
+        out[f"{data}x{fsdp}"] = [json.loads(line)["loss"] for line in f]
+print(json.dumps(out))
+"""
+
+
+def test_ot_pairing_on_a_sharded_batch_pairs_the_whole_batch(tmp_path, python_env):
+    # the plan is one over the global batch on every mesh (a per-shard plan would pair within
+    # 8 rows and change every loss): three steps give one device's losses
+    proc = run_python(["-c", OT_ON_MESHES, str(tmp_path)], python_env, devices=8)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    ref = out.pop("1x1")
+    assert len(ref) == 3
+    for mesh, got in out.items():
+        np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=mesh)
