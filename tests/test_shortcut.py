@@ -354,34 +354,3 @@ def test_sharded_step_moves_no_rows_between_devices(python_env):
     counts = json.loads(proc.stdout.strip().splitlines()[-1])
     assert counts["all-reduce"] >= 1, counts
     assert all(counts[op] == 0 for op in counts if op != "all-reduce"), counts
-
-
-OT_ON_MESHES = """
-import json, sys
-import jax
-from core import config as config_lib
-from core.trainer import train
-out = {}
-for data, fsdp in [(1, 1), (8, 1), (4, 2)]:
-    c = config_lib.load("experiments/shortcut/moons_mlp.py:smoke=True")
-    c.update(total_steps=3, batch_size=64, ckpt_every=3, log_every=1)
-    c.optim.warmup_steps = 0
-    c.loss.update(bootstrap_every=8, max_steps=8, ot_pairing=True)
-    c.mesh.update(data=data, fsdp=fsdp, fsdp_min_size=0)
-    train(c, f"{sys.argv[1]}/{data}x{fsdp}", devices=jax.devices()[: data * fsdp])
-    with open(f"{sys.argv[1]}/{data}x{fsdp}/metrics.jsonl") as f:
-        out[f"{data}x{fsdp}"] = [json.loads(line)["loss"] for line in f]
-print(json.dumps(out))
-"""
-
-
-def test_ot_pairing_on_a_sharded_batch_pairs_the_whole_batch(tmp_path, python_env):
-    # the plan is one over the global batch on every mesh (a per-shard plan would pair within
-    # 8 rows and change every loss): three steps give one device's losses
-    proc = run_python(["-c", OT_ON_MESHES, str(tmp_path)], python_env, devices=8)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    ref = out.pop("1x1")
-    assert len(ref) == 3
-    for mesh, got in out.items():
-        np.testing.assert_allclose(got, ref, rtol=1e-5, err_msg=mesh)

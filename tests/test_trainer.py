@@ -69,11 +69,13 @@ SHARDING_SCRIPT = textwrap.dedent("""
     from core.trainer import train
     out = {}
     from core import experiment
+    spec, overrides = sys.argv[2], json.loads(sys.argv[3])
     for data, fsdp in [(1, 1), (8, 1), (4, 2), (1, 8)]:
-        c = config_lib.load("experiments/quickstart.py:smoke=True")
-        c.update(total_steps=3, batch_size=16, ckpt_every=3, log_every=1)
+        c = config_lib.load(spec)
+        c.update(total_steps=3, ckpt_every=3, log_every=1)
         c.optim.warmup_steps = 0  # a warm-up would start at lr 0: parameters must move
-        c.model.update(hidden=64, depth=2)
+        for key, value in overrides.items():
+            c[key].update(value) if isinstance(value, dict) else setattr(c, key, value)
         c.mesh.update(data=data, fsdp=fsdp, fsdp_min_size=0)
         state = train(c, f"{sys.argv[1]}/{data}x{fsdp}", devices=jax.devices()[:data * fsdp])
         leaves = [np.asarray(x) for x in jax.tree.leaves(state.params)]
@@ -88,10 +90,25 @@ SHARDING_SCRIPT = textwrap.dedent("""
         }
     print(json.dumps(out))
 """)
+MESH_CASES = {
+    "flow_matching": (
+        "experiments/quickstart.py:smoke=True",
+        dict(batch_size=16, model=dict(hidden=64, depth=2)),
+    ),
+    # the shortcut loss with minibatch OT: one plan over the global batch on every mesh (a
+    # plan per shard would pair within a shard's rows and change the losses)
+    "shortcut_ot": (
+        "experiments/shortcut/moons_mlp.py:smoke=True",
+        dict(batch_size=64, loss=dict(bootstrap_every=8, max_steps=8, ot_pairing=True)),
+    ),
+}
 
 
-def test_three_steps_are_the_same_on_every_mesh(tmp_path, python_env):
-    proc = run_python(["-c", SHARDING_SCRIPT, str(tmp_path)], python_env, devices=8)
+@pytest.mark.parametrize("case", MESH_CASES)
+def test_three_steps_are_the_same_on_every_mesh(case, tmp_path, python_env):
+    spec, overrides = MESH_CASES[case]
+    args = ["-c", SHARDING_SCRIPT, str(tmp_path), spec, json.dumps(overrides)]
+    proc = run_python(args, python_env, devices=8)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     ref = out.pop("1x1")
