@@ -56,9 +56,9 @@
 # each part runs under `timeout` with what is left, and one cut short is still packed.
 # TINY=1 rehearses every part on a CPU in minutes (smoke-size networks, meaningless numbers).
 #
-# Since 2026-12 a task that draws a device gets one H200 for 15 minutes of device time in all
-# (starts, transfers and idle waits counted; at most 10 minutes a call): one full call, and
-# whatever start-up is left. The call that closes the most (issue 3's FID timing at full
+# Since 2026-12 a task that draws a device gets one H100 (or H200) for 15 minutes of device
+# time in all (starts, transfers and idle waits counted; at most 10 minutes a call): one full
+# call, and whatever start-up is left. The call that closes the most (issue 3's FID timing at full
 # float32: TF32 convolutions moved the CPU's FID by 0.14 %, over the 0.1 % allowed; then
 # issue 4's shortcut/flow-matching pair), with every file carried:
 #
