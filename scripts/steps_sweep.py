@@ -36,12 +36,15 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--metrics", default="fid", help="comma list (scripts.evaluate's)")
     p.add_argument("--out", required=True, help="output prefix: <out>.json, <out>.png")
     p.add_argument("--plot-key", default=None, help="number to plot (default: the metric)")
+    p.add_argument("--log-y", action="store_true", help="plot the number on a log scale")
     p.add_argument("--grid", type=int, default=0, help="samples per cell of <out>_grids.png")
     p.add_argument("--reuse", action="store_true", help="read the cells already written")
     return p.parse_known_args(argv[1:])
 
 
-def plot(results: dict, metric: str, path: str) -> None:
+def plot(results: dict, metric: str, path: str, *, log_y: bool = False):
+    """`metric` against k, a line per run, to `path`; the Figure, or None (with a warning
+    naming the numbers there are) when no cell has that number."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6, 4), dpi=120)
@@ -60,13 +63,16 @@ def plot(results: dict, metric: str, path: str) -> None:
         )  # fmt: skip
         print(f"warning: no cell has a number {metric!r} to plot; --plot-key one of: "
               f"{', '.join(numbers)}", file=sys.stderr)  # fmt: skip
-        return
+        return None
     ax.set_xscale("log", base=2)
+    if log_y:
+        ax.set_yscale("log")
     ax.set(xlabel="sampling steps k", ylabel=metric, title=f"{metric} against sampling steps")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
+    return fig
 
 
 def _first_images(path: str, n: int, UserError):
@@ -171,7 +177,7 @@ def main(argv: list[str]) -> None:
     with open(args.out + ".json", "w") as f:
         json.dump({"steps": ks, "metrics": metrics, "results": results}, f, indent=2)
     key = args.plot_key or metrics[0]
-    plot(results, key, args.out + ".png")
+    plot(results, key, args.out + ".png", log_y=args.log_y)
     if tmp is not None:
         plot_grids(grids, args.out + "_grids.png")
         tmp.cleanup()

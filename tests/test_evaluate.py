@@ -426,9 +426,11 @@ def test_steps_sweep_plot_names_the_numbers_when_the_key_is_not_one(tmp_path, ca
     from scripts.steps_sweep import plot
 
     results = {"a": {"1": {"fid": 9.0, "kid": 0.1, "step": 5, "metrics": ["fid", "kid"]}}}
-    plot(results, "fid", str(tmp_path / "ok.png"))
+    fig = plot(results, "fid", str(tmp_path / "ok.png"))
     assert os.path.getsize(tmp_path / "ok.png") > 0 and not capsys.readouterr().err
-    plot(results, "memorization", str(tmp_path / "none.png"))  # a metric, not a number
+    assert fig.axes[0].get_yscale() == "linear"
+    assert plot(results, "fid", str(tmp_path / "log.png"), log_y=True).axes[0].get_yscale() == "log"
+    assert plot(results, "memorization", str(tmp_path / "none.png")) is None  # not a number
     assert not os.path.exists(tmp_path / "none.png")
     assert "one of: fid, kid, step" in capsys.readouterr().err
 

@@ -1,5 +1,7 @@
 """Flow matching: the Gaussian oracle (closed-form optimal velocity), OT pairing, views."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ import models
 from core.errors import UserError
 from core.train_state import init_state
 from core.trainer import make_train_step
+from data import build_source
 from losses.flow_matching import drop_cond, loss_flow_matching, sample_time, sinkhorn_pairing
 from models.views import convert
 from samplers.ode import sample_heun, sample_rk4
@@ -102,6 +105,31 @@ def test_ot_pairing_shortens_transport_and_sorts_in_1d():
     ranks = np.searchsorted(np.asarray(a[:, 0]), np.asarray(paired[:, 0]))
     # the monotone (sorted) coupling, up to entropic blur between near neighbours
     assert np.mean(np.abs(ranks - np.arange(64))) < 1.5
+
+
+def test_ot_pairs_exact_assignment_is_the_sorted_coupling_in_1d(capsys):
+    from scripts.ot_pairs import main, pair_costs, pair_lengths
+
+    rng = np.random.default_rng(0)
+    data = (rng.standard_normal((64, 1)) * 0.5 + 2).astype(np.float32)
+    noise = rng.standard_normal((64, 1)).astype(np.float32)
+    c = pair_costs(data, noise, [1e-3], iters=2000, key=jax.random.key(0))
+    sorted_cost = np.mean((np.sort(data[:, 0]) - np.sort(noise[:, 0])) ** 2)
+    assert c["exact"] == pytest.approx(sorted_cost, rel=1e-6)  # monotone = optimal in 1-D
+    assert c["independent"] == pytest.approx(np.mean((data - noise) ** 2), rel=1e-6)
+    distance, distinct = c["sinkhorn"][1e-3]
+    # a sharp plan pairs about as short as the exact one; its draws repeat some noise rows
+    assert distance == pytest.approx(c["exact"], rel=0.1) and 0 < distinct <= 64
+    # two moons: pairs far shorter than independent ones; a batch larger than the data is an
+    # error naming both sizes
+    moons = build_source("moons", num_examples=512).x
+    out = pair_lengths(moons, [128], [0.05], iters=100, repeats=2, seed=0)[128]
+    assert out["exact_ratio"] < out["sinkhorn"][0.05]["ratio"] < 0.3
+    with pytest.raises(UserError, match="batch 1024 is larger than the 512"):
+        pair_lengths(moons, [1024], [0.05], iters=10, repeats=1, seed=0)
+    main(["ot_pairs", "--dataset", "moons", "--batches", "64", "--repeats", "1"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["dim"] == 2 and printed["by_batch"]["64"]["exact_ratio"] < 0.5
 
 
 def test_views_give_the_analytic_score_and_round_trip():
