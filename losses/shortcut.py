@@ -32,9 +32,9 @@ is trained at every step size.
 `ot_pairing=True` re-pairs the batch's noise to its data along a minibatch entropic OT plan
 (`losses.flow_matching.sinkhorn_pairing`, as OT-CFM; `ot_reg`, `ot_iters`) before the rows
 are split, so the flow-matching rows and the bootstrap rows' `x_t` lie on one coupling's
-paths: the straighter paths that iSM's "scaling optimal transport" (arXiv 2510.21250) brings
-to shortcut models, here at the size of the global batch (under a data-sharded mesh the
-`B x B` cost matrix gathers the batch). Its key is `fold_in(key, 1)`, so runs without it
+paths. iSM (arXiv 2510.21250) brings OT pairing to shortcut models as "scaling optimal
+transport"; this is its plain minibatch form, over the global batch (under a data-sharded
+mesh the `B x B` cost matrix gathers the batch). Its key is `fold_in(key, 1)`, so runs without it
 draw exactly the numbers they drew before.
 """
 
