@@ -34,8 +34,8 @@ is trained at every step size.
 are split, so the flow-matching rows and the bootstrap rows' `x_t` lie on one coupling's
 paths. iSM (arXiv 2510.21250) brings OT pairing to shortcut models as "scaling optimal
 transport"; this is its plain minibatch form, over the global batch (under a data-sharded
-mesh the `B x B` cost matrix gathers the batch). Its key is `fold_in(key, 1)`, so runs without it
-draw exactly the numbers they drew before.
+mesh the `B x B` cost matrix gathers the batch). Its key is `fold_in(key, 1)`, so runs
+without it draw exactly the numbers they drew before.
 """
 
 import jax

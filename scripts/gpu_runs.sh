@@ -58,9 +58,9 @@
 #
 # Since 2026-12 a task that draws a device gets one H100 (or H200) for 15 minutes of device
 # time in all (starts, transfers and idle waits counted; at most 10 minutes a call): one full
-# call, and whatever start-up is left. The call that closes the most (issue 3's FID timing at full
-# float32: TF32 convolutions moved the CPU's FID by 0.14 %, over the 0.1 % allowed; then
-# issue 4's shortcut/flow-matching pair), with every file carried:
+# call, and whatever start-up is left. The call that closes the most (issue 3's FID timing
+# at full float32: TF32 convolutions moved the CPU's FID by 0.14 %, over the 0.1 % allowed;
+# then issue 4's shortcut/flow-matching pair), with every file carried:
 #
 #   BUDGET=560 FID_PRECISIONS="highest tf32x3" SC_PARALLEL=1 SC_VARIANT=size=S/4 \
 #       SC_SECONDS=210 NUM_SWEEP=3000 \

@@ -16,6 +16,7 @@ noise rows the draw from the plan kept (it draws with replacement).
 """
 
 import argparse
+import functools
 
 from scripts.common import argument_parser, run, write_json
 
@@ -33,14 +34,24 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv[1:])
 
 
+@functools.cache
+def _jitted_pairing():
+    """`losses.flow_matching.sinkhorn_pairing` compiled once per shape (it is called per
+    batch and per reg)."""
+    import jax
+
+    from losses.flow_matching import sinkhorn_pairing
+
+    return jax.jit(sinkhorn_pairing, static_argnames="num_iters")
+
+
 def pair_costs(data, noise, regs, *, iters: int, key) -> dict:
     """Mean squared pair distances of one batch, `data` and `noise` `[B, D]`:
     `{"independent", "exact", "sinkhorn": {reg: (mean distance, distinct noise rows)}}`."""
     import numpy as np
     from scipy.optimize import linear_sum_assignment
 
-    from losses.flow_matching import sinkhorn_pairing
-
+    sinkhorn_pairing = _jitted_pairing()
     a, b = np.asarray(data, np.float64), np.asarray(noise, np.float64)
     cost = np.sum(a * a, 1)[:, None] + np.sum(b * b, 1)[None, :] - 2.0 * a @ b.T
     rows, cols = linear_sum_assignment(cost)

@@ -74,8 +74,11 @@ SHARDING_SCRIPT = textwrap.dedent("""
         c = config_lib.load(spec)
         c.update(total_steps=3, ckpt_every=3, log_every=1)
         c.optim.warmup_steps = 0  # a warm-up would start at lr 0: parameters must move
-        for key, value in overrides.items():
-            c[key].update(value) if isinstance(value, dict) else setattr(c, key, value)
+        for key, value in overrides.items():  # a dict updates that section
+            if isinstance(value, dict):
+                c[key].update(value)
+            else:
+                c[key] = value
         c.mesh.update(data=data, fsdp=fsdp, fsdp_min_size=0)
         state = train(c, f"{sys.argv[1]}/{data}x{fsdp}", devices=jax.devices()[:data * fsdp])
         leaves = [np.asarray(x) for x in jax.tree.leaves(state.params)]
