@@ -13,40 +13,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from ml_collections import ConfigDict
 
-import models
-from core import experiment, sharding
-from core.train_state import init_state, make_optimizer
-from core.trainer import make_train_step, wants_teacher_ema
+from core import sharding
+from core.experiment import Experiment, sample_labels
+from core.generation import Generation
+from core.trainer import TrainSetup
 from models.flops import TRAIN_FACTOR, count_flops
 
 
-def forward_flops(config: ConfigDict, example_shape: tuple[int, ...]) -> int:
-    """Matrix FLOPs of one forward pass on one example (batch 1, the config's conditioning):
-    `net(x, t)` of a velocity network, `net.forward(x)` (data -> latent) of a flow."""
-    graphdef, abstract = experiment.abstract_network(experiment.network_factory(config))
+def forward_flops(experiment: Experiment, example_shape: tuple[int, ...]) -> int:
+    """Matrix FLOPs of one forward pass on one example (batch 1, the experiment's
+    conditioning): `net(x, t)` of a velocity network, `net.forward(x)` (data -> latent) of a
+    flow."""
+    graphdef, abstract = experiment.network.abstract()
     x = jax.ShapeDtypeStruct((1, *example_shape), jnp.float32)
     kwargs = {}
-    if config.model.get("num_classes", 0):
+    if experiment.conditioning.labels:
         kwargs["cond"] = jax.ShapeDtypeStruct((1,), jnp.int32)
-    if models.is_flow(config.model.name):
+    if experiment.method.protocol == "flow":
         return count_flops(
             lambda p, x, **kw: nnx.merge(graphdef, p).forward(x, **kw), abstract, x, **kwargs
         )
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
-    if config.model.get("use_dt", False):
+    if experiment.network.options.get("use_dt", False):
         kwargs["dt"] = jax.ShapeDtypeStruct((1,), jnp.float32)
     return count_flops(
         lambda p, x, t, **kw: nnx.merge(graphdef, p)(x, t, **kw), abstract, x, t, **kwargs
     )
 
 
-def _synthetic_batch(config: ConfigDict, example_shape, batch: int, mesh) -> dict:
+def _synthetic_batch(experiment: Experiment, example_shape, batch: int, mesh) -> dict:
     rng = np.random.default_rng(0)
     host = {"x": rng.uniform(-1, 1, (batch, *example_shape)).astype(np.float32)}
-    if config.data.use_labels:
-        host["cond"] = rng.integers(0, config.model.num_classes, (batch,)).astype(np.int32)
+    if experiment.data.use_labels:
+        classes = experiment.conditioning.num_classes
+        host["cond"] = rng.integers(0, classes, (batch,)).astype(np.int32)
     return jax.device_put(host, sharding.batch_sharding(mesh))
 
 
@@ -60,30 +61,16 @@ def _timed(fn, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def bench_train(config: ConfigDict, example_shape, *, steps: int, warmup: int) -> dict:
-    """Images/s of the trainer's own jitted step (same loss, optimizer, EMA, shardings)."""
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    factory = experiment.network_factory(config)
-    graphdef, abstract = experiment.abstract_network(factory, config.seed)
-    tx = make_optimizer(**config.optim, total_steps=config.total_steps)
-    loss_fn = experiment.build_loss(config)
-    teacher_ema = wants_teacher_ema(config, loss_fn)
-    start = lambda p: init_state(p, tx, teacher_ema=teacher_ema)
-    abstract_state = jax.eval_shape(start, abstract)
-    shardings = sharding.state_shardings(mesh, abstract_state, config.mesh.fsdp_min_size)
-    init = lambda: start(experiment.init_params(factory, config.seed))
-    state = jax.jit(init, out_shardings=shardings)()
-    step = make_train_step(
-        graphdef,
-        loss_fn,
-        tx,
-        ema_decay=config.ema_decay,
-        teacher_ema_decay=config.get("teacher_ema_decay", 0.0),
-        seed=config.seed,
-    )
-    step = jax.jit(step, donate_argnums=0, out_shardings=(shardings, sharding.replicated(mesh)))
-    batch = _synthetic_batch(config, example_shape, config.batch_size, mesh)
-    holder = {"state": state}
+def bench_train(experiment: Experiment, example_shape, *, steps: int, warmup: int) -> dict:
+    """Images/s of the trainer's own jitted step (`core.trainer.TrainSetup`: the same loss,
+    optimizer, EMA and its warm-up, state and batch shardings) on synthetic data."""
+    from core import runs
+
+    mesh = experiment.mesh.make()
+    setup = TrainSetup(experiment, mesh, runs.restore_frozen(experiment, mesh))
+    step = setup.jit_step()
+    batch = _synthetic_batch(experiment, example_shape, experiment.training.batch_size, mesh)
+    holder = {"state": setup.fresh_state()}
 
     def one():
         holder["state"], metrics = step(holder["state"], batch)
@@ -94,30 +81,31 @@ def bench_train(config: ConfigDict, example_shape, *, steps: int, warmup: int) -
     compile_s = time.perf_counter() - t0
     _timed(one, warmup)
     sec = _timed(one, steps)
-    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract))
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(setup.abstract_params))
+    batch_size = experiment.training.batch_size
     return {
         "step_ms": 1e3 * sec,
-        "images_per_sec": config.batch_size / sec,
+        "images_per_sec": batch_size / sec,
         "compile_s": compile_s,
         "params": n_params,
     }
 
 
 def bench_sampling(
-    config: ConfigDict, example_shape, *, batch: int, num_steps: int, sampler: str, repeats: int
-) -> dict:
-    """Images/s of the config's sampler (fresh weights: speed does not depend on them)."""
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    factory = experiment.network_factory(config)
-    graphdef, _ = experiment.abstract_network(factory, config.seed)
-    params = jax.jit(lambda: experiment.init_params(factory, config.seed))()
-    fn = experiment.make_sample_fn(
-        graphdef, config, tuple(example_shape), sampler=sampler, num_steps=num_steps
-    )
-    fn = jax.jit(fn, out_shardings=sharding.batch_sharding(mesh))
+    experiment: Experiment, example_shape, *, batch: int, num_steps: int, sampler: str,
+    repeats: int,
+) -> dict:  # fmt: skip
+    """Images/s of `sampler` in `num_steps` steps (fresh weights: speed does not depend on
+    them), through the experiment's generation."""
+    experiment = experiment.with_sampling(sampler=sampler, num_steps=num_steps)
+    mesh = experiment.mesh.make()
+    seed = experiment.training.seed
+    graphdef, _ = experiment.network.abstract(seed)
+    params = jax.jit(lambda: experiment.network.init(seed))()
+    generation = Generation(experiment, graphdef, example_shape)
+    fn = jax.jit(generation.sample, out_shardings=sharding.batch_sharding(mesh))
     labels = jax.device_put(
-        experiment.sample_labels(batch, config.model.get("num_classes", 0)),
-        sharding.batch_sharding(mesh),
+        sample_labels(batch, experiment.conditioning.num_classes), sharding.batch_sharding(mesh)
     )
     key = jax.random.key(0)
     jax.block_until_ready(fn(params, key, labels))

@@ -63,15 +63,19 @@ def base_config() -> ConfigDict:
             "options": ConfigDict(),  # more keyword options of the data source (set in configs)
         }
     )
+    # networks of other runs, used frozen: frozen.<name> = {workdir, step (None: newest),
+    # ema}; the loss and generation get each as `<name>_net` (core.experiment.Frozen)
+    c.frozen = ConfigDict()
     c.model = ConfigDict({"name": "unet"})
     c.loss = ConfigDict({"name": "flow_matching"})
     c.sample = ConfigDict(
         {
-            "sampler": "heun",
+            # None: the family's default (core.methods.METHODS)
+            "sampler": ml_collections.config_dict.placeholder(str),
             "num_steps": 50,
             "cfg_scale": 1.0,
             "num": 64,
-            "prior": "gaussian",
+            "prior": ml_collections.config_dict.placeholder(str),
             "plot": "auto",
             "options": ConfigDict(),  # extra keyword arguments of the sampler
         }
@@ -175,6 +179,7 @@ def add_option_overrides(config: ConfigDict, argv: list[str], flag: str = "confi
 
     import losses
 
+    _add_frozen_overrides(config, argv, flag)
     for section in ("loss", "model"):
         if section not in config or "name" not in config[section]:
             continue
@@ -203,6 +208,26 @@ def add_option_overrides(config: ConfigDict, argv: list[str], flag: str = "confi
                 if key in config[section]:
                     del config[section][key]  # a None field: replaced, not assigned to
                 config[section][key] = FieldReference(default, field_type=kind)
+
+
+def _add_frozen_overrides(config: ConfigDict, argv: list[str], flag: str) -> None:
+    """A section `frozen.<name>` (workdir, step, ema) for every name that
+    `--config.frozen.<name>.<key>=v` uses and the config does not have."""
+    prefix = f"--{flag}.frozen."
+    names = {a[len(prefix) :].split(".")[0].split("=")[0] for a in argv if a.startswith(prefix)}
+    if not names:
+        return
+    with config.unlocked():
+        if "frozen" not in config:
+            config.frozen = ConfigDict()
+        for name in sorted(names - set(config.frozen.keys())):
+            config.frozen[name] = ConfigDict(
+                {
+                    "workdir": ml_collections.config_dict.placeholder(str),
+                    "step": ml_collections.config_dict.placeholder(int),
+                    "ema": True,
+                }
+            )
 
 
 def check_override_keys(config: ConfigDict, argv: list[str], flag: str = "config") -> None:

@@ -1,13 +1,25 @@
-"""From a ConfigDict to the objects of an experiment: network, loss, data, sampler.
+"""The experiment: a ConfigDict turned, once, into a typed object.
 
-With `core/trainer.py` and `scripts/`, the only reader of ConfigDicts: everything below
-(models, losses, samplers, data) takes typed keyword arguments.
+`Experiment.from_config(config)` is the one reader of ConfigDicts (with `core/config.py`,
+which loads them, and `scripts/`, which parse flags into them). Everything below it (the
+trainer, generation, evaluation, the benchmark) takes the `Experiment` or one of its parts:
+
+- `network` (`Network`): the registry name, constructor options and compute dtype, and the
+  conditioning (`Conditioning`: labels, embeddings or none), answered here only;
+- `loss` (`Loss`): name and options, bound once (`fn`);
+- `method` (`core.methods.Method`): the family, found from the loss;
+- `frozen` (`Frozen`, by name): networks of other runs, restored read-only
+  (`core.runs.restore_frozen`);
+- `data` (`Data`): the data source of a split;
+- `sampling` (`Sampling`): prior, sampler, steps, guidance weight and sampler options;
+- `training`, `mesh`, `evaluation`: the trainer's settings.
 """
 
-import inspect
+import dataclasses
+import functools
 import json
 import os
-from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,39 +29,93 @@ from ml_collections import ConfigDict
 import data as data_lib
 import losses
 import models
-import samplers
-from core.errors import UserError
-from samplers.guidance import cfg
+from core.config import to_json
+from core.errors import UserError, lookup
+from core.methods import Method, method_for_loss
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def compute_dtype(config: ConfigDict):
-    if config.compute_dtype not in DTYPES:
-        raise UserError(
-            f"unknown compute_dtype {config.compute_dtype!r}; known: {', '.join(DTYPES)}"
-        )
-    return DTYPES[config.compute_dtype]
-
-
 def _plain(value):
-    """ConfigDict / tuples -> plain python containers for constructor kwargs."""
-    if isinstance(value, ConfigDict):
+    """ConfigDict / lists -> plain python containers (tuples) for keyword arguments."""
+    if isinstance(value, ConfigDict | dict):
         return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return tuple(_plain(v) for v in value)
     return value
 
 
-def network_factory(config: ConfigDict) -> Callable[[nnx.Rngs], nnx.Module]:
-    kwargs = _plain(config.model)
-    name = kwargs.pop("name")
-    dtype = compute_dtype(config)
-    return lambda rngs: models.build(name, rngs=rngs, dtype=dtype, **kwargs)
+@dataclasses.dataclass(frozen=True)
+class Conditioning:
+    """What a network is conditioned on: `num_classes` labels (the label `num_classes` is
+    the null label of classifier-free guidance), `cond_dim`-wide embeddings (null: zeros),
+    or nothing."""
+
+    num_classes: int = 0
+    cond_dim: int = 0
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0 or self.cond_dim > 0
+
+    @property
+    def labels(self) -> bool:
+        return self.num_classes > 0
+
+    @property
+    def null(self) -> int:
+        """The null condition's label (the embeddings' null is the zero vector)."""
+        return self.num_classes
+
+    def check_data(self, data_name: str, spec: dict) -> None:
+        """A label network needs labelled data with at most its `num_classes` classes (a
+        larger label would index past its label table: NaN, not an error)."""
+        if not self.labels:
+            return
+        data = int(spec.get("num_classes", 0))
+        if data == 0:
+            raise UserError(
+                f"model.num_classes={self.num_classes} but data {data_name!r} gives no labels "
+                "(set data.use_labels=True, or model.num_classes=0 for an unconditional model)"
+            )
+        if data > self.num_classes:
+            raise UserError(
+                f"data {data_name!r} has {data} classes but model.num_classes="
+                f"{self.num_classes}: set model.num_classes={data}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """A network of `models.NETWORKS`: `build(rngs)`, `abstract(seed)`, `init(seed)`."""
+
+    name: str
+    options: dict
+    dtype: Any = jnp.float32
+
+    @property
+    def conditioning(self) -> Conditioning:
+        return Conditioning(
+            int(self.options.get("num_classes", 0) or 0), int(self.options.get("cond_dim", 0) or 0)
+        )
+
+    def build(self, rngs: nnx.Rngs) -> nnx.Module:
+        return models.build(self.name, rngs=rngs, dtype=self.dtype, **self.options)
+
+    def abstract(self, seed: int = 0):
+        """(graphdef, abstract params as a pure dict) without allocating anything."""
+        return abstract_network(self.build, seed)
+
+    def init(self, seed: int):
+        """Concrete params as a pure dict (call under jit with out_shardings to shard)."""
+        return init_params(self.build, seed)
+
+    def with_dtype(self, dtype: str) -> "Network":
+        return dataclasses.replace(self, dtype=_dtype(dtype))
 
 
 def abstract_network(factory, seed: int = 0):
-    """(graphdef, abstract params as a pure dict) without allocating anything."""
+    """(graphdef, abstract params as a pure dict) of `factory(rngs)`, nothing allocated."""
     abstract = nnx.eval_shape(lambda: factory(nnx.Rngs(seed)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     if jax.tree.leaves(rest):
@@ -61,33 +127,266 @@ def abstract_network(factory, seed: int = 0):
 
 
 def init_params(factory, seed: int):
-    """Concrete params as a pure dict (call under jit with out_shardings to shard)."""
     return nnx.to_pure_dict(nnx.split(factory(nnx.Rngs(seed)), nnx.Param)[1])
 
 
-def build_loss(config: ConfigDict):
-    kwargs = _plain(config.loss)
-    return losses.build(kwargs.pop("name"), **kwargs)
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    name: str
+    options: dict
+
+    @functools.cached_property
+    def fn(self):
+        """The loss with its options bound (`losses.build`)."""
+        return losses.build(self.name, **self.options)
+
+    @property
+    def frozen_nets(self) -> tuple[str, ...]:
+        """The trainer-supplied networks its signature takes (`losses.FROZEN_NETS`)."""
+        return losses.frozen_nets(self.fn)
 
 
-def build_source(config: ConfigDict, split: str | None = None):
-    d = config.data
-    options = _plain(d.options) if "options" in d else {}
-    for key in ("data_dir", "path", "image_size"):
-        if d.get(key) is not None:
-            options[key] = d[key]
-    if d.use_labels:
-        options["use_labels"] = True
-    split = split or d.split
-    if d.name == "npz" and split != d.split and "{split}" not in (d.get("path") or ""):
-        raise UserError(
-            f"split {split!r} asked of npz data {d.path!r}, which is the {d.split!r} split "
-            "only; name one file per split with {split} in data.path (data/x_{split}.npz)"
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """The data section: `source(split)` builds a `data` source of any split."""
+
+    name: str
+    split: str = "train"
+    use_labels: bool = False
+    random_flip: bool = False
+    path: str | None = None
+    image_size: int | None = None
+    data_dir: str | None = None
+    options: dict = dataclasses.field(default_factory=dict)
+
+    def source(self, split: str | None = None):
+        options = dict(self.options)
+        if self.data_dir is not None:
+            options["data_dir"] = self.data_dir
+        if self.path is not None:
+            options["path"] = self.path
+        if self.image_size is not None:
+            options["image_size"] = self.image_size
+        if self.use_labels:
+            options["use_labels"] = True
+        split = split or self.split
+        if self.name == "npz" and split != self.split and "{split}" not in (self.path or ""):
+            raise UserError(
+                f"split {split!r} asked of npz data {self.path!r}, which is the {self.split!r} "
+                "split only; name one file per split with {split} in data.path "
+                "(data/x_{split}.npz)"
+            )
+        return data_lib.build_source(self.name, split=split, **options)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How samples are drawn: `prior` noise -> `sampler` in `num_steps` steps, guidance
+    weight `cfg_scale` (1 = none), sampler keyword `options`."""
+
+    sampler: str
+    num_steps: int
+    cfg_scale: float
+    prior: str
+    options: dict
+    num: int = 64
+    plot: str = "auto"
+
+    def but(self, *, sampler=None, num_steps=None, cfg_scale=None, options=None) -> "Sampling":
+        """This sampling with the given fields replaced (None: kept); `options` are merged
+        over the current ones."""
+        steps = int(self.num_steps if num_steps is None else num_steps)
+        if steps < 1:
+            raise UserError(f"the number of sampling steps must be >= 1, got {steps}")
+        return dataclasses.replace(
+            self,
+            sampler=sampler or self.sampler,
+            num_steps=steps,
+            cfg_scale=float(self.cfg_scale if cfg_scale is None else cfg_scale),
+            options={**self.options, **(options or {})},
         )
-    return data_lib.build_source(d.name, split=split, **options)
+
+    def record(self) -> dict:
+        """What an evaluation writes beside its numbers."""
+        return {
+            "sampler": self.sampler,
+            "sampling_steps": self.num_steps,
+            "cfg": self.cfg_scale,
+            "sample_options": dict(self.options),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    """A network of another run, used read-only: the weights of `workdir` at `step` (None:
+    the newest), EMA or raw; handed to the loss and to generation as `<name>_net`."""
+
+    name: str
+    workdir: str
+    step: int | None = None
+    ema: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    seed: int
+    total_steps: int
+    batch_size: int
+    optim: dict
+    ema_decay: float
+    ema_warmup: bool = False
+    teacher_ema_decay: float = 0.0
+    train_seconds: float = 0.0
+    log_every: int = 100
+    ckpt_every: int = 1000
+    keep_ckpts: int = 3
+    sample_every: int = 0
+    eval_every: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    data: int = -1
+    fsdp: int = 1
+    fsdp_min_size: int = 2**18
+
+    def make(self, devices=None):
+        from core import sharding
+
+        return sharding.make_mesh(self.data, self.fsdp, devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """The in-training evaluation (`core.evaluation.make_eval_hook`)."""
+
+    num_samples: int = 1000
+    max_train: int = 10_000
+    fid: bool = False
+    num_fid: int = 5000
+    batch_size: int = 256
+    ref_split: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    network: Network
+    loss: Loss
+    method: Method
+    data: Data
+    sampling: Sampling
+    training: Training
+    mesh: MeshSpec
+    evaluation: Evaluation
+    frozen: tuple[Frozen, ...] = ()
+    config_json: str = "{}"  # the config as written to a run's config.json
+
+    @classmethod
+    def from_config(cls, config: ConfigDict) -> "Experiment":
+        """Read and check every section of `config` (unknown names are UserErrors here)."""
+        c = config
+        loss = Loss(c.loss.name, _plain({k: v for k, v in c.loss.items() if k != "name"}))
+        loss.fn  # an unknown loss or option fails here, listing the known ones  # noqa: B018
+        method = method_for_loss(loss.name)
+        model = _plain(c.model)
+        network = Network(model.pop("name"), model, _dtype(c.compute_dtype))
+        lookup(models.NETWORKS, network.name, "network")
+        s = c.sample
+        sampling = Sampling(
+            sampler=s.get("sampler") or method.sampler,
+            num_steps=int(s.num_steps),
+            cfg_scale=float(s.cfg_scale),
+            prior=s.get("prior") or method.prior,
+            options=_plain(s.get("options", ConfigDict())),
+            num=int(s.get("num", 64)),
+            plot=s.get("plot", "auto"),
+        )
+        d = c.data
+        data = Data(
+            name=d.name,
+            split=d.split,
+            use_labels=bool(d.get("use_labels", False)),
+            random_flip=bool(d.get("random_flip", False)),
+            path=d.get("path"),
+            image_size=d.get("image_size"),
+            data_dir=d.get("data_dir"),
+            options=_plain(d.get("options", ConfigDict())),
+        )
+        training = Training(
+            seed=int(c.seed),
+            total_steps=int(c.total_steps),
+            batch_size=int(c.batch_size),
+            optim=_plain(c.optim),
+            ema_decay=float(c.ema_decay),
+            ema_warmup=bool(c.get("ema_warmup", False)),
+            teacher_ema_decay=float(c.get("teacher_ema_decay", 0.0)),
+            train_seconds=float(c.get("train_seconds", 0.0) or 0.0),
+            log_every=int(c.log_every),
+            ckpt_every=int(c.ckpt_every),
+            keep_ckpts=int(c.keep_ckpts),
+            sample_every=int(c.get("sample_every", 0) or 0),
+            eval_every=int(c.get("eval_every", 0) or 0),
+        )
+        mesh = MeshSpec(**_plain(c.get("mesh", ConfigDict())))
+        evaluation = Evaluation(**_plain(c.get("eval", ConfigDict())))
+        frozen = tuple(
+            _frozen(name, section) for name, section in _plain(c.get("frozen", {})).items()
+        )
+        exp = cls(network, loss, method, data, sampling, training, mesh, evaluation, frozen,
+                  to_json(config))  # fmt: skip
+        exp._check()
+        return exp
+
+    def _check(self) -> None:
+        self.method.check_sampler(self.sampling.sampler)
+        decay = self.training.teacher_ema_decay
+        if not 0.0 <= decay < 1.0:
+            raise UserError(f"teacher_ema_decay={decay} must be in [0, 1) (0 = no teacher EMA)")
+        if decay > 0 and "teacher_ema_net" not in self.loss.frozen_nets:
+            raise UserError(
+                f"teacher_ema_decay={decay} keeps a teacher EMA, but loss {self.loss.name!r} "
+                "takes none (the shortcut loss with loss.teacher='teacher_ema' does); "
+                "set teacher_ema_decay=0"
+            )
+
+    @property
+    def keeps_teacher_ema(self) -> bool:
+        return self.training.teacher_ema_decay > 0
+
+    @property
+    def conditioning(self) -> Conditioning:
+        return self.network.conditioning
+
+    def but(self, **changes) -> "Experiment":
+        """A copy with fields replaced (`dataclasses.replace`), e.g. `sampling=`."""
+        return dataclasses.replace(self, **changes)
+
+    def with_sampling(self, **changes) -> "Experiment":
+        """A copy whose sampling has `Sampling.but(**changes)` (None values: kept)."""
+        return self.but(sampling=self.sampling.but(**changes))
+
+
+def _frozen(name: str, section: dict) -> Frozen:
+    unknown = sorted(set(section) - {"workdir", "step", "ema"})
+    if unknown:
+        raise UserError(
+            f"frozen.{name} has no key(s) {', '.join(unknown)}; its keys: workdir, step, ema"
+        )
+    if not section.get("workdir"):
+        raise UserError(f"frozen.{name}.workdir is not set: name the run whose network to use")
+    step = section.get("step")
+    return Frozen(name, section["workdir"], None if step is None else int(step),
+                  bool(section.get("ema", True)))  # fmt: skip
+
+
+def _dtype(name: str):
+    if name not in DTYPES:
+        raise UserError(f"unknown compute_dtype {name!r}; known: {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def data_spec(source) -> dict:
+    """What `data_spec.json` records: the example shape and the number of classes."""
     return {"example_shape": list(source.example_shape), "num_classes": int(source.num_classes)}
 
 
@@ -102,125 +401,6 @@ def read_data_spec(workdir: str) -> dict:
         raise UserError(f"{path} not found: is {workdir} a driftlab run directory?")
     with open(path) as f:
         return json.load(f)
-
-
-def null_cond(config: ConfigDict) -> int | None:
-    """The network's null label (its num_classes), or None for unconditional models."""
-    return int(config.model.get("num_classes", 0)) or None
-
-
-def check_classes(config: ConfigDict, spec: dict) -> None:
-    """A label-conditional network needs labelled data with at most its `num_classes`
-    classes (a larger label would index past its label table: NaN, not an error)."""
-    model, data = null_cond(config), int(spec.get("num_classes", 0))
-    if model is None:
-        return
-    if data == 0:
-        raise UserError(
-            f"model.num_classes={model} but data {config.data.name!r} gives no labels "
-            "(set data.use_labels=True, or model.num_classes=0 for an unconditional model)"
-        )
-    if data > model:
-        raise UserError(
-            f"data {config.data.name!r} has {data} classes but model.num_classes={model}: "
-            f"set model.num_classes={data}"
-        )
-
-
-def sampling_setup(
-    config: ConfigDict,
-    *,
-    sampler: str | None = None,
-    num_steps: int | None = None,
-    cfg_scale: float | None = None,
-) -> dict:
-    """How `make_sample_fn` samples: the given `sampler`, `num_steps` and `cfg_scale`, else
-    the config's (`config.sample`), and `config.sample.options` -> `{"sampler",
-    "sampling_steps", "cfg", "sample_options"}` (what an evaluation records beside its
-    numbers)."""
-    s = config.sample
-    steps = int(s.num_steps if num_steps is None else num_steps)
-    if steps < 1:
-        raise UserError(f"the number of sampling steps must be >= 1, got {steps}")
-    return {
-        "sampler": sampler or s.sampler,
-        "sampling_steps": steps,
-        "cfg": float(s.cfg_scale if cfg_scale is None else cfg_scale),
-        "sample_options": _plain(s.get("options", ConfigDict())),
-    }
-
-
-def make_sample_fn(
-    graphdef,
-    config: ConfigDict,
-    example_shape,
-    *,
-    sampler: str | None = None,
-    num_steps: int | None = None,
-    cfg_scale: float | None = None,
-):
-    """`fn(params, key, cond) -> samples`: prior noise -> sampler, with guidance.
-
-    `cond` holds the labels `[n]` or condition embeddings `[n, E]` (its length is the number
-    of samples; ignored for unconditional models). Guidance wraps the network
-    (`samplers.guidance.cfg`), unless the sampler takes `cfg_scale` itself (flows guide
-    their affine parameters, not a velocity): then it gets `cfg_scale` and `null_cond`.
-    `config.sample.options` are passed to the sampler as keyword arguments.
-    """
-    setup = sampling_setup(config, sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale)
-    sample = samplers.build(setup["sampler"])
-    prior = samplers.build_prior(config.sample.prior)
-    steps, scale = setup["sampling_steps"], setup["cfg"]
-    # label models: null label = num_classes; embedding models: the null is the zero vector
-    null = null_cond(config)
-    conditional = null is not None or int(config.model.get("cond_dim", 0)) > 0
-    null = 0 if null is None else null
-    options = dict(setup["sample_options"])
-    accepted = inspect.signature(sample).parameters
-    own_guidance = "cfg_scale" in accepted
-    reserved = {"net", "x_init", "key", "num_steps", "cond", "cfg_scale", "null_cond"}
-    unknown = sorted(k for k in options if k not in accepted or k in reserved)
-    if unknown:
-        known = ", ".join(k for k in accepted if k not in reserved) or "none"
-        raise UserError(
-            f"sampler {setup['sampler']!r} has no option(s) {', '.join(unknown)} "
-            f"(sample.options); its options: {known}"
-        )
-    if scale != 1.0 and not conditional:
-        raise UserError(
-            f"guidance weight {scale:g} (--cfg / sample.cfg_scale) needs a conditional model; "
-            f"this {config.model.name!r} has no labels or condition (use 1)"
-        )
-    _check_tied_options(config, options)
-    if own_guidance:
-        options.update(cfg_scale=scale, null_cond=null if conditional else None)
-
-    def fn(params, key, cond):
-        net = nnx.merge(graphdef, params)
-        if conditional and scale != 1.0 and not own_guidance:
-            net = cfg(net, scale, null)
-        k_prior, k_sample = jax.random.split(key)
-        x_init = prior(k_prior, (cond.shape[0], *example_shape))
-        cond = cond if conditional else None
-        return sample(net, x_init, k_sample, num_steps=steps, cond=cond, **options)
-
-    return fn
-
-
-# Sampler options that must equal a loss setting of the trained model: (loss, option).
-TIED_OPTIONS = {("shortcut", "max_steps"): "the dt input's mapping of step sizes"}
-
-
-def _check_tied_options(config: ConfigDict, options: dict) -> None:
-    """A UserError when a sampler option differs from the loss setting it must equal (the
-    config's FieldReference ties them; a run's config.json or `--sample-option` does not)."""
-    for (loss, key), why in TIED_OPTIONS.items():
-        trained = config.loss.get(key) if config.loss.get("name") == loss else None
-        if trained is not None and key in options and options[key] != trained:
-            raise UserError(
-                f"sample option {key}={options[key]} differs from the {loss} model's "
-                f"loss.{key}={trained}, which fixes {why}: sample with {key}={trained}"
-            )
 
 
 def sample_labels(n: int, num_classes: int | None, offset: int = 0) -> jax.Array:

@@ -13,9 +13,9 @@ import re
 from collections.abc import Callable
 
 import numpy as np
-from ml_collections import ConfigDict
 
-from core import experiment, plots
+from core import plots
+from core.experiment import Data
 from core.files import content_tag
 from metrics import fid as fm
 
@@ -140,11 +140,9 @@ def _cache_name(name: str, path: str | None, split: str) -> str:
     return f"npz_{os.path.splitext(os.path.basename(path))[0]}_{content_tag(path)}"
 
 
-def dataset_from_config(
-    config: ConfigDict, split: str | None = None, *, cache_dir: str | None = None
-) -> Dataset:
-    """The run's own training data (`config.data`), or another `split` of it."""
-    split = split or config.data.split
-    build = lambda: experiment.build_source(config, split)
-    name = _cache_name(config.data.name, config.data.get("path"), split)
-    return Dataset(name, split, build, config.data.get("image_size"), cache_dir)
+def run_dataset(data: Data, split: str | None = None, *, cache_dir: str | None = None) -> Dataset:
+    """A run's own data (`Experiment.data`): its training split, or another `split` of it."""
+    split = split or data.split
+    build = lambda: data.source(split)
+    name = _cache_name(data.name, data.path, split)
+    return Dataset(name, split, build, data.image_size, cache_dir)

@@ -1,8 +1,8 @@
-"""Sampling from a run directory: restore weights, generate in sharded batches, write files.
+"""Drawing many samples of a run's network in sharded batches, and writing them.
 
-Shared by `scripts.sample` and the evaluator. Samples are written in the ADM `.npz` layout:
-`arr_0` uint8 NHWC images (float32 arrays for non-image data), `arr_1` labels when the model
-is conditional.
+Shared by `core.runs.sample_run` (the CLIs), the trainer's sample grids and the evaluator.
+Samples are written in the ADM `.npz` layout: `arr_0` uint8 NHWC images (float32 arrays for
+non-image data), `arr_1` labels when the model is conditional.
 """
 
 import math
@@ -11,70 +11,43 @@ import os
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from ml_collections import ConfigDict
 
-from core import experiment, plots, sharding
-from core.checkpoint import open_for_reading
-from core.config import from_json
+from core import plots, sharding
 from core.errors import UserError
-
-
-def load_run(workdir: str) -> tuple[ConfigDict, dict]:
-    """(config, data spec) of a run directory written by the trainer."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise UserError(f"no config.json in {workdir}: not a driftlab run directory")
-    with open(path) as f:
-        config = from_json(f.read())
-    return config, experiment.read_data_spec(workdir)
-
-
-def restore_network(
-    workdir: str, config: ConfigDict, mesh, *, step: int | None = None, ema: bool = True
-):
-    """(graphdef, params placed on `mesh`, step) from the newest or the given checkpoint."""
-    ckpt = open_for_reading(workdir)
-    graphdef, abstract = experiment.abstract_network(experiment.network_factory(config))
-    shardings = sharding.state_shardings(mesh, abstract, config.mesh.get("fsdp_min_size", 2**18))
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    try:
-        step, params = ckpt.restore_weights(target, step=step, ema=ema)
-    finally:
-        ckpt.close()
-    return graphdef, params, step
+from core.experiment import Experiment, sample_labels
+from core.generation import Generation
 
 
 class Generator:
-    """`num` samples of a run's network in batches, the sampling program compiled once:
-    `gen(params, key) -> (samples float32 on the host, labels or None)`; batch `i` draws
-    its noise from `fold_in(key, i)`. Call it again with new params (e.g. during training)
-    without recompiling.
+    """`num` samples of an experiment's network in batches, the sampling program compiled
+    once: `gen(params, key) -> (samples float32 on the host, labels or None)`; batch `i`
+    draws its noise from `fold_in(key, i)` (`Generation.draw_noise`). Call it again with new
+    params (e.g. during training) without recompiling.
 
     Labels cycle through the classes, or are all `label`; `conds` gives one condition per
     sample instead (labels `[num]` or embeddings `[num, E]`, e.g. a test split's), and
-    then the labels returned are None."""
+    then the labels returned are None. `frozen` (`core.runs.FrozenNets`) are the frozen
+    networks generation gets."""
 
     def __init__(
         self,
+        experiment: Experiment,
         graphdef,
-        config: ConfigDict,
         spec: dict,
         mesh,
         *,
         num: int,
         batch_size: int,
-        sampler: str | None = None,
-        num_steps: int | None = None,
-        cfg_scale: float | None = None,
         label: int | None = None,
         conds: np.ndarray | None = None,
+        frozen=None,
     ):
+        from core.runs import NO_FROZEN
+
         sharding.check_batch_size(mesh, batch_size)
         if num < 1:
             raise UserError(f"the number of samples must be >= 1, got {num}")
-        classes = spec["num_classes"] if experiment.null_cond(config) is not None else 0
+        classes = spec["num_classes"] if experiment.conditioning.labels else 0
         if label is not None and not (classes and 0 <= label < classes):
             raise UserError(
                 f"label {label} is not a class of this model"
@@ -82,16 +55,10 @@ class Generator:
             )
         if conds is not None and len(conds) != num:
             raise UserError(f"generate: {len(conds)} conditions for {num} samples")
-        fn = experiment.make_sample_fn(
-            graphdef,
-            config,
-            tuple(spec["example_shape"]),
-            sampler=sampler,
-            num_steps=num_steps,
-            cfg_scale=cfg_scale,
-        )
+        self.frozen = frozen or NO_FROZEN
+        generation = Generation(experiment, graphdef, spec["example_shape"], self.frozen.graphdefs)
         data_sharding = sharding.batch_sharding(mesh)
-        self.fn = jax.jit(fn, out_shardings=data_sharding)
+        self.fn = jax.jit(generation.sample, out_shardings=data_sharding)
         self.num, self.returns_labels = num, bool(classes) and conds is None
         self.labels = []
         for i in range(math.ceil(num / batch_size)):
@@ -99,7 +66,7 @@ class Generator:
                 part = np.asarray(conds[i * batch_size : (i + 1) * batch_size])
                 labels = np.concatenate([part, np.repeat(part[:1], batch_size - len(part), 0)])
             elif label is None:
-                labels = experiment.sample_labels(batch_size, classes, offset=i * batch_size)
+                labels = sample_labels(batch_size, classes, offset=i * batch_size)
             else:
                 labels = np.full((batch_size,), label, np.int32)
             self.labels.append(jax.device_put(labels, data_sharding))
@@ -107,17 +74,18 @@ class Generator:
     def __call__(self, params, key: jax.Array) -> tuple[np.ndarray, np.ndarray | None]:
         xs, ys = [], []
         for i, labels in enumerate(self.labels):
-            xs.append(to_host(self.fn(params, jax.random.fold_in(key, i), labels)))
+            x = self.fn(params, jax.random.fold_in(key, i), labels, self.frozen.params)
+            xs.append(to_host(x))
             if self.returns_labels:
                 ys.append(to_host(labels))
         x = np.concatenate(xs)[: self.num]
         return x, (np.concatenate(ys)[: self.num] if self.returns_labels else None)
 
 
-def generate(
+def draw_samples(
+    experiment: Experiment,
     graphdef,
     params,
-    config: ConfigDict,
     spec: dict,
     mesh,
     *,
@@ -127,8 +95,8 @@ def generate(
     **options,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """`num` samples (float32, on the host) and their labels (None if unconditional) from
-    `key(seed)`; `options` as `Generator`'s (sampler, num_steps, cfg_scale, label, conds)."""
-    gen = Generator(graphdef, config, spec, mesh, num=num, batch_size=batch_size, **options)
+    `key(seed)`; `options` as `Generator`'s (label, conds, frozen)."""
+    gen = Generator(experiment, graphdef, spec, mesh, num=num, batch_size=batch_size, **options)
     return gen(params, jax.random.key(seed))
 
 

@@ -1,11 +1,13 @@
-"""One trainer for every family: config -> sharded jitted steps -> checkpoints and logs.
+"""One trainer for every family: experiment -> sharded jitted steps -> checkpoints and logs.
 
 The loss decides what is trained (velocity net, flow, ...); the trainer only knows
 `loss(net, batch, key, **extras) -> (per_example, metrics)` and a network split once into
-(graphdef, params). Per step the key is `fold_in(key(seed), step)`, the batch is a pure
-function of (seed, step), so a resumed run equals an uninterrupted one.
+(graphdef, params). `TrainSetup` is what the trainer and the benchmark share. Per step the
+key is `fold_in(key(seed), step)`, the batch is a pure function of (seed, step), so a
+resumed run equals an uninterrupted one.
 """
 
+import dataclasses
 import json
 import os
 import time
@@ -16,14 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from ml_collections import ConfigDict
 from tqdm import tqdm
 
 import losses
-from core import experiment, plots, sampling, sharding
+from core import plots, runs, sampling, sharding
 from core.checkpoint import Checkpoints
-from core.config import to_json
 from core.errors import TrainingDiverged, UserError
+from core.experiment import Experiment, Training, data_spec, write_data_spec
 from core.train_state import TrainState, init_state, learning_rate, make_optimizer
 from core.writer import MetricWriter
 from data.pipeline import Batches, prefetch
@@ -40,17 +41,21 @@ def make_train_step(
     seed: int,
     ema_warmup: bool = False,
     teacher_ema_decay: float = 0.0,
+    frozen_graphdefs: dict | None = None,
 ) -> Callable:
-    """`step(state, batch) -> (state, metrics)`; a non-finite loss, gradient or update
-    leaves the state unchanged (but for `step`) and is reported as `nonfinite = 1`.
+    """`step(state, batch, frozen=None) -> (state, metrics)`; a non-finite loss, gradient or
+    update leaves the state unchanged (but for `step`) and is reported as `nonfinite = 1`.
 
     The EMA decays by `ema_decay`, or with `ema_warmup` by `min(ema_decay, (1 + n) / (10 + n))`
     at update `n` (0.1 at the first update), so that a short run's EMA forgets the
     initialisation (with a fixed 0.9999 it keeps weight 0.9999^n on it: 37 % after 10k).
     A state with a `teacher_ema` updates it the same way with `teacher_ema_decay`. The
     loss gets each frozen network its signature names (`losses.FROZEN_NETS`: `ema_net`
-    from `state.ema`, `teacher_ema_net` from `state.teacher_ema`) that the state holds."""
+    from `state.ema`, `teacher_ema_net` from `state.teacher_ema`) that the state holds, and
+    each network of other runs as `<name>_net` (`frozen`: name -> params, never updated;
+    `frozen_graphdefs`: name -> graphdef)."""
     wanted = losses.frozen_nets(loss_fn)
+    frozen_graphdefs = frozen_graphdefs or {}
     base_key = jax.random.key(seed)
 
     def rate(decay, step):
@@ -61,9 +66,10 @@ def make_train_step(
             decay = jnp.minimum(decay, (1.0 + n) / (10.0 + n))
         return 1.0 - decay
 
-    def step(state: TrainState, batch: dict):
+    def step(state: TrainState, batch: dict, frozen: dict | None = None):
         key = jax.random.fold_in(base_key, state.step)
         extras = _frozen(graphdef, {"ema": state.ema, "teacher_ema": state.teacher_ema}, wanted)
+        extras.update(_other_runs(frozen_graphdefs, frozen or {}))
 
         def objective(params):
             per_example, metrics = loss_fn(nnx.merge(graphdef, params), batch, key, **extras)
@@ -106,131 +112,204 @@ def _frozen(graphdef, trees: dict, wanted: Sequence[str]) -> dict:
     return {name: nnx.merge(graphdef, tree) for name, tree in kept.items() if tree is not None}
 
 
-class _Run:
-    """Everything `train` sets up from the config, before the loop."""
+def _other_runs(graphdefs: dict, params: dict) -> dict:
+    """`{"<name>_net": network}` of the frozen networks of other runs."""
+    return {f"{name}_net": nnx.merge(graphdefs[name], p) for name, p in params.items()}
 
-    def __init__(self, config: ConfigDict, workdir: str, devices=None):
-        self.config, self.workdir = config, workdir
-        self.main = jax.process_index() == 0
-        self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices)
-        sharding.check_batch_size(self.mesh, config.batch_size)
-        self.source = experiment.build_source(config)
-        self.spec = experiment.data_spec(self.source)
-        experiment.check_classes(config, self.spec)
-        self.factory = experiment.network_factory(config)
-        self.graphdef, abstract_params = experiment.abstract_network(self.factory, config.seed)
-        self.loss_fn = experiment.build_loss(config)
-        self.teacher_ema = wants_teacher_ema(config, self.loss_fn)
-        self.tx = make_optimizer(**config.optim, total_steps=config.total_steps)
-        abstract_state = jax.eval_shape(self._init_state, abstract_params)
+
+class TrainSetup:
+    """What the trainer and the benchmark share, built from the experiment: the network
+    split once, the loss, the optimizer, the state's shardings on `mesh`, the frozen
+    networks of other runs, and the jitted step (`jit_step`)."""
+
+    def __init__(self, experiment: Experiment, mesh, frozen: runs.FrozenNets = runs.NO_FROZEN):
+        self.experiment, self.mesh, self.frozen = experiment, mesh, frozen
+        t = experiment.training
+        sharding.check_batch_size(mesh, t.batch_size)
+        self.graphdef, self.abstract_params = experiment.network.abstract(t.seed)
+        self.loss_fn = experiment.loss.fn
+        _check_frozen_keywords(experiment, self.loss_fn)
+        self.tx = make_optimizer(**t.optim, total_steps=t.total_steps)
+        abstract_state = jax.eval_shape(self.init_state, self.abstract_params)
         self.shardings = sharding.state_shardings(
-            self.mesh, abstract_state, config.mesh.fsdp_min_size
+            mesh, abstract_state, experiment.mesh.fsdp_min_size
         )
         self.abstract_state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract_state,
             self.shardings,
         )
-        self._check_data_fits(abstract_params)
 
-    def _check_data_fits(self, abstract_params) -> None:
+    def init_state(self, params) -> TrainState:
+        return init_state(params, self.tx, teacher_ema=self.experiment.keeps_teacher_ema)
+
+    def fresh_state(self) -> TrainState:
+        """The initial state, initialised directly in its shardings."""
+        seed = self.experiment.training.seed
+        init = lambda: self.init_state(self.experiment.network.init(seed))
+        return jax.jit(init, out_shardings=self.shardings)()
+
+    def extras(self, params) -> dict:
+        """The keyword networks the step passes to the loss, all made from `params` but the
+        frozen ones (for tracing)."""
+        teacher = params if self.experiment.keeps_teacher_ema else None
+        trees = {"ema": params, "teacher_ema": teacher}
+        out = _frozen(self.graphdef, trees, losses.frozen_nets(self.loss_fn))
+        out.update(_other_runs(self.frozen.graphdefs, self.frozen.params))
+        return out
+
+    def jit_step(self) -> Callable:
+        """`step(state, batch) -> (state, metrics)`, jitted with the state's and the batch's
+        shardings, the state donated, the frozen networks passed as arguments."""
+        t = self.experiment.training
+        step = make_train_step(
+            self.graphdef,
+            self.loss_fn,
+            self.tx,
+            ema_decay=t.ema_decay,
+            ema_warmup=t.ema_warmup,
+            teacher_ema_decay=t.teacher_ema_decay,
+            seed=t.seed,
+            frozen_graphdefs=self.frozen.graphdefs,
+        )
+        frozen_shardings = jax.tree.map(lambda a: a.sharding, self.frozen.params)
+        jitted = jax.jit(
+            step,
+            donate_argnums=0,
+            in_shardings=(self.shardings, sharding.batch_sharding(self.mesh), frozen_shardings),
+            out_shardings=(self.shardings, sharding.replicated(self.mesh)),
+        )
+        frozen = self.frozen.params
+        return lambda state, batch: jitted(state, batch, frozen)
+
+
+def _check_frozen_keywords(experiment: Experiment, loss_fn) -> None:
+    """Every frozen network must be taken by the loss (as `<name>_net`), and every
+    `*_net` the loss requires must be configured."""
+    import inspect
+
+    params = inspect.signature(loss_fn).parameters
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    names = {f.name for f in experiment.frozen}
+    for name in sorted(names):
+        if f"{name}_net" not in params and not takes_any:
+            raise UserError(
+                f"frozen.{name} is configured but loss {experiment.loss.name!r} takes no "
+                f"{name}_net; remove frozen.{name}"
+            )
+    for key, p in params.items():
+        needed = p.kind == p.KEYWORD_ONLY and p.default is p.empty and key.endswith("_net")
+        if needed and key not in losses.FROZEN_NETS and key.removesuffix("_net") not in names:
+            raise UserError(
+                f"loss {experiment.loss.name!r} needs the frozen network {key}: set "
+                f"frozen.{key.removesuffix('_net')}.workdir to the run that trained it"
+            )
+
+
+class _Run:
+    """Everything `train` sets up before the loop: the setup, the data, the run directory."""
+
+    def __init__(self, experiment: Experiment, workdir: str, devices=None):
+        self.experiment, self.workdir = experiment, workdir
+        self.main = jax.process_index() == 0
+        mesh = experiment.mesh.make(devices)
+        sharding.check_batch_size(mesh, experiment.training.batch_size)
+        self.source = experiment.data.source()
+        self.spec = data_spec(self.source)
+        experiment.conditioning.check_data(experiment.data.name, self.spec)
+        frozen = runs.restore_frozen(experiment, mesh)
+        self.setup = TrainSetup(experiment, mesh, frozen)
+        self.mesh, self.graphdef = mesh, self.setup.graphdef
+        self._check_data_fits()
+
+    def _check_data_fits(self) -> None:
         """Trace the loss on a batch shaped like the real one (cheap: nothing is computed)."""
         example = self.source.__getitems__(np.arange(1))
-        n = self.config.batch_size
+        n = self.experiment.training.batch_size
         batch = {k: jax.ShapeDtypeStruct((n, *v.shape[1:]), v.dtype) for k, v in example.items()}
-        run_loss = lambda p, b: self.loss_fn(
-            nnx.merge(self.graphdef, p), b, jax.random.key(0), **self._extras(p)
+        setup = self.setup
+        run_loss = lambda p, b: setup.loss_fn(
+            nnx.merge(setup.graphdef, p), b, jax.random.key(0), **setup.extras(p)
         )
         try:
-            jax.eval_shape(run_loss, abstract_params, batch)
+            jax.eval_shape(run_loss, setup.abstract_params, batch)
         except UserError:
             raise  # already says what is wrong (e.g. a batch too small for a loss)
         except (ValueError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(
-                f"network {self.config.model.name!r} cannot train on data "
-                f"{self.config.data.name!r} of example shape {tuple(self.spec['example_shape'])}"
-                f": {first}"
+                f"network {self.experiment.network.name!r} cannot train on data "
+                f"{self.experiment.data.name!r} of example shape "
+                f"{tuple(self.spec['example_shape'])}: {first}"
             ) from e
-
-    def _init_state(self, params) -> TrainState:
-        return init_state(params, self.tx, teacher_ema=self.teacher_ema)
-
-    def _extras(self, params):
-        """The frozen networks the train step passes, all made from `params` (for tracing)."""
-        trees = {"ema": params, "teacher_ema": params if self.teacher_ema else None}
-        return _frozen(self.graphdef, trees, losses.frozen_nets(self.loss_fn))
 
     def init_or_restore(self, ckpt: Checkpoints, workdir: str) -> TrainState:
         latest = ckpt.latest_step()
         if latest is not None:
-            wrong = ckpt.mismatches(latest, self.abstract_state.params)
+            wrong = ckpt.mismatches(latest, self.setup.abstract_state.params)
             if wrong:  # checked before restoring: a failed orbax restore is noisy
                 more = f" and {len(wrong) - 2} more" if len(wrong) > 2 else ""
                 raise UserError(
                     f"cannot resume {workdir} from its step-{latest} checkpoint: it does not "
-                    f"fit this config ({_config_changes(workdir, self.config)}; weights: "
+                    f"fit this config ({_config_changes(workdir, self.config_text)}; weights: "
                     f"{'; '.join(wrong[:2])}{more}); resume with the run's own config or "
                     "train in a new workdir"
                 )
-            return ckpt.restore(latest, self.abstract_state)
-        seed = self.config.seed
-        init = lambda: self._init_state(experiment.init_params(self.factory, seed))
-        return jax.jit(init, out_shardings=self.shardings)()
+            return ckpt.restore(latest, self.setup.abstract_state)
+        return self.setup.fresh_state()
 
-    def jit_step(self) -> Callable:
-        step = make_train_step(
-            self.graphdef,
-            self.loss_fn,
-            self.tx,
-            ema_decay=self.config.ema_decay,
-            ema_warmup=bool(self.config.get("ema_warmup", False)),
-            teacher_ema_decay=self.config.get("teacher_ema_decay", 0.0),
-            seed=self.config.seed,
-        )
-        batch_sharding = sharding.batch_sharding(self.mesh)
-        return jax.jit(
-            step,
-            donate_argnums=0,
-            in_shardings=(self.shardings, batch_sharding),
-            out_shardings=(self.shardings, sharding.replicated(self.mesh)),
-        )
+    @property
+    def config_text(self) -> str:
+        """The run's config.json: the experiment's config with the frozen runs resolved."""
+        return _record_frozen(self.experiment.config_json, self.setup.frozen.frozen)
 
     def batches(self, start_step: int):
+        t = self.experiment.training
         b = Batches(
             self.source,
-            global_batch_size=self.config.batch_size,
-            seed=self.config.seed,
+            global_batch_size=t.batch_size,
+            seed=t.seed,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
-            random_flip=self.config.data.random_flip,
+            random_flip=self.experiment.data.random_flip,
         )
         return prefetch(b.iterate(start_step), 2, lambda x: sharding.place_batch(x, self.mesh))
 
 
-def wants_teacher_ema(config: ConfigDict, loss_fn) -> bool:
-    """Whether the run keeps a teacher EMA (`teacher_ema_decay > 0`); a decay outside
-    [0, 1) or one set for a loss that cannot use it is a UserError."""
-    decay = float(config.get("teacher_ema_decay", 0.0))
-    if not 0.0 <= decay < 1.0:
-        raise UserError(f"teacher_ema_decay={decay} must be in [0, 1) (0 = no teacher EMA)")
-    if decay > 0 and "teacher_ema_net" not in losses.frozen_nets(loss_fn):
-        raise UserError(
-            f"teacher_ema_decay={decay} keeps a teacher EMA, but loss {config.loss.name!r} "
-            "takes none (the shortcut loss with loss.teacher='teacher_ema' does); "
-            "set teacher_ema_decay=0"
-        )
-    return decay > 0
+def _record_frozen(config_json: str, frozen) -> str:
+    """`config_json` with each frozen network's run (absolute path) and step filled in."""
+    if not frozen:
+        return config_json
+    tree = json.loads(config_json)
+    for f in frozen:
+        tree.setdefault("frozen", {})[f.name] = {"workdir": f.workdir, "step": f.step, "ema": f.ema}
+    return json.dumps(tree, indent=2, sort_keys=True)
 
 
-def _config_changes(workdir: str, config: ConfigDict, limit: int = 6) -> str:
-    """`"model.hidden 32 -> 64, ..."`: how `config` differs from the run's `config.json`."""
+def _recorded_frozen(experiment: Experiment, workdir: str) -> Experiment:
+    """On resume, the frozen networks' steps the run recorded where the config leaves them
+    unset (a resumed run trains against the same frozen weights)."""
+    path = os.path.join(workdir, "config.json")
+    if not experiment.frozen or not os.path.exists(path):
+        return experiment
+    with open(path) as f:
+        recorded = json.load(f).get("frozen", {})
+    frozen = tuple(
+        f if f.step is not None or f.name not in recorded
+        else dataclasses.replace(f, step=recorded[f.name].get("step"))
+        for f in experiment.frozen
+    )  # fmt: skip
+    return experiment.but(frozen=frozen)
+
+
+def _config_changes(workdir: str, config_text: str, limit: int = 6) -> str:
+    """`"model.hidden 32 -> 64, ..."`: how `config_text` differs from the run's config.json."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return "the run has no config.json to compare with"
     with open(path) as f:
         old = _flat(json.load(f))
-    new = _flat(json.loads(to_json(config)))
+    new = _flat(json.loads(config_text))
     changed = [
         f"{k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}"
         for k in sorted(set(old) | set(new))
@@ -252,12 +331,11 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def _prepare_workdir(config: ConfigDict, workdir: str, main: bool) -> None:
+def _prepare_workdir(text: str, workdir: str, main: bool) -> None:
     os.makedirs(workdir, exist_ok=True)
     if not main:
         return
     path = os.path.join(workdir, "config.json")
-    text = to_json(config)
     if os.path.exists(path):
         with open(path) as f:
             old = f.read()
@@ -268,38 +346,43 @@ def _prepare_workdir(config: ConfigDict, workdir: str, main: bool) -> None:
 
 
 def train(
-    config: ConfigDict, workdir: str, *, hooks: Sequence[Hook] = (), devices=None
+    experiment: Experiment, workdir: str, *, hooks: Sequence[Hook] = (), devices=None
 ) -> TrainState:
-    """Train (or resume) the experiment `config` in `workdir`; returns the final state.
+    """Train (or resume) `experiment` in `workdir`; returns the final state.
 
     `hooks` are called as `hook(step, state)` after every step; `devices` (default: all)
-    are the devices the mesh is built from. With `config.eval_every`, the evaluation hook
-    of `core.evaluation` runs too.
+    are the devices the mesh is built from. With `training.eval_every`, the evaluation hook
+    of `core.evaluation` runs too. Everything that can be wrong with the input (data,
+    classes, frozen runs, a checkpoint that does not fit) fails before the workdir is
+    written.
     """
-    run = _Run(config, workdir, devices)
-    ckpt = Checkpoints(workdir, max_to_keep=config.keep_ckpts)
+    experiment = _recorded_frozen(experiment, workdir)
+    run = _Run(experiment, workdir, devices)
+    t = experiment.training
+    ckpt = Checkpoints(workdir, max_to_keep=t.keep_ckpts)
     try:
         # restore first: a resume that does not fit this config changes nothing on disk
         state = run.init_or_restore(ckpt, workdir)
     except BaseException:
         ckpt.close()
         raise
-    _prepare_workdir(config, workdir, run.main)
+    _prepare_workdir(run.config_text, workdir, run.main)
     if run.main:
-        experiment.write_data_spec(workdir, run.spec)
+        write_data_spec(workdir, run.spec)
     writer = MetricWriter(workdir, enabled=run.main)
     try:
-        if config.get("eval_every"):
+        if t.eval_every:
             from core.evaluation import make_eval_hook  # imports the metrics: when asked
 
             hook = make_eval_hook(
-                config,
+                experiment,
                 workdir,
                 writer=writer,
                 mesh=run.mesh,
                 source=run.source,
                 graphdef=run.graphdef,
                 spec=run.spec,
+                frozen=run.setup.frozen,
             )
             hooks = (*hooks, hook)
         start = int(jax.device_get(state.step))
@@ -324,43 +407,43 @@ def _loop(
     writer: MetricWriter,
     hooks: Sequence[Hook],
 ) -> TrainState:
-    config = run.config
-    step_fn = run.jit_step()
-    grid = _SampleGrid(run) if config.sample_every else None
-    metrics_log = _MetricsLog(config, writer, ckpt, start)
+    t = run.experiment.training
+    step_fn = run.setup.jit_step()
+    grid = _SampleGrid(run) if t.sample_every else None
+    metrics_log = _MetricsLog(t, writer, ckpt, start)
     bar = tqdm(
-        total=config.total_steps,
+        total=t.total_steps,
         initial=start,
         disable=not run.main,
         dynamic_ncols=True,
         mininterval=1.0,
         desc="train",
     )
-    budget = _Budget(config.get("train_seconds", 0.0), config.log_every)
-    eval_every = int(config.get("eval_every", 0) or 0)
+    budget = _Budget(t.train_seconds, t.log_every)
+    eval_every = t.eval_every
     step = start
     with run.batches(start) as batches, bar:
-        for step in range(start + 1, config.total_steps + 1):
+        for step in range(start + 1, t.total_steps + 1):
             state, metrics = step_fn(state, next(batches))
             metrics_log.add(metrics)
             bar.update(1)
-            last = step == config.total_steps or budget.spent(step)
-            if _every(step, config.ckpt_every, last):
+            last = step == t.total_steps or budget.spent(step)
+            if _every(step, t.ckpt_every, last):
                 metrics_log.check_finite(step)  # before saving: never save past a NaN
                 ckpt.save(state)
             # evaluation steps log too: their numbers join the line with the step's loss
-            if _every(step, config.log_every, last) or _every(step, eval_every, False):
+            if _every(step, t.log_every, last) or _every(step, eval_every, False):
                 bar.set_postfix(loss=f"{metrics_log.write(step):.4g}")
-            if grid is not None and _every(step, config.sample_every, last):
+            if grid is not None and _every(step, t.sample_every, last):
                 grid.write(state, step, writer, final=last)
             for hook in hooks:
                 hook(step, state)
             if last:
                 break
-    if step < config.total_steps and run.main:
+    if step < t.total_steps and run.main:
         print(
-            f"train_seconds={config.train_seconds:g} spent: stopped at step {step} of "
-            f"{config.total_steps} (checkpoint saved; run again to go on)"
+            f"train_seconds={t.train_seconds:g} spent: stopped at step {step} of "
+            f"{t.total_steps} (checkpoint saved; run again to go on)"
         )
     return state
 
@@ -389,8 +472,8 @@ class _Budget:
 class _MetricsLog:
     """Sums step metrics on device; averages, checks and writes them every `log_every`."""
 
-    def __init__(self, config: ConfigDict, writer: MetricWriter, ckpt: Checkpoints, start: int):
-        self.config, self.writer, self.ckpt = config, writer, ckpt
+    def __init__(self, training: Training, writer: MetricWriter, ckpt: Checkpoints, start: int):
+        self.training, self.writer, self.ckpt = training, writer, ckpt
         self.sums, self.first, self.t0 = None, start, time.perf_counter()
         self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
 
@@ -418,9 +501,9 @@ class _MetricsLog:
         elapsed, n = time.perf_counter() - self.t0, step - self.first
         means.update(
             # the rate of the update that made `step` (optax counts updates from 0)
-            lr=learning_rate(self.config.optim, self.config.total_steps, step - 1),
+            lr=learning_rate(self.training.optim, self.training.total_steps, step - 1),
             steps_per_sec=n / elapsed,
-            examples_per_sec=n * self.config.batch_size / elapsed,
+            examples_per_sec=n * self.training.batch_size / elapsed,
         )
         self.writer.write(step, means)
         self.sums, self.first, self.t0 = None, step, time.perf_counter()
@@ -433,22 +516,23 @@ class _SampleGrid:
 
     def __init__(self, run: _Run):
         self.run = run
-        cfg_ = run.config
+        experiment = run.experiment
         shape = tuple(run.spec["example_shape"])
-        kind = cfg_.sample.plot
+        kind = experiment.sampling.plot
         self.kind = ("grid" if len(shape) == 3 else "scatter") if kind == "auto" else kind
-        num = int(cfg_.sample.num)
+        num = experiment.sampling.num
         n_ref = min(num * 8, run.source.num_examples)
         reference = run.source.__getitems__(np.arange(n_ref))
         self.reference = None if self.kind == "grid" else reference["x"]
         conds = None
-        if cfg_.model.get("cond_dim", 0):  # condition embeddings: those of the first examples
+        if experiment.conditioning.cond_dim:  # condition embeddings: those of the first examples
             conds = reference["cond"][np.arange(num) % n_ref]
         batch = sharding.sample_batch(run.mesh, num, num)  # one call
         self.generate = sampling.Generator(
-            run.graphdef, cfg_, run.spec, run.mesh, num=num, batch_size=batch, conds=conds
-        )
-        self.key = jax.random.fold_in(jax.random.key(cfg_.seed), 2**30)
+            experiment, run.graphdef, run.spec, run.mesh, num=num, batch_size=batch,
+            conds=conds, frozen=run.setup.frozen,
+        )  # fmt: skip
+        self.key = jax.random.fold_in(jax.random.key(experiment.training.seed), 2**30)
 
     def write(self, state: TrainState, step: int, writer: MetricWriter, final: bool) -> None:
         x, _ = self.generate(state.ema, self.key)  # every process takes part

@@ -18,7 +18,7 @@ and the constant `log2 s` depends on how the flow's input was made (`noise=`, `L
   FFJORD report, and the only one here comparable with them (`COMPARABLE`).
 - `"gaussian"` (TarFlow's training, `noise_std` σ, the paper uses 0.05 on ImageNet-64):
   `x_data + σ ε` on the `u / 127.5 - 1` scale, `s = 127.5`, `+log2 127.5 = 6.9944` bits/dim
-  (as the ODE likelihood in `core/evaluation.py`). The number is the bits/dim of the *noisy*
+  (as the ODE likelihood of `metrics/likelihood.py`). The number is the bits/dim of the *noisy*
   data's density, not a bound on the 8-bit likelihood: a continuous density of data blurred
   by σ costs at least the noise's own entropy, `log2(127.5 σ √(2πe))` bits/dim (~5.7 for
   σ = 0.1), so it is not comparable with published bits/dim.
@@ -33,23 +33,9 @@ import jax
 import jax.numpy as jnp
 
 from losses.flow_matching import drop_cond
+from models.flow_density import LOG_SCALE, NOISES, gaussian_log_prob
 
-# log s of `x = u / s - 1`: minus the log of the width in x of one unit of the pixel value u
-LOG_SCALE = {"gaussian": math.log(127.5), "uniform": math.log(128.0), "none": math.log(127.5)}
-NOISES = tuple(LOG_SCALE)
 COMPARABLE = ("uniform",)  # bits/dim comparable with the published (dequantized) numbers
-
-
-def gaussian_log_prob(z: jax.Array) -> jax.Array:
-    """`log N(z; 0, I)` per example: `[B, ...]` -> `[B]` float32."""
-    z = z.astype(jnp.float32).reshape(z.shape[0], -1)
-    return -0.5 * jnp.sum(z * z, axis=1) - 0.5 * z.shape[1] * math.log(2 * math.pi)
-
-
-def flow_log_prob(net, x: jax.Array, *, cond: jax.Array | None = None) -> jax.Array:
-    """`log p(x) = log N(forward(x); 0, I) + logdet` per example `[B]` (nats)."""
-    z, logdet = net.forward(x, cond=cond)
-    return gaussian_log_prob(z) + logdet
 
 
 def bits_per_dim(log_px: jax.Array, num_dims: int, *, noise: str) -> jax.Array:

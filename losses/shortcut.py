@@ -18,7 +18,7 @@ A batch of `B` rows is split statically:
 - the other rows are flow-matching rows at the finest level (`dt = 0`, the flow-matching
   limit): `t ~ sample_time`, target `x1 - x0`.
 
-The network sees `d` through `samplers.shortcut.level_dt` (`log2` level / `J`, in [0, 1]).
+The network sees `d` through `models.step_size.level_dt` (`log2` level / `J`, in [0, 1]).
 Options beyond the paper's defaults: `teacher="current"` (the official code's
 `bootstrap_ema=0`), `teacher="teacher_ema"` (a second EMA with its own, faster decay,
 `config.teacher_ema_decay`, while the slow EMA stays the sampling weights: iSM's "twin EMA",
@@ -34,8 +34,8 @@ is trained at every step size.
 are split, so the flow-matching rows and the bootstrap rows' `x_t` lie on one coupling's
 paths. iSM (arXiv 2510.21250) brings OT pairing to shortcut models as "scaling optimal
 transport"; this is its plain minibatch form, over the global batch (under a data-sharded
-mesh the `B x B` cost matrix gathers the batch). Its key is `fold_in(key, 1)`, so runs
-without it draw exactly the numbers they drew before.
+mesh the `B x B` cost matrix gathers the batch). Its key is `fold_in(key, 1)`, apart
+from the `split` that gives the other draws, so those do not depend on this option.
 """
 
 import jax
@@ -44,8 +44,8 @@ import numpy as np
 
 from core.errors import UserError
 from losses.flow_matching import broadcast_to, drop_cond, sample_time, sinkhorn_pairing
-from samplers.guidance import null_like
-from samplers.shortcut import level_dt, num_levels
+from models.conditioning import null_like
+from models.step_size import level_dt, num_levels
 
 TEACHERS = ("ema", "current", "teacher_ema")
 

@@ -63,12 +63,12 @@ def _default_net(precision: str = "highest") -> InceptionV3:
     return load_inception(precision=precision)
 
 
-# Images per Inception call when none is asked for. On CPUs small batches are faster: on the
-# idle 2-core development machine a batch of 10 took 0.125 s per image, pytorch-fid's 50
-# took 0.16 (scripts/bench_inception.py, BENCHMARKS.md): the 50-image batch's activations,
-# ~140 MB a layer, are fresh pages from the kernel on every call, about a third of its CPU
-# time spent in the system. Accelerators keep 50 (raise it there with --inception-batch).
-# The features do not depend on it.
+# Images per Inception call when none is asked for. On CPUs small batches are faster: the
+# 50-image batch's activations, ~140 MB a layer, are fresh pages from the kernel on every
+# call, about a third of its CPU time spent in the system (measured: scripts/bench_inception.py;
+# BENCHMARKS.md, "FID agrees with pytorch-fid (CPU)", "Inception batch on a CPU").
+# Accelerators keep pytorch-fid's 50 (raise it there with --inception-batch). The features
+# do not depend on it.
 DEFAULT_BATCH = {"cpu": 10}
 
 
@@ -231,8 +231,9 @@ def trace_sqrt_product(
     eigenvalues, all >= 0), and the trace of the principal root is the sum of their roots.
     Rounding's tiny negative eigenvalues count as 0. `sqrt_sigma2`: `psd_sqrt(sigma2)` if
     already known (a reference's, computed while the samples' Inception pass runs). At
-    D = 2048 it took 3.6 s where the complex Schur of `sqrtm` took 20.6 s (2-core
-    development CPU), and it needs no offset where the root of a singular product fails."""
+    D = 2048 it is several times faster than the complex Schur of `sqrtm` (timings:
+    BENCHMARKS.md, "GPU: first session", "FID of 50,000 given images"), and it needs no
+    offset where the root of a singular product fails."""
     root = psd_sqrt(sigma2) if sqrt_sigma2 is None else sqrt_sigma2
     m = root @ np.asarray(sigma1, np.float64) @ root
     lam = np.linalg.eigvalsh((m + m.T) / 2)
@@ -255,7 +256,7 @@ def fid_from_stats(
     pytorch-fid's steps exactly (the principal root of the product by complex Schur, as
     `scipy.linalg.sqrtm`; `eps` on the diagonals where that root fails); `"eigh"` (the
     default) computes the same trace by `trace_sqrt_product` in a fraction of the time: the
-    two agreed to 1e-11 relative on full-rank statistics and to 1e-8 on rank-deficient ones
+    two agree to 1e-11 relative on full-rank statistics and to 1e-8 on rank-deficient ones
     (fewer samples than dimensions; tests/test_fid.py). `sqrt_sigma2`: `psd_sqrt(sigma2)`
     if known (used by "eigh" only)."""
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)

@@ -58,12 +58,6 @@ NETWORKS = {
 }
 
 
-def is_flow(name: str) -> bool:
-    """Whether network `name` is a normalizing flow (`forward` / `inverse`, not `net(x, t)`)."""
-    cls = lookup(NETWORKS, name, "network")
-    return callable(getattr(cls, "forward", None)) and callable(getattr(cls, "inverse", None))
-
-
 def build(name: str, *, rngs: nnx.Rngs, **kwargs) -> nnx.Module:
     """Build network `name` with `kwargs`; unknown names or options are a UserError."""
     cls = lookup(NETWORKS, name, "network")

@@ -31,7 +31,7 @@ the affine parameters `(a, b)` are rounded to 8 significant bits. A change of th
 below that rounding still flips the rounding of some of the B · T · P inputs, so tokens keep
 moving by about one bfloat16 step pass after pass, and a `tol` below the bfloat16
 resolution (the default 1e-5) stops only when that chatter dies out, often near `T` passes
-(measured on a small random flow, T = 64: 20–24 passes per block in bfloat16, 4 in
+(a small random flow with T = 64 takes 20–24 passes per block in bfloat16, 4 in
 float32; with tol 1e-3, 3–4 in both). It buys nothing: in bfloat16 the Jacobi and the
 sequential inverse round differently and agree only to ~1e-3 on [-1, 1] at any `tol`.
 Invert in float32 (`scripts.flow_inverse --dtype float32`, the same weights) for the early

@@ -1,8 +1,11 @@
 """Pure, jittable samplers, chosen by name.
 
 `sample(net, x_init, key, *, num_steps, cond=None, **hparams) -> x`, looped with
-`lax.scan`. Guidance wraps the network (`samplers.guidance.cfg`), so every sampler gets it.
-A prior draws `x_init`: `prior(key, shape) -> x`.
+`lax.scan`. Guidance wraps the network (`samplers.guidance.guide`), so every sampler gets it.
+A prior draws `x_init`: `prior(key, shape) -> x`. Randomness is explicit: a sampler that
+consumes noise along the way takes it as `step_noise` (its shape from `STEP_NOISE[name]
+(num_steps, x_shape)`), drawn with the initial noise in one place (`core.generation`);
+the others are deterministic and ignore `key`.
 """
 
 import jax
@@ -10,6 +13,7 @@ import jax
 from core.errors import lookup
 from manifolds.sphere import uniform as sphere_uniform
 from samplers.ode import sample_euler, sample_heun, sample_midpoint, sample_rk4
+from samplers.sde import sample_euler_maruyama, step_noise_shape
 from samplers.shortcut import sample_shortcut
 from samplers.sphere import sample_sphere_euler, sample_sphere_midpoint, sample_sphere_rk4
 from samplers.tarflow import sample_tarflow
@@ -19,12 +23,20 @@ SAMPLERS = {
     "midpoint": sample_midpoint,
     "heun": sample_heun,
     "rk4": sample_rk4,
+    "euler_maruyama": sample_euler_maruyama,
     "sphere_euler": sample_sphere_euler,
     "sphere_midpoint": sample_sphere_midpoint,
     "sphere_rk4": sample_sphere_rk4,
     "shortcut": sample_shortcut,
     "tarflow": sample_tarflow,
 }
+
+
+# samplers that integrate from any `t_start` to any `t_end` (a search re-noises a partial
+# sample back to t' and goes on from there)
+RESUMABLE = ("euler", "midpoint", "heun", "rk4", "euler_maruyama")
+# samplers that consume per-step noise: name -> its shape given (num_steps, x_init's shape)
+STEP_NOISE = {"euler_maruyama": step_noise_shape}
 
 
 def gaussian_prior(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:

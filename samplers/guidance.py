@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from core.errors import UserError
+from models.conditioning import null_like
 
 
 def guidance_schedule(
@@ -32,14 +33,7 @@ def guidance_schedule(
     raise UserError(f"unknown guidance schedule {name!r}; known: constant, interval, linear")
 
 
-def null_like(cond: jax.Array, null_cond: int) -> jax.Array:
-    """The null condition shaped like `cond`: label `null_cond`, or zeros for embeddings."""
-    if jnp.issubdtype(cond.dtype, jnp.integer):
-        return jnp.full_like(cond, null_cond)
-    return jnp.zeros_like(cond)
-
-
-def cfg(net, scale, null_cond: int):
+def guide(net, scale, null_cond: int):
     """Wrap `net(x, t, *, cond, dt)` with classifier-free guidance of weight `scale`."""
     if not callable(scale) and float(scale) == 1.0:
         return net

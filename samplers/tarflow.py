@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from core.errors import UserError
-from losses.flow_nll import NOISES, flow_log_prob
+from models.flow_density import NOISES, flow_log_prob
 from models.tarflow import check_inverse_args
 
 
@@ -63,6 +63,37 @@ def _inverse_options(net, **options) -> dict:
     return options
 
 
+def inverse_setup(
+    *,
+    conditional: bool,
+    cfg_scale: float = 1.0,
+    null_cond: int | None = None,
+    temperature: float = 1.0,
+    guidance_anneal: bool = False,
+    inverse: str = "sequential",
+    jacobi_tol: float = 1e-5,
+    jacobi_max_iters: int | None = None,
+    jacobi_segment: int | Sequence[int] | None = None,
+) -> tuple[float, dict]:
+    """How the sampler inverts a flow, from its options (those of `sample_tarflow`, same
+    names and defaults): the latent scale τ (`z = τ x_init`) and the keyword arguments of
+    `TarFlow.inverse` (guidance, and the Jacobi method unless `inverse` is "sequential").
+    `conditional`: whether labels are given. A bad method, tolerance, cap or segment, or
+    guidance without labels, is a UserError. `sample_tarflow` and `scripts.flow_inverse`
+    both ask this function, so the script inverts the latents the sampler would."""
+    check_inverse_args(
+        inverse, jacobi_tol, jacobi_max_iters, jacobi_segment, names=SAMPLER_NAMES, zero_tol=False
+    )
+    options = guidance_options(
+        cfg_scale, conditional=conditional, null_cond=null_cond, anneal=guidance_anneal
+    )
+    if inverse != "sequential":
+        options.update(method=inverse, tol=jacobi_tol, max_iters=jacobi_max_iters)
+        if jacobi_segment is not None:
+            options["segment"] = jacobi_segment
+    return temperature, options
+
+
 def sample_tarflow(
     net,
     x_init: jax.Array,
@@ -97,19 +128,20 @@ def sample_tarflow(
     1 to w over each block's tokens (the paper's annealed guidance).
     """
     del num_steps, key
-    check_inverse_args(
-        inverse, jacobi_tol, jacobi_max_iters, jacobi_segment, names=SAMPLER_NAMES, zero_tol=False
+    scale, options = inverse_setup(
+        conditional=cond is not None,
+        cfg_scale=cfg_scale,
+        null_cond=null_cond,
+        temperature=temperature,
+        guidance_anneal=guidance_anneal,
+        inverse=inverse,
+        jacobi_tol=jacobi_tol,
+        jacobi_max_iters=jacobi_max_iters,
+        jacobi_segment=jacobi_segment,
     )
     if noise not in NOISES:
         raise UserError(f"noise={noise!r} is not a training noise; known: {', '.join(NOISES)}")
-    options = guidance_options(
-        cfg_scale, conditional=cond is not None, null_cond=null_cond, anneal=guidance_anneal
-    )
-    if inverse != "sequential":
-        options.update(method=inverse, tol=jacobi_tol, max_iters=jacobi_max_iters)
-        if jacobi_segment is not None:
-            options["segment"] = jacobi_segment
-    z = temperature * jnp.asarray(x_init, jnp.float32)
+    z = scale * jnp.asarray(x_init, jnp.float32)
     x = net.inverse(z, cond=cond, **_inverse_options(net, **options))
     if denoise and noise == "gaussian" and noise_std > 0:
         x = tweedie_denoise(lambda v: flow_log_prob(net, v, cond=cond), x, noise_std)

@@ -41,10 +41,12 @@ def main(argv: list[str]) -> None:
     from core import benchmark
     from core import config as config_lib
     from core.errors import UserError
+    from core.experiment import Experiment
 
     config = config_lib.load(args.config)
     config.batch_size = args.batch or config.batch_size
     config.compute_dtype = args.dtype or config.compute_dtype
+    experiment = Experiment.from_config(config)
     if args.shape:
         shape = tuple(int(s) for s in args.shape.split(","))
     elif config.data.name in SHAPES:
@@ -60,13 +62,13 @@ def main(argv: list[str]) -> None:
         "num_devices": jax.device_count(),
         "jax": jax.__version__,
     }
-    result.update(benchmark.bench_train(config, shape, steps=args.steps, warmup=args.warmup))
-    forward = benchmark.forward_flops(config, shape)
+    result.update(benchmark.bench_train(experiment, shape, steps=args.steps, warmup=args.warmup))
+    forward = benchmark.forward_flops(experiment, shape)
     result.update(benchmark.mfu(forward, result["images_per_sec"], args.peak_tflops))
     if not args.no_sampling:
         result.update(
             benchmark.bench_sampling(
-                config,
+                experiment,
                 shape,
                 batch=args.sample_batch or config.batch_size,
                 num_steps=args.sample_steps,

@@ -154,14 +154,21 @@ def nll_solver_options(args) -> dict:
 
 
 def add_sampling_flags(parser, *, num: int) -> None:
-    """The flags `sample_run` reads: which weights (`--step --raw`), how many samples
-    (`--num --batch --seed`) and how (`--sampler --steps --cfg --sample-option`)."""
+    """The flags `sample_run` reads: which weights (`--ckpt-step --raw`), how many samples
+    (`--num --batch --seed`) and how (`--sampler --sampling-steps --cfg --sample-option`).
+    `--steps` and `--step` are the older spellings of `--sampling-steps` and `--ckpt-step`."""
     parser.add_argument("--num", type=int, default=num)
     parser.add_argument("--batch", type=int, default=256, help="samples per device call")
-    parser.add_argument("--steps", type=int, default=None, help="default: the config's")
+    parser.add_argument(
+        "--sampling-steps", "--steps", dest="steps", type=int, default=None,
+        help="sampling steps (default: the config's)",
+    )  # fmt: skip
     parser.add_argument("--sampler", default=None, help="default: the config's")
     parser.add_argument("--cfg", type=float, default=None, help="guidance weight (1 = none)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default newest)")
+    parser.add_argument(
+        "--ckpt-step", "--step", dest="step", type=int, default=None,
+        help="checkpoint step (default newest)",
+    )  # fmt: skip
     parser.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
     parser.add_argument("--seed", type=int, default=0)
     add_sample_option_flag(parser)
@@ -197,26 +204,13 @@ def parse_sample_options(pairs: list[str]) -> dict:
 
 
 def sample_run(args, *, want_samples: bool = True, label: int | None = None):
-    """The sampling flags shared by the CLIs (`--workdir --num --batch --step --raw --seed
-    --sampler --steps --cfg --sample-option`) -> `(samples, labels, (graphdef, params,
-    config), step)`: the checkpoint's weights on a mesh of all devices and, if
-    `want_samples`, `--num` samples in batches of `--batch` rounded up to a multiple of the
-    devices."""
-    from core import sampling, sharding
+    """`core.runs.sample_run` with the flags of `add_sampling_flags` (`--workdir` too): the
+    run's weights on a mesh of all devices and, if `want_samples`, `--num` samples."""
+    from core import runs
 
-    config, spec = sampling.load_run(args.workdir)
-    options = parse_sample_options(getattr(args, "sample_option", []))
-    if options:
-        config.sample.options.update(options)
-    mesh = sharding.make_mesh()
-    graphdef, params, step = sampling.restore_network(
-        args.workdir, config, mesh, step=args.step, ema=not args.raw
-    )
-    if not want_samples:
-        return None, None, (graphdef, params, config), step
-    batch = sharding.sample_batch(mesh, args.batch, args.num)
-    x, labels = sampling.generate(
-        graphdef, params, config, spec, mesh, num=args.num, batch_size=batch, seed=args.seed,
-        sampler=args.sampler, num_steps=args.steps, cfg_scale=args.cfg, label=label,
+    return runs.sample_run(
+        args.workdir, num=args.num if want_samples else None, batch_size=args.batch,
+        seed=args.seed, step=args.step, ema=not args.raw, sampler=args.sampler,
+        num_steps=args.steps, cfg_scale=args.cfg,
+        sample_options=parse_sample_options(getattr(args, "sample_option", [])), label=label,
     )  # fmt: skip
-    return x, labels, (graphdef, params, config), step

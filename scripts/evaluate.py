@@ -41,8 +41,8 @@ from scripts.common import (
     argument_parser,
     maybe_initialize_distributed,
     nll_solver_options,
+    parse_sample_options,
     run,
-    sample_run,
     write_json,
 )
 
@@ -214,47 +214,9 @@ def _options(args, evaluation):
         batch=args.batch,
         sampler=args.sampler,
         sample_steps=args.steps,
-        cfg=args.cfg,
+        cfg_scale=args.cfg,
         seed=args.seed,
     )
-
-
-def _load_samples(args, want_samples: bool, UserError):
-    """(samples, labels, network, config, info) from `--workdir` or `--samples` (or Nones)."""
-    if args.workdir:
-        x, labels, network, step = sample_run(args, want_samples=want_samples)
-        if args.save_samples:
-            import jax
-
-            from core import sampling
-
-            if jax.process_index() == 0:
-                sampling.write_samples(args.save_samples, x, labels)
-        config = network[2]
-        info = {"workdir": args.workdir, "step": step, "weights": "raw" if args.raw else "ema"}
-        if want_samples:  # how they were drawn (the config's sampler unless overridden)
-            from core import experiment
-
-            setup = experiment.sampling_setup(
-                config, sampler=args.sampler, num_steps=args.steps, cfg_scale=args.cfg
-            )
-            info.update(setup, seed=args.seed)
-        return x, labels, network, config, info
-    if args.samples:
-        import numpy as np
-
-        from data.arrays import ArraySource
-
-        x = ArraySource(args.samples).x  # checks the layout, dtype and shape
-        if x.ndim == 4 and x.dtype != np.uint8:
-            raise UserError(
-                f"{args.samples}: images in arr_0 must be uint8 in [0, 255] (the ADM layout), "
-                f"got {x.dtype} (float arrays are for non-image samples)"
-            )
-        with np.load(args.samples) as f:
-            labels = f["arr_1"] if "arr_1" in f.files else None
-        return x, labels, None, None, {"samples": args.samples}
-    return None, None, None, None, {}
 
 
 def main(argv: list[str]) -> None:
@@ -267,12 +229,10 @@ def main(argv: list[str]) -> None:
     import jax
 
     from core import evaluation, reference
-    from core.errors import lookup
-    from metrics import fid as fm
+    from core.evaluation import report
 
     names = [n.strip() for n in (args.metrics or "").split(",") if n.strip()]
-    for name in names:  # before any sampling or loading
-        lookup(evaluation.METRICS, name, "metric")
+    heldout, sample_metrics = report.split_metrics(names)  # before any sampling or loading
     if "is" in names:
         from models.inception import has_logits
 
@@ -281,49 +241,41 @@ def main(argv: list[str]) -> None:
                 "is (Inception Score) needs the 1008-way logits layer, which these Inception "
                 "weights lack (pytorch-fid's .pth has it); drop is from --metrics"
             )
-    heldout = [n for n in names if n in evaluation.HELDOUT_METRICS]
-    sample_metrics = [n for n in names if n not in heldout]
     if heldout and not args.workdir:
         raise UserError(f"{', '.join(heldout)} need the run's network: give --workdir")
-    want_samples = bool(sample_metrics or args.write_stats or args.save_samples)
-    x, labels, network, config, info = _load_samples(args, want_samples, UserError)
     ds = None
     if args.dataset:
-        split = args.split or "train"
         ds = reference.dataset_from_name(
-            args.dataset, split, cache_dir=args.cache_dir, data_dir=args.data_dir,
-            image_size=args.image_size,
+            args.dataset, args.split or "train", cache_dir=args.cache_dir,
+            data_dir=args.data_dir, image_size=args.image_size,
         )  # fmt: skip
-    elif config is not None:
-        ds = reference.dataset_from_config(config, args.split, cache_dir=args.cache_dir)
-    ev = evaluation.Evaluator(
-        x,
-        labels=labels,
-        dataset=ds,
-        ref_stats=args.ref_stats,
-        network=network,
-        options=_options(args, evaluation),
-    )
-    result = dict(info, inception_precision=args.inception_precision)
-    if heldout:  # on every process: `geo` samples over the whole mesh
-        result.update(ev.run(heldout))
+    options = _options(args, evaluation)
+    if args.workdir:
+        want = bool(sample_metrics or args.write_stats or args.save_samples)
+        result, drawn = report.evaluate_run(
+            args.workdir, names, num=args.num, batch_size=args.batch, seed=args.seed,
+            step=args.step, ema=not args.raw, sampler=args.sampler, num_steps=args.steps,
+            cfg_scale=args.cfg, sample_options=parse_sample_options(args.sample_option),
+            dataset=ds, split=args.split, cache_dir=args.cache_dir, ref_stats=args.ref_stats,
+            options=options, write_stats=args.write_stats, want_samples=want,
+        )  # fmt: skip
+        if args.save_samples and jax.process_index() == 0:
+            from core import sampling
+
+            sampling.write_samples(args.save_samples, drawn.samples, drawn.labels)
+    else:
+        x = labels = None
+        info = {}
+        if args.samples:
+            x, labels = report.check_samples_file(args.samples)
+            info = {"samples": args.samples}
+        result = report.evaluate(
+            names, samples=x, labels=labels, dataset=ds, ref_stats=args.ref_stats,
+            options=options, write_stats=args.write_stats,
+        )  # fmt: skip
+        result.update(info)
     if jax.process_index() != 0:
         return
-    if args.write_stats:
-        if x is not None:
-            stats = ev.sample_stats
-        else:
-            stats = ds.stats(ev.features, ev.inception_precision)
-        fm.save_stats(args.write_stats, *stats)
-        result["stats"] = args.write_stats
-    if sample_metrics:
-        result.update(ev.run(sample_metrics), num_samples=int(len(x)))
-    if names:
-        result["metrics"] = names
-    if ds is not None:
-        result["reference"] = f"{ds.name}:{ds.split}"
-    if args.ref_stats:
-        result["ref_stats"] = args.ref_stats  # FID's reference when given (over --dataset)
     # from main's start (imports, device start-up and sampling included; not the interpreter's
     # own start): with fid_seconds, where an evaluation's time goes
     result["wall_seconds"] = time.perf_counter() - start

@@ -9,14 +9,15 @@ plain Jacobi); `a/b/c/d` gives one size per block in the order the blocks are in
 order of `passes_per_block`), e.g. segments only for the blocks that plain Jacobi finds
 slow, as GS-Jacobi's convergence ranking picks them.
 
-Draws `--num` latents `z ~ N(0, τ² I)` (τ, guidance and labels as the run's sampler uses
-them, `--cfg` overrides the guidance weight) and inverts every batch with each method, the
-program compiled once per method (the compile is not timed). For each it reports images/s
-of the inverse alone (the Tweedie step costs the same after either), the mean Jacobi passes
-per block (T - 1 decode steps for the sequential scan), and how far its images are from the
-sequential ones on the same latents: max and mean |Δx| on the [-1, 1] scale and the
-fraction of 8-bit pixels that differ. Identical 8-bit images give identical FID, so the
-last number bounds what the speed-up costs in quality.
+Draws `--num` latents `z ~ N(0, τ² I)` (τ and guidance from the run's sampler options by
+`samplers.tarflow.inverse_setup`, as the sampler takes them; labels cycled as the run's
+sampler draws them; `--cfg` overrides the guidance weight) and inverts every batch with
+each method, the program compiled once per method (the compile is not timed). For each it
+reports images/s of the inverse alone (the Tweedie step costs the same after either), the
+mean Jacobi passes per block (T - 1 decode steps for the sequential scan), and how far its
+images are from the sequential ones on the same latents: max and mean |Δx| on the [-1, 1]
+scale and the fraction of 8-bit pixels that differ. Identical 8-bit images give identical
+FID, so the last number bounds what the speed-up costs in quality.
 
 Both inverses round: in the compute dtype, and on GPUs also in the default matmul
 precision (TF32 on NVIDIA). So every method, the sequential one too, is also compared with
@@ -113,16 +114,16 @@ def compare(x, reference) -> dict:
 def main(argv: list[str]) -> None:
     args = parse(argv)
     import contextlib
-    import inspect
 
     import jax
     import numpy as np
     from flax import nnx
 
-    from core import experiment, precision, sampling, sharding
+    from core import precision, runs, sampling, sharding
     from core.errors import UserError
-    from models.tarflow import check_inverse_args
-    from samplers.tarflow import guidance_options
+    from core.experiment import sample_labels
+    from models.tarflow import TarFlow, check_inverse_args
+    from samplers.tarflow import inverse_setup
 
     try:
         tols = [float(t) for t in args.tols.split(",") if t.strip()]
@@ -132,31 +133,35 @@ def main(argv: list[str]) -> None:
     for tol in tols:
         for segment in segments.values():
             check_inverse_args("jacobi", tol, args.max_iters, segment, names=NAMES, zero_tol=False)
-    config, spec = sampling.load_run(args.workdir)
-    if args.dtype is not None:
-        config.compute_dtype = args.dtype  # before restore_network builds the graph
-    dtype = experiment.compute_dtype(config)  # a UserError for an unknown dtype
+    run_experiment, spec = runs.load_run(args.workdir)
+    network = run_experiment.network
+    if args.dtype is not None:  # before restore_network builds the graph
+        network = network.with_dtype(args.dtype)  # a UserError for an unknown dtype
+    run_experiment = run_experiment.but(network=network)
+    dtype = network.dtype
     mesh = sharding.make_mesh()
-    graphdef, params, step = sampling.restore_network(
-        args.workdir, config, mesh, step=args.step, ema=not args.raw
+    graphdef, params, step = runs.restore_network(
+        args.workdir, run_experiment, mesh, step=args.step, ema=not args.raw
     )
     flow = nnx.merge(graphdef, params)
-    inverse = getattr(flow, "inverse", None)
-    if inverse is None or "return_iters" not in inspect.signature(inverse).parameters:
-        raise UserError(f"model {config.model.name!r} has no Jacobi inverse (TarFlow has one)")
+    if not isinstance(flow, TarFlow):
+        raise UserError(f"model {network.name!r} has no Jacobi inverse (TarFlow has one)")
     for label, segment in segments.items():
         if isinstance(segment, tuple) and len(segment) != len(flow.blocks):
             raise UserError(
                 f"--segments: {label!r} gives {len(segment)} sizes for a flow of "
                 f"{len(flow.blocks)} blocks"
             )
-    options = dict(config.sample.get("options", {}))
-    temperature = float(options.get("temperature", 1.0))
-    scale = float(config.sample.cfg_scale if args.cfg is None else args.cfg)
-    null = experiment.null_cond(config)
-    guide = guidance_options(
-        scale, conditional=null is not None, null_cond=null, anneal=options.get("guidance_anneal")
+    drawing = run_experiment.with_sampling(cfg_scale=args.cfg).sampling
+    options = drawing.options
+    conditioning = run_experiment.conditioning
+    null = conditioning.null if conditioning.conditional else None
+    # the run's latent scale and guidance; the inverse method is what this script varies
+    drawn = {k: options[k] for k in ("temperature", "guidance_anneal") if k in options}
+    temperature, guide = inverse_setup(
+        conditional=null is not None, cfg_scale=drawing.cfg_scale, null_cond=null, **drawn
     )
+    temperature = float(temperature)
     batch = sharding.sample_batch(mesh, args.batch, args.num)
     n_batches = -(-args.num // batch)
     data = sharding.batch_sharding(mesh)
@@ -164,7 +169,7 @@ def main(argv: list[str]) -> None:
     keys = [jax.random.fold_in(jax.random.key(args.seed), i) for i in range(n_batches)]
     zs = [jax.device_put(temperature * jax.random.normal(k, shape), data) for k in keys]
     conds = [
-        jax.device_put(experiment.sample_labels(batch, spec["num_classes"], i * batch), data)
+        jax.device_put(sample_labels(batch, spec["num_classes"], i * batch), data)
         for i in range(n_batches)
     ]
 
@@ -190,9 +195,7 @@ def main(argv: list[str]) -> None:
         """The sequential inverse of the same weights in float32 at full matmul precision
         (the graph rebuilt in float32; the restored parameters, cast to float32 in case the
         config stores them in a narrower `param_dtype`)."""
-        exact_config = config.copy_and_resolve_references()
-        exact_config.compute_dtype = "float32"
-        graph32, _ = experiment.abstract_network(experiment.network_factory(exact_config))
+        graph32, _ = network.with_dtype("float32").abstract()
         params32 = jax.tree.map(lambda a: a.astype("float32"), params)
 
         def fn(params, z, cond):
@@ -240,7 +243,7 @@ def main(argv: list[str]) -> None:
         "step": int(step),
         "num": n_batches * batch,
         "batch": batch,
-        "cfg_scale": scale,
+        "cfg_scale": drawing.cfg_scale,
         "temperature": temperature,
         "dtype": jax.numpy.dtype(dtype).name,
         "tf32_emulated": bool(args.tf32),

@@ -10,6 +10,11 @@ K = 2^k, sample, and split the samples into memorized / spurious / generalized (
 
 Without tensorflow-datasets, `--data-path data/mnist_{split}.npz` (`scripts.export_npz`).
 
+The model and its training settings are the experiment config
+`experiments/memorization/mnist_unet_sweep.py` (variant `k=<K>`, `tiny=True`, `data_path`,
+`seed`); `--steps`, `--batch`, `--lr`, `--warmup`, `--ema` and `--sample-steps` override
+its defaults. `--ks` and `--num` are the sweep's own.
+
 Writes `<out>.json` (settings and, per K, the fractions and distance statistics) and
 `<out>.png` (fractions against K). Each K trains in `<workdir>/K<K>` and resumes there.
 """
@@ -21,29 +26,13 @@ import time
 
 from scripts.common import argument_parser, run
 
-CONFIG = "experiments/flow_matching/mnist_unet.py"
-FULL = dict(
-    ks="4,16,64,256,1024,4096,16384",  # 70k steps in all: fits a 30-minute GPU budget
-    steps=10_000,
-    batch=128,
-    num=1024,
-    lr=2e-4,
-    warmup=1_000,
-    ema=0.999,
-    sample_steps=50,
-    variant="",
-)
-TINY = dict(
-    ks="4,32,256,2048",
-    steps=600,
-    batch=32,
-    num=64,
-    lr=1e-3,
-    warmup=50,
-    ema=0.98,
-    sample_steps=16,
-    variant="smoke=True",
-)
+# the model and its training settings (those of --tiny too): the experiment config
+CONFIG = "experiments/memorization/mnist_unet_sweep.py"
+# the sweep: training-set sizes and samples per K
+FULL = dict(ks="4,16,64,256,1024,4096,16384", num=1024)  # 70k steps in all: fits 30 GPU minutes
+TINY = dict(ks="4,32,256,2048", num=64)
+# flags that override the config's training settings: its variant keys of the same names
+TRAINING = ("steps", "batch", "lr", "warmup", "ema", "sample_steps")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -67,47 +56,61 @@ def parse(argv: list[str]) -> argparse.Namespace:
     for key, value in (TINY if args.tiny else FULL).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    args.variant = variant(args)
     return args
 
 
+def variant(args) -> str:
+    """The config variant of the flags, but K: `tiny`, `data_path`, `seed` and the explicit
+    training settings (unset ones are the config's defaults)."""
+    from core.errors import UserError
+
+    items = {"tiny": True} if args.tiny else {}
+    if args.data_path:
+        if "," in args.data_path:
+            raise UserError(f"--data-path={args.data_path!r}: a comma cannot pass in a variant")
+        items["data_path"] = args.data_path
+    items["seed"] = args.seed
+    items.update({key: getattr(args, key) for key in TRAINING if getattr(args, key) is not None})
+    return ",".join(f"{key}={value}" for key, value in items.items())
+
+
 def make_config(args, k: int):
-    """The MNIST U-Net experiment on `train[:k]`, with the sweep's training settings."""
+    """The sweep's experiment config on `train[:k]`, with the flags' training settings."""
     from core import config as config_lib
 
-    spec = f"{CONFIG}:{args.variant}" if args.variant else CONFIG
-    c = config_lib.load(spec)
-    c.data.split = f"train[:{k}]"
-    c.data.options.in_memory = True
-    if args.data_path:
-        c.data.update(name="npz", path=args.data_path)
-    c.update(total_steps=args.steps, batch_size=args.batch, seed=args.seed, ema_decay=args.ema)
-    c.update(log_every=max(1, args.steps // 20), ckpt_every=args.steps, sample_every=0)
-    c.optim.update(lr=args.lr, warmup_steps=args.warmup)
-    c.sample.num_steps = args.sample_steps
-    c.compute_dtype = "float32"
-    return c
+    return config_lib.load(f"{CONFIG}:k={k},{args.variant}")
+
+
+def resolve_settings(args, config) -> None:
+    """The training settings the config gives (flag or default) into `args`, for the JSON."""
+    args.steps, args.batch = config.total_steps, config.batch_size
+    args.lr, args.warmup = config.optim.lr, config.optim.warmup_steps
+    args.ema, args.sample_steps = config.ema_decay, config.sample.num_steps
 
 
 def run_one(args, k: int) -> dict:
     """Train (or resume) on `train[:k]`, sample `args.num`, and measure memorization."""
 
-    from core import experiment, reference, sampling, sharding, trainer
+    from core import reference, sampling, sharding, trainer
+    from core.experiment import Experiment, read_data_spec
     from metrics import memorization as mem
 
-    config = make_config(args, k)
+    experiment = Experiment.from_config(make_config(args, k))
     workdir = os.path.join(args.workdir, f"K{k}")
     t0 = time.perf_counter()
-    state = trainer.train(config, workdir)
+    state = trainer.train(experiment, workdir)
     train_s = time.perf_counter() - t0
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    graphdef, _ = experiment.abstract_network(experiment.network_factory(config))
+    mesh = experiment.mesh.make()
+    graphdef, _ = experiment.network.abstract()
     batch = sharding.sample_batch(mesh, 256, args.num)
-    spec = experiment.read_data_spec(workdir)
-    x, _ = sampling.generate(
-        graphdef, state.ema, config, spec, mesh, num=args.num, batch_size=batch, seed=args.seed
-    )
+    spec = read_data_spec(workdir)
+    x, _ = sampling.draw_samples(
+        experiment, graphdef, state.ema, spec, mesh, num=args.num, batch_size=batch,
+        seed=args.seed,
+    )  # fmt: skip
     sampling.write_samples(os.path.join(workdir, "sweep_samples.npz"), x, None)
-    train = reference.dataset_from_config(config).images
+    train = reference.run_dataset(experiment.data).images
     out = mem.memorization_report(mem.pixel_vectors(x), mem.pixel_vectors(train), space="pixel")
     out = {key.removeprefix("pixel/"): v for key, v in out.items()}
     losses = _final_loss(workdir)
@@ -153,6 +156,7 @@ def main(argv: list[str]) -> None:
         ks = [int(k) for k in args.ks.split(",")]
     except ValueError:
         raise UserError(f"--ks must be a comma list of integers, got {args.ks!r}") from None
+    resolve_settings(args, make_config(args, ks[0]))
     results = []
     for k in ks:
         results.append(run_one(args, k))

@@ -57,13 +57,14 @@ def main(argv: list[str]) -> None:
     args = parse(argv)
     import numpy as np
 
-    from core import evaluation, sampling, sharding
+    from core import evaluation, runs, sharding
 
-    config, _ = sampling.load_run(args.workdir)
+    experiment, _ = runs.load_run(args.workdir)
     mesh = sharding.make_mesh()
-    graphdef, params, step = sampling.restore_network(args.workdir, config, mesh, step=args.step)
+    graphdef, params, step = runs.restore_network(args.workdir, experiment, mesh, step=args.step)
     options = evaluation.Options(heldout_split=args.split, batch=args.batch, seed=args.seed)
-    ev = evaluation.Evaluator(None, network=(graphdef, params, config), options=options)
+    network = evaluation.RunNetwork(graphdef, params, experiment)
+    ev = evaluation.Evaluator(None, network=network, options=options)
     log_lik, info = evaluation.heldout_log_likelihood(ev)
     values, rows = {}, []
     for spec, solve in args.solves.items():

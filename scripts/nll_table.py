@@ -70,10 +70,10 @@ def train_seconds(workdir: str) -> float | None:
 
 
 def evaluate_run(args, workdir: str) -> dict:
-    from core import evaluation, sampling, sharding
+    from core import evaluation, runs, sampling, sharding
     from core.checkpoint import open_for_reading
 
-    config, spec = sampling.load_run(workdir)
+    experiment, spec = runs.load_run(workdir)
     mesh = sharding.make_mesh()
     ckpt = open_for_reading(workdir)
     steps = ckpt.all_steps()
@@ -81,9 +81,9 @@ def evaluate_run(args, workdir: str) -> dict:
     steps = steps[-args.last :] if args.last else steps
 
     @functools.lru_cache(maxsize=2)  # the newest two: weights of every checkpoint add up
-    def network(step: int) -> tuple:
-        graphdef, params, _ = sampling.restore_network(workdir, config, mesh, step=step)
-        return graphdef, params, config
+    def network(step: int) -> evaluation.RunNetwork:
+        graphdef, params, _ = runs.restore_network(workdir, experiment, mesh, step=step)
+        return evaluation.RunNetwork(graphdef, params, experiment)
 
     @functools.cache  # the best checkpoint is often the last: computed once
     def nll(step: int, split: str, check: bool = False) -> dict:
@@ -103,18 +103,19 @@ def evaluate_run(args, workdir: str) -> dict:
     final = (checked if steps[-1] == best else nll(steps[-1], args.test_split))["nll"]
     name = os.path.basename(os.path.normpath(workdir))
     plot = f"{args.out}_{name}.png"
-    graphdef, params, _ = network(best)
-    x, _ = sampling.generate(
-        graphdef, params, config, spec, mesh, num=args.num_plot, batch_size=1024, seed=args.seed
-    )
-    _plot(config, args.test_split, x, plot, f"{name}: step {best}, test NLL {test:.3f}")
+    best_network = network(best)
+    x, _ = sampling.draw_samples(
+        experiment, best_network.graphdef, best_network.params, spec, mesh,
+        num=args.num_plot, batch_size=1024, seed=args.seed,
+    )  # fmt: skip
+    _plot(experiment, args.test_split, x, plot, f"{name}: step {best}, test NLL {test:.3f}")
     return {
         "run": workdir,
-        "dataset": config.data.name,
-        "split_seed": config.data.get("options", {}).get("seed"),
-        "model": dict(config.model),
-        "batch_size": config.batch_size,
-        "total_steps": config.total_steps,
+        "dataset": experiment.data.name,
+        "split_seed": experiment.data.options.get("seed"),
+        "model": {"name": experiment.network.name, **experiment.network.options},
+        "batch_size": experiment.training.batch_size,
+        "total_steps": experiment.training.total_steps,
         "val_nll": {str(k): v for k, v in val.items()},
         "best_step": best,
         "test_nll": test,
@@ -128,11 +129,11 @@ def evaluate_run(args, workdir: str) -> dict:
     }
 
 
-def _plot(config, split: str, x, path: str, title: str) -> None:
-    from core import experiment, plots
+def _plot(experiment, split: str, x, path: str, title: str) -> None:
+    from core import plots
     from metrics import geo
 
-    source = experiment.build_source(config, split)
+    source = experiment.data.source(split)
     ref = source.__getitems__(range(source.num_examples))["x"]
     if x.shape[1:] == (3,):
         geo.plot_world_samples(path, x, reference=ref, title=title)

@@ -1,7 +1,7 @@
 r"""Sample from a run's checkpoint:
 
   python -m scripts.sample --workdir runs/x --num 10000 --steps 50 --sampler heun \
-      [--cfg 2.0] [--step N] [--raw] --out samples.npz
+      [--cfg 2.0] [--ckpt-step N] [--raw] --out samples.npz
 
 Writes `arr_0` (uint8 NHWC images, or float32 arrays) and `arr_1` (labels, conditional
 models) plus a PNG grid beside the npz. EMA weights unless `--raw`.
@@ -34,10 +34,13 @@ def main(argv: list[str]) -> None:
 
     from core import sampling
 
-    x, labels, _, step = sample_run(args, label=args.label)
+    drawn = sample_run(args, label=args.label)
     if jax.process_index() == 0:
-        png = sampling.write_samples(args.out, x, labels)
-        print(f"wrote {len(x)} samples from step {step} to {args.out} (preview {png})")
+        png = sampling.write_samples(args.out, drawn.samples, drawn.labels)
+        print(
+            f"wrote {len(drawn.samples)} samples from step {drawn.step} to {args.out} "
+            f"(preview {png})"
+        )
 
 
 if __name__ == "__main__":

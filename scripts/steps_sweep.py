@@ -4,15 +4,15 @@ r"""A metric against the number of sampling steps, for one or several runs.
   python -m scripts.steps_sweep --workdirs runs/mnist_shortcut,runs/mnist_fm \
       --steps 1,2,4,8,128 --metrics fid --num 10000 --out docs/fid_vs_steps
 
-Each (run, k) is one `scripts.evaluate --workdir RUN --steps k` (the run's own sampler:
-k shortcut steps of size 1/k for a shortcut model, k ODE steps otherwise; `--sampler`
-overrides), so the numbers are exactly what that command prints; its JSON goes to
-`<out>_<run>_k<k>.json`. Writes `<out>.json` (run -> k -> numbers) and `<out>.png`
-(`--plot-key`, default the first metric, against k, one line per run). `--grid N` (image
-runs) also writes `<out>_grids.png`: the first N of the very samples each number was
-computed on, one row per run and one column per k (same seed, so the same noise in every
-cell). Other flags (`--num`, `--cfg`, `--dataset`, `--step`, ...) are passed to
-`scripts.evaluate`.
+Each (run, k) is what `scripts.evaluate --workdir RUN --sampling-steps k` computes, through
+the same library call (`core.evaluation.report.evaluate_run`; the run's own sampler: k
+shortcut steps of size 1/k for a shortcut model, k ODE steps otherwise; `--sampler`
+overrides); its JSON goes to `<out>_<run>_k<k>.json`. Writes `<out>.json` (run -> k ->
+numbers) and `<out>.png` (`--plot-key`, default the first metric, against k, one line per
+run). `--grid N` (image runs) also writes `<out>_grids.png`: the first N of the very samples
+each number was computed on, one row per run and one column per k (same seed, so the same
+noise in every cell). Other flags (`--num`, `--cfg`, `--dataset`, `--step`, ...) are
+`scripts.evaluate`'s.
 
 `--reuse` reads the cells whose JSON is already there instead of evaluating them again (a
 sweep cut short goes on where it stopped; one run in pieces is gathered into one
@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 from scripts.common import argument_parser, run
 
@@ -73,16 +72,6 @@ def plot(results: dict, metric: str, path: str, *, log_y: bool = False):
     fig.tight_layout()
     fig.savefig(path)
     return fig
-
-
-def _first_images(path: str, n: int, UserError):
-    import numpy as np
-
-    with np.load(path) as f:
-        x = f["arr_0"][:n]
-    if x.ndim != 4:
-        raise UserError(f"--grid is for image runs; the samples have shape {x.shape}")
-    return x
 
 
 def reused_cell(path: str, request, workdir: str, k: int, metrics: list[str], UserError) -> dict:
@@ -134,10 +123,56 @@ def plot_grids(grids: dict, path: str) -> None:
     fig.savefig(path)
 
 
-def main(argv: list[str]) -> None:
-    args, rest = parse(argv)
+def _cell_request(workdir: str, k: int, metrics: str, rest: list[str]):
+    """`scripts.evaluate`'s flags for one cell, parsed and checked as that command would."""
     from core.errors import UserError
     from scripts import evaluate
+
+    argv = ["evaluate", "--workdir", workdir, "--sampling-steps", str(k), "--metrics", metrics,
+            *rest]  # fmt: skip
+    args = evaluate.parse(argv)
+    evaluate._check(args, UserError)
+    return args
+
+
+def evaluate_cell(args) -> tuple[dict, object]:
+    """One cell: `core.evaluation.report.evaluate_run` with `scripts.evaluate`'s flags ->
+    (its JSON, the drawn samples)."""
+    import time
+
+    from core import evaluation
+    from core.evaluation import report
+    from scripts import evaluate
+    from scripts.common import parse_sample_options
+
+    start = time.perf_counter()
+    names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+    ds = None
+    if args.dataset:
+        from core import reference
+
+        ds = reference.dataset_from_name(
+            args.dataset, args.split or "train", cache_dir=args.cache_dir,
+            data_dir=args.data_dir, image_size=args.image_size,
+        )  # fmt: skip
+    result, drawn = report.evaluate_run(
+        args.workdir, names, num=args.num, batch_size=args.batch, seed=args.seed,
+        step=args.step, ema=not args.raw, sampler=args.sampler, num_steps=args.steps,
+        cfg_scale=args.cfg, sample_options=parse_sample_options(args.sample_option),
+        dataset=ds, split=args.split, cache_dir=args.cache_dir, ref_stats=args.ref_stats,
+        options=evaluate._options(args, evaluation), write_stats=args.write_stats,
+    )  # fmt: skip
+    result["wall_seconds"] = time.perf_counter() - start
+    return result, drawn
+
+
+def main(argv: list[str]) -> None:
+    args, rest = parse(argv)
+    import jax
+
+    from core.errors import UserError
+    from core.plots import to_uint8
+    from scripts.common import write_json
 
     try:
         ks = [int(k) for k in args.steps.split(",") if k.strip()]
@@ -154,33 +189,38 @@ def main(argv: list[str]) -> None:
     workdirs = [w for w in args.workdirs.split(",") if w]
     metrics = [m for m in args.metrics.split(",") if m]
     results, grids = {}, {}
-    tmp = tempfile.TemporaryDirectory() if args.grid else None
     for workdir in workdirs:
         name = os.path.basename(os.path.normpath(workdir))
         results[name], grids[name] = {}, {}
         for k in ks:
             path = f"{args.out}_{name}_k{k}.json"
-            flags = ["--workdir", workdir, "--steps", str(k), "--metrics", args.metrics]
-            if tmp is not None:
-                flags += ["--save-samples", os.path.join(tmp.name, f"{name}_k{k}.npz")]
-            argv = ["evaluate", *flags, "--out", path, *rest]
+            request = _cell_request(workdir, k, args.metrics, [*rest, "--out", path])
             if args.reuse and os.path.exists(path):
-                request = evaluate.parse(argv)
                 results[name][str(k)] = reused_cell(path, request, workdir, k, metrics, UserError)
                 print(f"{path}: reused")
                 continue
-            evaluate.main(argv)
-            with open(path) as f:
-                results[name][str(k)] = json.load(f)
-            if tmp is not None:
-                grids[name][k] = _first_images(flags[-1], args.grid, UserError)
+            cell, drawn = evaluate_cell(request)
+            if jax.process_index() == 0:
+                write_json(cell, path)
+            if request.save_samples and jax.process_index() == 0:
+                from core import sampling
+
+                sampling.write_samples(request.save_samples, drawn.samples, drawn.labels)
+            results[name][str(k)] = cell
+            if args.grid:
+                if drawn.samples.ndim != 4:
+                    raise UserError(
+                        f"--grid is for image runs; the samples have shape {drawn.samples.shape}"
+                    )
+                grids[name][k] = to_uint8(drawn.samples[: args.grid])
+    if jax.process_index() != 0:
+        return
     with open(args.out + ".json", "w") as f:
         json.dump({"steps": ks, "metrics": metrics, "results": results}, f, indent=2)
     key = args.plot_key or metrics[0]
     plot(results, key, args.out + ".png", log_y=args.log_y)
-    if tmp is not None:
+    if args.grid:
         plot_grids(grids, args.out + "_grids.png")
-        tmp.cleanup()
     for name, by_k in results.items():
         row = ", ".join(f"k={k}: {by_k[str(k)].get(key)}" for k in ks)
         print(f"{name}: {key} {row}")

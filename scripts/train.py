@@ -5,6 +5,8 @@ Overrides: `--config.batch_size=64`, and any option of the loss or network
 `--config experiments/x.py:smoke=True`. A workdir with checkpoints is resumed (a config
 whose weights do not fit its checkpoint is refused before anything is written). The
 experiment configs are under experiments/, each with its launch line in its docstring.
+A network of another run is used frozen with `--config.frozen.NAME.workdir=RUN` (optional
+`.step=N`, `.ema=False`): the loss gets it as `NAME_net`.
 """
 
 from scripts.common import maybe_initialize_distributed, parse_config_flags, run
@@ -16,9 +18,10 @@ def main(argv: list[str]) -> None:
         return
     config, workdir = parse_config_flags(argv)
     maybe_initialize_distributed()
+    from core.experiment import Experiment
     from core.trainer import train
 
-    train(config, workdir)
+    train(Experiment.from_config(config), workdir)
 
 
 if __name__ == "__main__":

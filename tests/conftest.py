@@ -66,3 +66,21 @@ def run_python(args: list[str], env: dict, *, devices: int = 1, timeout: float =
         text=True,
         timeout=timeout,
     )
+
+
+def sample_fn(graphdef, config, example_shape, **sampling):
+    """`fn(params, key, cond) -> samples`: the experiment of `config`, its sampling with
+    `sampling` (sampler, num_steps, cfg_scale) replaced, generating from a key."""
+    from core.experiment import Experiment
+    from core.generation import Generation
+
+    experiment = Experiment.from_config(config).with_sampling(**sampling)
+    return Generation(experiment, graphdef, example_shape).sample
+
+
+def train(config, workdir, **kwargs):
+    """`core.trainer.train` of the experiment a ConfigDict describes."""
+    from core.experiment import Experiment
+    from core.trainer import train as train_experiment
+
+    return train_experiment(Experiment.from_config(config), workdir, **kwargs)

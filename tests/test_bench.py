@@ -5,6 +5,7 @@ import subprocess
 
 from core import config as config_lib
 from core.benchmark import forward_flops, mfu
+from core.experiment import Experiment
 from models.flops import dit_forward_flops
 from tests.conftest import PYTHON, ROOT
 
@@ -12,7 +13,8 @@ from tests.conftest import PYTHON, ROOT
 def test_forward_flops_of_the_dit_config_equal_the_closed_form():
     for size in ("S/2", "B/2"):
         config = config_lib.load(f"experiments/flow_matching/cifar10_dit.py:size={size}")
-        assert forward_flops(config, (32, 32, 3)) == dit_forward_flops(size, 32, 3)
+        flops = forward_flops(Experiment.from_config(config), (32, 32, 3))
+        assert flops == dit_forward_flops(size, 32, 3)
     # DiT-B/2 on 32x32x3: about 46 GFLOP per forward (2 * 130M params * 256 tokens / 1.45)
     assert 45e9 < dit_forward_flops("B/2", 32, 3) < 47e9
 
@@ -22,7 +24,8 @@ def test_forward_flops_count_the_step_size_input_of_a_shortcut_dit():
     shortcut = config_lib.load("experiments/shortcut/mnist_dit.py")
     baseline = config_lib.load("experiments/shortcut/mnist_dit.py:method=fm")
     hidden = 384  # DiT-S
-    extra = forward_flops(shortcut, (28, 28, 1)) - forward_flops(baseline, (28, 28, 1))
+    flops = lambda config: forward_flops(Experiment.from_config(config), (28, 28, 1))
+    extra = flops(shortcut) - flops(baseline)
     assert extra == 2 * (256 * hidden + hidden * hidden)
 
 
@@ -35,7 +38,8 @@ def test_forward_flops_of_a_flow_count_its_forward_pass():
     ratio = m.get("mlp_ratio", 4)  # the TarFlow default
     per_layer = tokens * (4 + 2 * ratio) * w * w + 2 * tokens * tokens * w
     per_block = tokens * token_dim * w + m.layers_per_block * per_layer + tokens * w * 2 * token_dim
-    assert forward_flops(config, (28, 28, 1)) == 2 * m.num_blocks * per_block
+    flops = forward_flops(Experiment.from_config(config), (28, 28, 1))
+    assert flops == 2 * m.num_blocks * per_block
 
 
 def test_mfu_arithmetic():
@@ -82,5 +86,5 @@ def test_the_cpu_sized_shortcut_dit_is_the_size_its_docstring_states():
     config = config_lib.load("experiments/shortcut/mnist_dit.py:cpu=True")
     assert config.compute_dtype == "float32"
     expected = dit_forward_flops("S/4", 28, 1, use_dt=True, hidden=128, depth=4, patch=4)
-    assert forward_flops(config, (28, 28, 1)) == expected
+    assert forward_flops(Experiment.from_config(config), (28, 28, 1)) == expected
     assert 83e6 < expected < 84e6

@@ -7,7 +7,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from tests.conftest import PYTHON, ROOT
+from core.experiment import Experiment
+from tests.conftest import PYTHON, ROOT, sample_fn
 
 QUICK = "experiments/quickstart.py:smoke=True"
 
@@ -212,7 +213,6 @@ def test_plot_metrics_reads_the_logged_series_and_names_a_missing_key(tmp_path):
 
 def test_sample_options_parse_as_json_and_unknown_ones_are_named():
     from core import config as config_lib
-    from core import experiment
     from core.errors import UserError
     from scripts.common import parse_sample_options
 
@@ -221,46 +221,48 @@ def test_sample_options_parse_as_json_and_unknown_ones_are_named():
     with pytest.raises(UserError, match="KEY=VALUE"):
         parse_sample_options(["denoise"])
     config = config_lib.load(QUICK)
-    graphdef, _ = experiment.abstract_network(experiment.network_factory(config))
+    graphdef, _ = Experiment.from_config(config).network.abstract()
     config.sample.options.update(parse_sample_options(["max_steps=4"]))
     with pytest.raises(UserError, match=r"sampler 'heun' has no option\(s\) max_steps"):
-        experiment.make_sample_fn(graphdef, config, (2,))
+        sample_fn(graphdef, config, (2,))
 
 
 def test_class_counts_of_model_and_data_must_agree():
     from core import config as config_lib
-    from core import experiment
     from core.errors import UserError
 
     config = config_lib.load("experiments/flow_matching/mnist_unet.py:cond=True,smoke=True")
-    experiment.check_classes(config, {"num_classes": 10})
-    experiment.check_classes(config, {"num_classes": 7})  # a subset of the classes is fine
+
+    def check_classes(config, spec):
+        Experiment.from_config(config).conditioning.check_data(config.data.name, spec)
+
+    check_classes(config, {"num_classes": 10})
+    check_classes(config, {"num_classes": 7})  # a subset of the classes is fine
     with pytest.raises(UserError, match="has 12 classes but model.num_classes=10"):
-        experiment.check_classes(config, {"num_classes": 12})
+        check_classes(config, {"num_classes": 12})
     with pytest.raises(UserError, match="gives no labels"):
-        experiment.check_classes(config, {"num_classes": 0})
+        check_classes(config, {"num_classes": 0})
     config.model.num_classes = 0
-    experiment.check_classes(config, {"num_classes": 12})  # unconditional: labels unused
+    check_classes(config, {"num_classes": 12})  # unconditional: labels unused
 
 
 def test_guidance_on_an_unconditional_model_and_a_retied_shortcut_option_are_errors():
     from core import config as config_lib
-    from core import experiment
     from core.errors import UserError
 
     config = config_lib.load(QUICK)
-    graphdef, _ = experiment.abstract_network(experiment.network_factory(config))
+    graphdef, _ = Experiment.from_config(config).network.abstract()
     with pytest.raises(UserError, match="guidance weight 2 .* needs a conditional model"):
-        experiment.make_sample_fn(graphdef, config, (2,), cfg_scale=2.0)
-    experiment.make_sample_fn(graphdef, config, (2,), cfg_scale=1.0)
+        sample_fn(graphdef, config, (2,), cfg_scale=2.0)
+    sample_fn(graphdef, config, (2,), cfg_scale=1.0)
     # a shortcut run's config.json unties loss.max_steps and sample.options.max_steps
     config = config_lib.load("experiments/shortcut/moons_mlp.py:smoke=True")
     config = config_lib.ConfigDict(json.loads(config.to_json()))
-    graphdef, _ = experiment.abstract_network(experiment.network_factory(config))
-    experiment.make_sample_fn(graphdef, config, (2,))
+    graphdef, _ = Experiment.from_config(config).network.abstract()
+    sample_fn(graphdef, config, (2,))
     config.sample.options.max_steps = config.loss.max_steps // 2
     with pytest.raises(UserError, match=r"max_steps=\d+ differs from the shortcut model's"):
-        experiment.make_sample_fn(graphdef, config, (2,))
+        sample_fn(graphdef, config, (2,))
 
 
 def test_unlisted_and_none_options_of_the_loss_and_network_become_overridable():

@@ -7,6 +7,7 @@ import tensorflow_datasets as tfds
 
 import data.tfds
 from core.errors import UserError
+from core.experiment import Experiment
 from data import ArraySource, Batches, build_source, prefetch, sample_toy
 from data.tfds import TfdsSource
 
@@ -284,24 +285,26 @@ def test_tfds_name_split_and_option_errors(shared_data):
 
 def test_npz_files_per_split_and_one_file_is_one_split(tmp_path):
     from core import config as config_lib
-    from core import experiment, reference
+    from core import reference
 
     x_train, _ = images_npz(tmp_path / "d_train.npz", n=64)
     x_test, _ = images_npz(tmp_path / "d_test.npz", n=16)
     c = config_lib.load("experiments/flow_matching/mnist_unet.py")
     c.data.update(name="npz", path=str(tmp_path / "d_{split}.npz"))
-    assert experiment.build_source(c).num_examples == 64
-    test = experiment.build_source(c, "test")
+    data = Experiment.from_config(c).data
+    assert data.source().num_examples == 64
+    test = data.source("test")
     np.testing.assert_array_equal(test.x, x_test)
-    rows = experiment.build_source(c, "test[4:10]")  # rows as tfds's split syntax takes them
+    rows = data.source("test[4:10]")  # rows as tfds's split syntax takes them
     np.testing.assert_array_equal(rows.x, x_test[4:10])
-    assert rows.num_examples == 6 and experiment.build_source(c, "train[:8]").num_examples == 8
+    assert rows.num_examples == 6 and data.source("train[:8]").num_examples == 8
     with pytest.raises(UserError, match="integer rows"):
-        experiment.build_source(c, "train[:10%]")
+        data.source("train[:10%]")
     c.data.path = str(tmp_path / "d_train.npz")  # one file: the config's split only
-    assert experiment.build_source(c, "train").num_examples == 64
+    data = Experiment.from_config(c).data
+    assert data.source("train").num_examples == 64
     with pytest.raises(UserError, match=r"split 'test' asked of npz data .*d_train.npz"):
-        experiment.build_source(c, "test")
+        data.source("test")
     # evaluation caches features per file: the splits, and a rewritten file, get new tags
     tags = {
         split: reference.dataset_from_name(str(tmp_path / "d_{split}.npz"), split).tag

@@ -12,6 +12,7 @@ import pytest
 
 from core.errors import UserError
 from core.evaluation import make_eval_hook
+from core.experiment import Experiment
 from metrics import fid as fm
 from models.inception import weights_tag
 from scripts import evaluate
@@ -252,7 +253,7 @@ def test_cli_entry_point_prints_one_line(python_env):
 
 def test_eval_hook_and_workdir_mode(tmp_path, monkeypatch):
     from core.config import load
-    from core.trainer import train
+    from tests.conftest import train
 
     monkeypatch.chdir(ROOT)
     config = load("experiments/quickstart.py:smoke=True")  # 2-D data, MLP, 2 steps
@@ -279,13 +280,13 @@ def test_eval_hook_and_workdir_mode(tmp_path, monkeypatch):
     assert (out["cfg"], out["seed"]) == (1.0, 0)
     config.eval.fid = True  # FID of 2-D points is not defined: said before any training
     with pytest.raises(UserError, match="config.eval.fid needs image data"):
-        make_eval_hook(config, workdir)
+        make_eval_hook(Experiment.from_config(config), workdir)
 
 
 def _trained(tmp_path, spec: str):
     """(config, workdir) of the experiment `spec` trained (smoke size) in tmp_path."""
     from core.config import load
-    from core.trainer import train
+    from tests.conftest import train
 
     config = load(spec)
     workdir = str(tmp_path / "run")
@@ -298,10 +299,11 @@ def _restored(config, workdir, ema: bool = True):
     import jax
     from flax import nnx
 
-    from core import sampling, sharding
+    from core import runs, sharding
 
     mesh = sharding.make_mesh()
-    graphdef, params, _ = sampling.restore_network(workdir, config, mesh, ema=ema)
+    experiment = Experiment.from_config(config)
+    graphdef, params, _ = runs.restore_network(workdir, experiment, mesh, ema=ema)
     return nnx.merge(graphdef, jax.device_get(params))
 
 
@@ -310,10 +312,9 @@ def test_nll_and_geo_of_a_run(shared_data, tmp_path, monkeypatch, capsys):
     # restored EMA network and the test split; geo predicts one place per test event.
     import jax.numpy as jnp
 
-    from core import experiment
     from core.config import load
-    from core.trainer import train
     from metrics import likelihood
+    from tests.conftest import train
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("DRIFTLAB_EARTH_DIR", os.path.join(shared_data, "earth"))
@@ -326,7 +327,7 @@ def test_nll_and_geo_of_a_run(shared_data, tmp_path, monkeypatch, capsys):
         "--nll-solver", "rk4", "--nll-steps", "6", "--steps", "3", "--batch", "32",
     )  # fmt: skip
     assert "finer solve than 6 RK4 steps: the NLL is not converged" in capsys.readouterr().err
-    test = experiment.build_source(config, "test")
+    test = Experiment.from_config(config).data.source("test")
     batch = test.__getitems__(np.arange(test.num_examples))
     assert out["nll_count"] == out["geo/count"] == test.num_examples == 82
     lp = {
@@ -361,7 +362,6 @@ def test_bpd_of_a_flow_run(shared_data, tmp_path, monkeypatch):
     # with the run's own noise.
     import jax
 
-    from core import experiment
     from metrics.bpd import dataset_bpd
 
     monkeypatch.chdir(ROOT)
@@ -371,7 +371,7 @@ def test_bpd_of_a_flow_run(shared_data, tmp_path, monkeypatch):
               "--batch", "16")  # fmt: skip
     raw = cli(tmp_path, "--workdir", workdir, "--metrics", "bpd", "--split", "test[:24]",
               "--batch", "16", "--raw")  # fmt: skip
-    data = experiment.build_source(config, "test[:24]").__getitems__(np.arange(24))
+    data = Experiment.from_config(config).data.source("test[:24]").__getitems__(np.arange(24))
     batches = [{k: v[i : i + 16] for k, v in data.items()} for i in (0, 16)]
     for result, ema in ((out, True), (raw, False)):
         direct = dataset_bpd(
@@ -390,15 +390,14 @@ def test_tarflow_ema_is_as_good_a_flow_as_its_weights(shared_data, tmp_path, mon
     # is a far worse flow (EMA minus raw: 0.011 with the warm-up, 2.55 without, at lr 5e-4)
     import jax
 
-    from core import experiment
     from core.config import load
-    from core.trainer import train
     from metrics.bpd import dataset_bpd
+    from tests.conftest import train
 
     monkeypatch.setenv("TFDS_DATA_DIR", os.path.join(shared_data, "tfds"))
     config = load(f"{ROOT}/experiments/nf/mnist_tarflow.py:smoke=True,noise=uniform")
     config.update(total_steps=200, log_every=100, ckpt_every=200, sample_every=0)
-    data = experiment.build_source(config, "train[:256]").__getitems__(np.arange(256))
+    data = Experiment.from_config(config).data.source("train[:256]").__getitems__(np.arange(256))
 
     def bpd(workdir, ema):
         batches = [{"x": data["x"][i : i + 128]} for i in (0, 128)]
@@ -439,8 +438,8 @@ def test_steps_sweep_of_a_shortcut_run(shared_data, tmp_path, monkeypatch):
     # One evaluate call per k with the run's own (shortcut) sampler: k = 1 and k = 2 draw
     # different samples from the same noise, and each number is the evaluate CLI's.
     from core.config import load
-    from core.trainer import train
     from scripts import steps_sweep
+    from tests.conftest import train
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("TFDS_DATA_DIR", os.path.join(shared_data, "tfds"))
@@ -480,11 +479,10 @@ def test_steps_sweep_of_a_shortcut_run(shared_data, tmp_path, monkeypatch):
     )  # the samples themselves were not left behind
 
     # --reuse: k = 1 and 2 are read back, only k = 4 is evaluated, and <out>.json holds all
-    from scripts import evaluate
-
     evaluated = []
-    main = evaluate.main
-    monkeypatch.setattr(evaluate, "main", lambda argv: (evaluated.append(argv), main(argv)))
+    cell = steps_sweep.evaluate_cell
+    record = lambda args: (evaluated.append(["--steps", str(args.steps)]), cell(args))[1]
+    monkeypatch.setattr(steps_sweep, "evaluate_cell", record)
     flags = ["--metrics", "memorization", "--out", out, "--num", "8", "--mem-space", "pixel",
              "--plot-key", key]  # fmt: skip
     steps_sweep.main(["steps_sweep", "--workdirs", workdir, "--steps", "1,2,4", *flags, "--reuse"])
@@ -513,8 +511,8 @@ def test_nll_table_picks_the_checkpoint_with_the_lowest_validation_nll(
     # Two checkpoints of a 2-step volcano run: the table's best step is the argmin of its
     # validation NLLs, and its test NLL is what `evaluate --step best` prints.
     from core.config import load
-    from core.trainer import train
     from scripts import nll_table
+    from tests.conftest import train
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("DRIFTLAB_EARTH_DIR", os.path.join(shared_data, "earth"))

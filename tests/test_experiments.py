@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from core import config as config_lib
-from core.trainer import train
-from tests.conftest import ROOT, SHARED_DATA
+from tests.conftest import ROOT, SHARED_DATA, train
 
 SKIP = {"__init__.py", "presets.py"}
 CONFIGS = sorted(

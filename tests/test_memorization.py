@@ -232,3 +232,19 @@ def test_memorization_sweep_on_npz_data_resumes_to_the_same_numbers(tmp_path):
         assert {k: v for k, v in a.items() if k != "train_seconds"} == {
             k: v for k, v in b.items() if k != "train_seconds"
         }
+
+
+def test_sweep_config_tiny_gives_the_old_tiny_settings():
+    # the numbers `scripts.memorization_sweep --tiny` used to set on the MNIST U-Net itself
+    from core import config as config_lib
+
+    c = config_lib.load("experiments/memorization/mnist_unet_sweep.py:tiny=True,k=32")
+    assert c.data.split == "train[:32]" and c.data.options.in_memory and c.data.name == "mnist"
+    assert (c.total_steps, c.batch_size, c.seed, c.ema_decay) == (600, 32, 0, 0.98)
+    assert (c.log_every, c.ckpt_every, c.sample_every) == (30, 600, 0)
+    assert (c.optim.lr, c.optim.warmup_steps, c.sample.num_steps) == (1e-3, 50, 16)
+    assert c.compute_dtype == "float32" and c.ema_warmup and c.sample.sampler == "heun"
+    assert (c.model.ch, c.model.ch_mult, c.model.num_res_blocks) == (16, (1, 2), 1)  # smoke
+    npz = config_lib.load("experiments/memorization/mnist_unet_sweep.py:k=4,data_path=m.npz")
+    assert (npz.data.name, npz.data.path, npz.data.split) == ("npz", "m.npz", "train[:4]")
+    assert (npz.total_steps, npz.batch_size, npz.optim.lr, npz.model.ch) == (10_000, 128, 2e-4, 64)

@@ -7,7 +7,7 @@ import pytest
 
 import samplers
 from core.errors import UserError
-from samplers.guidance import cfg, guidance_schedule
+from samplers.guidance import guidance_schedule, guide
 
 LAM = -1.5
 
@@ -57,11 +57,11 @@ def test_cfg_mixes_conditional_and_null_outputs():
     t = jnp.full((3,), 0.5)
     cond = jnp.array([1, 2, 3])
     null = 10
-    guided = cfg(cond_field, 2.5, null)
+    guided = guide(cond_field, 2.5, null)
     expected = null + 2.5 * (cond - null)
     np.testing.assert_allclose(guided(x, t, cond=cond)[:, 0], expected)
-    assert cfg(cond_field, 1.0, null) is cond_field
-    interval = cfg(cond_field, guidance_schedule("interval", 3.0, t_lo=0.6, t_hi=1.0), null)
+    assert guide(cond_field, 1.0, null) is cond_field
+    interval = guide(cond_field, guidance_schedule("interval", 3.0, t_lo=0.6, t_hi=1.0), null)
     np.testing.assert_allclose(interval(x, t, cond=cond)[:, 0], cond)  # w = 1 outside
     t_in = jnp.full((3,), 0.8)
     np.testing.assert_allclose(interval(x, t_in, cond=cond)[:, 0], null + 3.0 * (cond - null))

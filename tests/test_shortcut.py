@@ -31,9 +31,10 @@ from losses.shortcut import (
     shortcut_targets,
     take_rows,
 )
-from samplers.guidance import cfg
+from models.step_size import num_levels, steps_dt
+from samplers.guidance import guide
 from samplers.ode import sample_rk4
-from samplers.shortcut import num_levels, sample_shortcut, steps_dt
+from samplers.shortcut import sample_shortcut
 from tests.conftest import run_python
 from tests.gaussian import optimal_velocity
 
@@ -130,7 +131,7 @@ def test_ot_pairing_gives_the_noise_of_every_row_and_shortens_the_pairs(monkeypa
         return jax.jit(lambda b: loss_shortcut(net, b, jax.random.key(6), **hp, **kw))(batch)
 
     # the real plan: pairs closer than independent ones (the zero net's flow-matching rows
-    # measure |x1 - x0|^2), and the default draws what it drew before the option existed
+    # measure |x1 - x0|^2), and ot_pairing=False is the default
     zero = lambda x, t, *, cond=None, dt=None: jnp.zeros_like(x)
     _, independent = run(zero)
     _, paired = run(zero, ot_pairing=True)
@@ -307,7 +308,7 @@ def test_sampler_gives_finite_samples_of_the_right_shape_for_every_k():
         "dit", in_channels=1, variant="S/2", hidden=16, depth=1, heads=2, num_classes=3,
         use_dt=True, rngs=nnx.Rngs(0),
     )  # fmt: skip
-    guided = cfg(dit, 1.5, null_cond=3)
+    guided = guide(dit, 1.5, null_cond=3)
     images = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
     cond = jnp.array([0, 1, 2, 3])
     assert samplers.build("shortcut") is sample_shortcut
@@ -325,20 +326,22 @@ def test_sampler_gives_finite_samples_of_the_right_shape_for_every_k():
 SHARDED_STEP = """
 import json, re
 import jax, numpy as np
-from core import config as config_lib, experiment, sharding
+from core import config as config_lib, sharding
+from core.experiment import Experiment
 from core.train_state import init_state, make_optimizer
 from core.trainer import make_train_step
 
 c = config_lib.load("experiments/shortcut/moons_mlp.py:smoke=True")
 c.loss.update(bootstrap_every=8, max_steps=8)
 mesh = sharding.make_mesh(-1, 1)  # 8 data shards of 8 rows: one bootstrap row each
-graphdef, abstract = experiment.abstract_network(experiment.network_factory(c), 0)
+graphdef, abstract = Experiment.from_config(c).network.abstract(0)
 tx = make_optimizer(**c.optim, total_steps=c.total_steps)
 state = jax.eval_shape(lambda p: init_state(p, tx), abstract)
 shard = sharding.state_shardings(mesh, state, c.mesh.fsdp_min_size)
 state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shard)
 x = jax.ShapeDtypeStruct((64, 2), np.float32, sharding=sharding.batch_sharding(mesh))
-step = make_train_step(graphdef, experiment.build_loss(c), tx, ema_decay=c.ema_decay, seed=0)
+loss_fn = Experiment.from_config(c).loss.fn
+step = make_train_step(graphdef, loss_fn, tx, ema_decay=c.ema_decay, seed=0)
 hlo = jax.jit(step).lower(state, {"x": x}).compile().as_text()
 ops = ["all-reduce", "all-gather", "collective-permute", "all-to-all", "reduce-scatter"]
 print(json.dumps({op: len(re.findall(rf" {op}(?:-start)?\\(", hlo)) for op in ops}))

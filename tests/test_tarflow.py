@@ -20,13 +20,14 @@ from flax import nnx
 from core import experiment
 from core.config import load
 from core.errors import UserError
+from core.experiment import Experiment
 from losses.flow_nll import add_noise, bits_per_dim, flow_bpd, gaussian_log_prob, loss_flow_nll
 from metrics.bpd import dataset_bpd
 from models import NETWORKS
 from models.flops import count_flops
 from models.realnvp import channel_permutation
 from samplers.tarflow import sample_tarflow, tweedie_denoise
-from tests.conftest import ROOT
+from tests.conftest import ROOT, sample_fn
 
 jit0 = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 B, S, C, NUM_CLASSES = 2, 8, 2, 3
@@ -285,17 +286,17 @@ def test_tweedie_step_is_the_gaussian_posterior_mean():
 
 def test_sampler_through_the_experiment_config():
     config = load(f"{ROOT}/experiments/nf/mnist_tarflow.py:smoke=True,cond=True")
-    factory = experiment.network_factory(config)
+    factory = Experiment.from_config(config).network.build
     graphdef, _ = experiment.abstract_network(factory)
     params = redraw(jit0(lambda: experiment.init_params(factory, 0))())  # not the identity
     labels = jnp.arange(4) % 10
-    fn = experiment.make_sample_fn(graphdef, config, (28, 28, 1))
+    fn = sample_fn(graphdef, config, (28, 28, 1))
     x = jit0(fn)(params, jax.random.key(0), labels)  # guided, annealed, denoised
     assert x.shape == (4, 28, 28, 1) and bool(jnp.all(jnp.isfinite(x)))
-    plain = experiment.make_sample_fn(graphdef, config, (28, 28, 1), cfg_scale=1.0)
+    plain = sample_fn(graphdef, config, (28, 28, 1), cfg_scale=1.0)
     assert float(jnp.abs(jit0(plain)(params, jax.random.key(0), labels) - x).max()) > 1e-3
     config.sample.options.update(inverse="jacobi", jacobi_tol=1e-6)
-    fn = experiment.make_sample_fn(graphdef, config, (28, 28, 1))
+    fn = sample_fn(graphdef, config, (28, 28, 1))
     np.testing.assert_allclose(jit0(fn)(params, jax.random.key(0), labels), x, atol=1e-4)
 
 
@@ -334,9 +335,9 @@ def test_sampler_options_follow_the_loss():
 def test_bad_sampler_options_are_one_user_error(options, match):
     config = load(f"{ROOT}/experiments/nf/mnist_tarflow.py:smoke=True")
     config.sample.options.update(options)
-    factory = experiment.network_factory(config)
+    factory = Experiment.from_config(config).network.build
     graphdef, abstract = experiment.abstract_network(factory)
-    fn = experiment.make_sample_fn(graphdef, config, (28, 28, 1))
+    fn = sample_fn(graphdef, config, (28, 28, 1))
     with pytest.raises(UserError, match=match):
         jax.eval_shape(fn, abstract, jax.random.key(0), jnp.zeros((2,), jnp.int32))
 
@@ -406,8 +407,8 @@ def test_flow_inverse_script_times_both_inverses_and_they_agree(tmp_path, capsys
     import json
 
     from core.errors import UserError
-    from core.trainer import train
     from scripts import flow_inverse
+    from tests.conftest import train
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)
@@ -466,7 +467,9 @@ def _bpd_result(spec: str, **loss):
     graphdef, params = nnx.split(fresh("realnvp"))
     x = jnp.concatenate([X, -X])
     ev = SimpleNamespace(
-        _need_network=lambda _: (graphdef, params, config),
+        _need_network=lambda _: evaluation.RunNetwork(
+            graphdef, params, Experiment.from_config(config)
+        ),
         options=SimpleNamespace(seed=0, batch=3, heldout_split="test"),
         heldout={"x": x, "cond": jnp.array([0, 2, 0, 2])},
     )

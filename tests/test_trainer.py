@@ -13,8 +13,7 @@ from core import config as config_lib
 from core.checkpoint import Checkpoints, open_for_reading
 from core.errors import TrainingDiverged, UserError
 from core.train_state import learning_rate
-from core.trainer import train
-from tests.conftest import PYTHON, ROOT, run_python
+from tests.conftest import PYTHON, ROOT, run_python, train
 
 
 def quick_config(**overrides):
@@ -66,9 +65,9 @@ SHARDING_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     from core import config as config_lib
-    from core.trainer import train
+    from tests.conftest import train
+    from core.experiment import Experiment
     out = {}
-    from core import experiment
     spec, overrides = sys.argv[2], json.loads(sys.argv[3])
     for data, fsdp in [(1, 1), (8, 1), (4, 2), (1, 8)]:
         c = config_lib.load(spec)
@@ -82,7 +81,7 @@ SHARDING_SCRIPT = textwrap.dedent("""
         c.mesh.update(data=data, fsdp=fsdp, fsdp_min_size=0)
         state = train(c, f"{sys.argv[1]}/{data}x{fsdp}", devices=jax.devices()[:data * fsdp])
         leaves = [np.asarray(x) for x in jax.tree.leaves(state.params)]
-        init = jax.tree.leaves(experiment.init_params(experiment.network_factory(c), c.seed))
+        init = jax.tree.leaves(Experiment.from_config(c).network.init(c.seed))
         moved = max(float(np.abs(a - np.asarray(b)).max()) for a, b in zip(leaves, init))
         specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(state.params)})
         with open(f"{sys.argv[1]}/{data}x{fsdp}/metrics.jsonl") as f:
@@ -143,7 +142,7 @@ def test_a_resume_that_does_not_fit_the_config_is_an_error_and_changes_nothing(t
 RESUME_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from core import config as config_lib
-    from core.trainer import train
+    from tests.conftest import train
     workdir, kill_at = sys.argv[1], int(sys.argv[2])
     c = config_lib.load("experiments/quickstart.py:smoke=True")
     c.update(total_steps=8, ckpt_every=2, log_every=1)

@@ -1,0 +1,150 @@
+"""Each model family named once: `METHODS`, one entry per family.
+
+An entry is data that the rest of the code asks (the trainer, generation, the evaluator),
+never the name of a loss or the signature of a function:
+
+- `loss`: the family's loss in `losses.LOSSES` (a config names the loss; its family is the
+  entry that owns it, `method_for_loss`);
+- `protocol`: the network protocol of `models` it trains (`velocity`: `net(x, t, *, cond,
+  dt)`; `flow`: `forward` / `inverse`);
+- `sampler`, `samplers`: the default sampler and every sampler of `samplers.SAMPLERS`
+  that draws from the family;
+- `prior`: the default prior (`samplers.PRIORS`) of the initial noise;
+- `guidance`: how classifier-free guidance reaches the model: `wrap` (the network is
+  wrapped by `samplers.guidance.guide`, so every sampler gets it) or `sampler` (the
+  sampler takes `cfg_scale` and `null_cond` itself: a flow mixes affine parameters);
+- `output`: what the network outputs on the Gaussian path (a `models.views` kind), which
+  gives its score view; None off that path (the sphere) or for a density model;
+- `step_input`: the network also takes the shortcut step size `dt`; its score view is the
+  finest level (`dt = 0`, the flow-matching velocity);
+- `likelihood`: `ode` (the probability-flow ODE, `metrics.likelihood`, on `manifold`),
+  `flow` (the exact change of variables, `metrics.bpd`) or None;
+- `tied`: sampler options that must equal a loss option of the trained model;
+- `generation`, `noise`: for a family whose generation is not "prior noise -> sampler",
+  its own `make(experiment, graphdef, frozen_graphdefs) -> generate` and
+  `draw(experiment, key, n) -> noise pytree` (None: `core.generation`'s defaults).
+
+Adding a family is one entry here (plus its network, loss, sampler and a config).
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import jax.numpy as jnp
+
+from core.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Tied:
+    """A sampler option that must equal the loss option `loss_option` (`why`: what it fixes)."""
+
+    option: str
+    loss_option: str
+    why: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    loss: str
+    protocol: str
+    sampler: str
+    samplers: tuple[str, ...]
+    prior: str
+    guidance: str = "wrap"
+    output: str | None = None
+    step_input: bool = False
+    likelihood: str | None = None
+    manifold: str = "euclidean"
+    tied: tuple[Tied, ...] = ()
+    generation: Callable | None = None
+    noise: Callable | None = None
+
+    def score_view(self, net):
+        """`score(x, t, cond=None)` of `net` on the Gaussian path; a UserError for a family
+        that has none."""
+        if self.output is None:
+            raise UserError(
+                f"a {self.name} model has no score view (it is not a denoiser on the Gaussian path)"
+            )
+        from metrics.effective_dim import score_view
+
+        if self.step_input:  # the finest level: the flow-matching velocity
+            base = net
+
+            def net(x, t, *, cond=None, dt=None):
+                return base(x, t, cond=cond, dt=jnp.zeros_like(t))
+
+        return score_view(net, self.output)
+
+    def check_sampler(self, sampler: str) -> None:
+        if sampler not in self.samplers:
+            raise UserError(
+                f"sampler {sampler!r} cannot draw from a {self.name} model (loss "
+                f"{self.loss!r}); its samplers: {', '.join(self.samplers)}"
+            )
+
+
+_ODE = ("euler", "midpoint", "heun", "rk4")
+_GAUSSIAN_PATH = (*_ODE, "euler_maruyama")
+
+METHODS = {
+    m.name: m
+    for m in (
+        Method(
+            name="flow_matching",
+            loss="flow_matching",
+            protocol="velocity",
+            sampler="heun",
+            samplers=_GAUSSIAN_PATH,
+            prior="gaussian",
+            output="velocity",
+            likelihood="ode",
+        ),
+        Method(
+            name="shortcut",
+            loss="shortcut",
+            protocol="velocity",
+            sampler="shortcut",
+            samplers=("shortcut", *_GAUSSIAN_PATH),
+            prior="gaussian",
+            output="velocity",
+            step_input=True,
+            tied=(Tied("max_steps", "max_steps", "the dt input's mapping of step sizes"),),
+        ),
+        Method(
+            name="sphere_flow_matching",
+            loss="sphere_fm",
+            protocol="velocity",
+            sampler="sphere_rk4",
+            samplers=("sphere_euler", "sphere_midpoint", "sphere_rk4"),
+            prior="sphere_uniform",
+            likelihood="ode",
+            manifold="sphere",
+        ),
+        Method(
+            name="normalizing_flow",
+            loss="flow_nll",
+            protocol="flow",
+            sampler="tarflow",
+            samplers=("tarflow",),
+            prior="gaussian",
+            guidance="sampler",
+            likelihood="flow",
+            tied=(
+                Tied("noise", "noise", "the training noise the Tweedie step removes"),
+                Tied("noise_std", "noise_std", "the training noise the Tweedie step removes"),
+            ),
+        ),
+    )
+}
+
+
+def method_for_loss(loss: str) -> Method:
+    """The family whose loss is `loss`; a UserError listing the known losses otherwise."""
+    for method in METHODS.values():
+        if method.loss == loss:
+            return method
+    known = ", ".join(m.loss for m in METHODS.values())
+    raise UserError(f"unknown loss {loss!r}; known: {known}")

@@ -1,0 +1,185 @@
+"""A run directory read back: its experiment, data spec and weights, the frozen networks of
+other runs it names, and samples drawn from it (what `scripts.sample` and
+`scripts.evaluate --workdir` do).
+"""
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+
+from core import sharding
+from core.checkpoint import open_for_reading
+from core.config import from_json
+from core.errors import UserError
+from core.experiment import Experiment, Frozen, read_data_spec
+
+
+def load_config(workdir: str):
+    """The ConfigDict of a run's `config.json`."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise UserError(f"no config.json in {workdir}: not a driftlab run directory")
+    with open(path) as f:
+        return from_json(f.read())
+
+
+def load_run(workdir: str) -> tuple[Experiment, dict]:
+    """(experiment, data spec) of a run directory written by the trainer."""
+    config = load_config(workdir)
+    try:
+        experiment = Experiment.from_config(config)
+    except (AttributeError, KeyError) as e:  # a config.json missing a section
+        raise UserError(f"{workdir}/config.json is not a driftlab config: no {e}") from None
+    return experiment, read_data_spec(workdir)
+
+
+def placed_like_params(experiment: Experiment, abstract, mesh):
+    """`abstract` params as `ShapeDtypeStruct`s sharded on `mesh` by the FSDP rule."""
+    shardings = sharding.state_shardings(mesh, abstract, experiment.mesh.fsdp_min_size)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
+def restore_network(
+    workdir: str, experiment: Experiment, mesh, *, step: int | None = None, ema: bool = True
+):
+    """(graphdef, params placed on `mesh`, step) from the newest or the given checkpoint."""
+    ckpt = open_for_reading(workdir)
+    graphdef, abstract = experiment.network.abstract()
+    try:
+        step, params = ckpt.restore_weights(
+            placed_like_params(experiment, abstract, mesh), step=step, ema=ema
+        )
+    finally:
+        ckpt.close()
+    return graphdef, params, step
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenNets:
+    """The frozen networks of an experiment: by name, their graphdefs, their params (on the
+    mesh, never updated) and what was restored (`frozen`: the steps resolved)."""
+
+    graphdefs: dict
+    params: dict
+    frozen: tuple[Frozen, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.graphdefs)
+
+
+NO_FROZEN = FrozenNets({}, {})
+
+
+def resolve_frozen(experiment: Experiment) -> tuple[Frozen, ...]:
+    """Each frozen network's run checked and its step fixed (the newest when unset), as a
+    new run records them: a missing run, checkpoint or step is one UserError naming it."""
+    out = []
+    for f in experiment.frozen:
+        where = f"frozen.{f.name}.workdir={f.workdir!r}"
+        if not os.path.isdir(f.workdir):
+            raise UserError(f"{where}: no such run directory")
+        if not os.path.exists(os.path.join(f.workdir, "config.json")):
+            raise UserError(f"{where}: no config.json there (not a driftlab run directory)")
+        try:
+            ckpt = open_for_reading(f.workdir)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        try:
+            step = ckpt.resolve_step(f.step)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        finally:
+            ckpt.close()
+        out.append(dataclasses.replace(f, workdir=os.path.abspath(f.workdir), step=step))
+    return tuple(out)
+
+
+def abstract_frozen(experiment: Experiment) -> tuple[dict, dict]:
+    """(graphdefs, abstract params) of the frozen networks, by name, from their runs'
+    configs; a run whose checkpoint does not fit its own config is a UserError."""
+    graphdefs, abstracts = {}, {}
+    for f in experiment.frozen:
+        other, _ = load_run(f.workdir)
+        graphdefs[f.name], abstracts[f.name] = other.network.abstract()
+    return graphdefs, abstracts
+
+
+def restore_frozen(experiment: Experiment, mesh) -> FrozenNets:
+    """Restore every network of `experiment.frozen` onto `mesh`, sharded like parameters."""
+    if not experiment.frozen:
+        return NO_FROZEN
+    resolved = resolve_frozen(experiment)
+    graphdefs, abstracts = abstract_frozen(experiment)
+    params = {}
+    for f in resolved:
+        ckpt = open_for_reading(f.workdir)
+        try:
+            wrong = ckpt.mismatches(f.step, abstracts[f.name])
+            if wrong:
+                raise UserError(
+                    f"frozen.{f.name}: the step-{f.step} checkpoint of {f.workdir} does not fit "
+                    f"that run's own config.json ({'; '.join(wrong[:2])})"
+                )
+            target = placed_like_params(experiment, abstracts[f.name], mesh)
+            _, params[f.name] = ckpt.restore_weights(target, step=f.step, ema=f.ema)
+        finally:
+            ckpt.close()
+    return FrozenNets(graphdefs, params, resolved)
+
+
+@dataclasses.dataclass
+class RunSamples:
+    """What `sample_run` returns: the samples (float32 on the host, None when not drawn),
+    their labels (None if unconditional), the run's network and the checkpoint step."""
+
+    samples: np.ndarray | None
+    labels: np.ndarray | None
+    experiment: Experiment
+    graphdef: object
+    params: object
+    step: int
+    spec: dict
+
+
+def sample_run(
+    workdir: str,
+    *,
+    num: int | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    step: int | None = None,
+    ema: bool = True,
+    sampler: str | None = None,
+    num_steps: int | None = None,
+    cfg_scale: float | None = None,
+    sample_options: dict | None = None,
+    label: int | None = None,
+    mesh=None,
+) -> RunSamples:
+    """Restore a run's weights (EMA unless `ema=False`) on `mesh` (default: all devices) and,
+    unless `num` is None, draw `num` samples in batches of `batch_size` rounded up to a multiple of
+    the devices, with the run's sampling where `sampler`, `num_steps`, `cfg_scale`,
+    `sample_options` do not override it."""
+    from core import sampling
+
+    open_for_reading(workdir).close()  # a directory without checkpoints says so first
+    experiment, spec = load_run(workdir)
+    experiment = experiment.with_sampling(
+        sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale, options=sample_options
+    )
+    mesh = mesh or sharding.make_mesh()
+    graphdef, params, step = restore_network(workdir, experiment, mesh, step=step, ema=ema)
+    x = labels = None
+    if num is not None:
+        frozen = restore_frozen(experiment, mesh)
+        batch = sharding.sample_batch(mesh, batch_size, num)
+        x, labels = sampling.draw_samples(
+            experiment, graphdef, params, spec, mesh, num=num, batch_size=batch, seed=seed,
+            label=label, frozen=frozen,
+        )  # fmt: skip
+    return RunSamples(x, labels, experiment, graphdef, params, step, spec)
