@@ -291,42 +291,7 @@ class Experiment:
         model = _plain(c.model)
         network = Network(model.pop("name"), model, _dtype(c.compute_dtype))
         lookup(models.NETWORKS, network.name, "network")
-        s = c.sample
-        sampling = Sampling(
-            sampler=s.get("sampler") or method.sampler,
-            num_steps=int(s.num_steps),
-            cfg_scale=float(s.cfg_scale),
-            prior=s.get("prior") or method.prior,
-            options=_plain(s.get("options", ConfigDict())),
-            num=int(s.get("num", 64)),
-            plot=s.get("plot", "auto"),
-        )
-        d = c.data
-        data = Data(
-            name=d.name,
-            split=d.split,
-            use_labels=bool(d.get("use_labels", False)),
-            random_flip=bool(d.get("random_flip", False)),
-            path=d.get("path"),
-            image_size=d.get("image_size"),
-            data_dir=d.get("data_dir"),
-            options=_plain(d.get("options", ConfigDict())),
-        )
-        training = Training(
-            seed=int(c.seed),
-            total_steps=int(c.total_steps),
-            batch_size=int(c.batch_size),
-            optim=_plain(c.optim),
-            ema_decay=float(c.ema_decay),
-            ema_warmup=bool(c.get("ema_warmup", False)),
-            teacher_ema_decay=float(c.get("teacher_ema_decay", 0.0)),
-            train_seconds=float(c.get("train_seconds", 0.0) or 0.0),
-            log_every=int(c.log_every),
-            ckpt_every=int(c.ckpt_every),
-            keep_ckpts=int(c.keep_ckpts),
-            sample_every=int(c.get("sample_every", 0) or 0),
-            eval_every=int(c.get("eval_every", 0) or 0),
-        )
+        sampling, data, training = _sampling(c.sample, method), _data(c.data), _training(c)
         mesh = MeshSpec(**_plain(c.get("mesh", ConfigDict())))
         evaluation = Evaluation(**_plain(c.get("eval", ConfigDict())))
         frozen = tuple(
@@ -364,6 +329,50 @@ class Experiment:
     def with_sampling(self, **changes) -> "Experiment":
         """A copy whose sampling has `Sampling.but(**changes)` (None values: kept)."""
         return self.but(sampling=self.sampling.but(**changes))
+
+
+def _sampling(s: ConfigDict, method: Method) -> Sampling:
+    """The `sample` section; an unset sampler or prior is the family's default."""
+    return Sampling(
+        sampler=s.get("sampler") or method.sampler,
+        num_steps=int(s.num_steps),
+        cfg_scale=float(s.cfg_scale),
+        prior=s.get("prior") or method.prior,
+        options=_plain(s.get("options", ConfigDict())),
+        num=int(s.get("num", 64)),
+        plot=s.get("plot", "auto"),
+    )
+
+
+def _data(d: ConfigDict) -> Data:
+    return Data(
+        name=d.name,
+        split=d.split,
+        use_labels=bool(d.get("use_labels", False)),
+        random_flip=bool(d.get("random_flip", False)),
+        path=d.get("path"),
+        image_size=d.get("image_size"),
+        data_dir=d.get("data_dir"),
+        options=_plain(d.get("options", ConfigDict())),
+    )
+
+
+def _training(c: ConfigDict) -> Training:
+    return Training(
+        seed=int(c.seed),
+        total_steps=int(c.total_steps),
+        batch_size=int(c.batch_size),
+        optim=_plain(c.optim),
+        ema_decay=float(c.ema_decay),
+        ema_warmup=bool(c.get("ema_warmup", False)),
+        teacher_ema_decay=float(c.get("teacher_ema_decay", 0.0)),
+        train_seconds=float(c.get("train_seconds", 0.0) or 0.0),
+        log_every=int(c.log_every),
+        ckpt_every=int(c.ckpt_every),
+        keep_ckpts=int(c.keep_ckpts),
+        sample_every=int(c.get("sample_every", 0) or 0),
+        eval_every=int(c.get("eval_every", 0) or 0),
+    )
 
 
 def _frozen(name: str, section: dict) -> Frozen:
