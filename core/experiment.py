@@ -182,12 +182,13 @@ class Data:
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """How samples are drawn: `prior` noise -> `sampler` in `num_steps` steps, guidance
-    weight `cfg_scale` (1 = none), sampler keyword `options`."""
+    weight `cfg_scale` (1 = none), sampler keyword `options`. `sampler` and `prior` are None
+    for a family that generates nothing (`Method.generates`: a classifier)."""
 
-    sampler: str
+    sampler: str | None
     num_steps: int
     cfg_scale: float
-    prior: str
+    prior: str | None
     options: dict
     num: int = 64
     plot: str = "auto"
@@ -303,7 +304,13 @@ class Experiment:
         return exp
 
     def _check(self) -> None:
-        self.method.check_sampler(self.sampling.sampler)
+        if self.method.samplers or self.sampling.sampler is not None:
+            self.method.check_sampler(self.sampling.sampler)  # a classifier takes none
+        if self.training.eval_every and not self.method.generates:
+            raise UserError(
+                f"eval_every={self.training.eval_every} evaluates samples, but a "
+                f"{self.method.name} model does not generate samples: set eval_every=0"
+            )
         decay = self.training.teacher_ema_decay
         if not 0.0 <= decay < 1.0:
             raise UserError(f"teacher_ema_decay={decay} must be in [0, 1) (0 = no teacher EMA)")
@@ -332,7 +339,8 @@ class Experiment:
 
 
 def _sampling(s: ConfigDict, method: Method) -> Sampling:
-    """The `sample` section; an unset sampler or prior is the family's default."""
+    """The `sample` section; an unset sampler or prior is the family's default (None for a
+    family without samplers)."""
     return Sampling(
         sampler=s.get("sampler") or method.sampler,
         num_steps=int(s.num_steps),

@@ -22,7 +22,8 @@ The default generation is "prior noise -> sampler": guidance wraps the network
 (`Method.guidance == "sampler"`: then it gets `cfg_scale` and `null_cond`); the sampler
 options are `experiment.sampling.options`, checked against the sampler's keywords and
 against the loss options they are tied to (`Method.tied`). A family whose generation is not
-this (GIVT: tokens, then a decoder) sets `Method.generation` / `Method.noise`.
+this (GIVT: tokens, then a decoder) sets `Method.generation` / `Method.noise`. A family
+that generates nothing (`Method.generates` False: a classifier) is a UserError here.
 """
 
 import inspect
@@ -46,10 +47,11 @@ class Generation:
         example_shape,
         frozen_graphdefs: dict | None = None,
     ):
+        method = experiment.method
+        method.check_generates()  # a classifier: one UserError, before anything else
         self.experiment, self.graphdef = experiment, graphdef
         self.example_shape = tuple(example_shape)
         self.frozen_graphdefs = dict(frozen_graphdefs or {})
-        method = experiment.method
         if method.generation is None:
             self._generate = _sampler_generation(experiment, graphdef)
         else:

@@ -6,10 +6,11 @@ never the name of a loss or the signature of a function:
 - `loss`: the family's loss in `losses.LOSSES` (a config names the loss; its family is the
   entry that owns it, `method_for_loss`);
 - `protocol`: the network protocol of `models` it trains (`velocity`: `net(x, t, *, cond,
-  dt)`; `flow`: `forward` / `inverse`);
+  dt)`; `flow`: `forward` / `inverse`; `classifier`: `net(x) -> logits`);
 - `sampler`, `samplers`: the default sampler and every sampler of `samplers.SAMPLERS`
-  that draws from the family;
-- `prior`: the default prior (`samplers.PRIORS`) of the initial noise;
+  that draws from the family; None and `()` for a family that generates nothing (a
+  classifier: `generates` is False, so no generation, sample grid or sample metric);
+- `prior`: the default prior (`samplers.PRIORS`) of the initial noise (None: no sampler);
 - `guidance`: how classifier-free guidance reaches the model: `wrap` (the network is
   wrapped by `samplers.guidance.guide`, so every sampler gets it) or `sampler` (the
   sampler takes `cfg_scale` and `null_cond` itself: a flow mixes affine parameters);
@@ -49,9 +50,9 @@ class Method:
     name: str
     loss: str
     protocol: str
-    sampler: str
-    samplers: tuple[str, ...]
-    prior: str
+    sampler: str | None = None
+    samplers: tuple[str, ...] = ()
+    prior: str | None = None
     guidance: str = "wrap"
     output: str | None = None
     step_input: bool = False
@@ -78,7 +79,21 @@ class Method:
 
         return score_view(net, self.output)
 
-    def check_sampler(self, sampler: str) -> None:
+    @property
+    def generates(self) -> bool:
+        """Whether the family draws samples (a sampler, or its own generation)."""
+        return bool(self.samplers) or self.generation is not None
+
+    def check_generates(self) -> None:
+        if not self.generates:
+            raise UserError(f"a {self.name} model does not generate samples")
+
+    def check_sampler(self, sampler: str | None) -> None:
+        if not self.samplers:
+            raise UserError(
+                f"a {self.name} model does not generate samples: leave sample.sampler "
+                f"(--sampler) unset, got {sampler!r}"
+            )
         if sampler not in self.samplers:
             raise UserError(
                 f"sampler {sampler!r} cannot draw from a {self.name} model (loss "
@@ -136,6 +151,11 @@ METHODS = {
                 Tied("noise", "noise", "the training noise the Tweedie step removes"),
                 Tied("noise_std", "noise_std", "the training noise the Tweedie step removes"),
             ),
+        ),
+        Method(  # an image classifier: no sampler, no prior (the noise-search verifier)
+            name="classifier",
+            loss="cross_entropy",
+            protocol="classifier",
         ),
     )
 }

@@ -409,7 +409,8 @@ def _loop(
 ) -> TrainState:
     t = run.experiment.training
     step_fn = run.setup.jit_step()
-    grid = _SampleGrid(run) if t.sample_every else None
+    # a family that generates nothing (a classifier) draws no sample grids
+    grid = _SampleGrid(run) if t.sample_every and run.experiment.method.generates else None
     metrics_log = _MetricsLog(t, writer, ckpt, start)
     bar = tqdm(
         total=t.total_steps,

@@ -20,6 +20,7 @@ import functools
 import inspect
 
 from core.errors import UserError, lookup
+from losses.classification import loss_cross_entropy
 from losses.flow_matching import loss_flow_matching
 from losses.flow_nll import loss_flow_nll
 from losses.shortcut import loss_shortcut
@@ -32,6 +33,7 @@ LOSSES = {
     "sphere_fm": loss_sphere_fm,
     "shortcut": loss_shortcut,
     "flow_nll": loss_flow_nll,
+    "cross_entropy": loss_cross_entropy,
 }
 
 

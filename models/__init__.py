@@ -9,6 +9,8 @@ Protocols (one per family):
   float embedding `[B, E]`. `dt` is the shortcut step size, already normalised to [0, 1]
   (`0` = the flow-matching limit); a net built without a `dt` input rejects one.
 - `Flow`: `forward(x, *, cond=None) -> (z, logdet)` and `inverse(z, *, cond=None) -> x`.
+- `Classifier`: `net(x) -> logits [B, num_classes]` float32, images `x` `[B, H, W, C]` in
+  [-1, 1] (no time, no condition: the `classifier` family, `models/classifier.py`).
 
 Every class is built as `Cls(**kwargs, rngs=nnx.Rngs(seed))` and holds only `nnx.Param`
 state (no BatchNorm, no Rngs), so the trainer can split it into (graphdef, params) once.
@@ -21,6 +23,7 @@ import jax
 from flax import nnx
 
 from core.errors import UserError, lookup
+from models.classifier import Classifier as ClassifierNet
 from models.dit import DiT
 from models.mlp import MLP
 from models.realnvp import RealNVP
@@ -48,6 +51,10 @@ class Flow(Protocol):
     def inverse(self, z: jax.Array, *, cond: jax.Array | None = None) -> jax.Array: ...
 
 
+class Classifier(Protocol):
+    def __call__(self, x: jax.Array) -> jax.Array: ...
+
+
 NETWORKS = {
     "mlp": MLP,
     "unet": UNet,
@@ -55,6 +62,7 @@ NETWORKS = {
     "sphere_mlp": SphereMLP,
     "tarflow": TarFlow,
     "realnvp": RealNVP,
+    "classifier": ClassifierNet,
 }
 
 

@@ -39,6 +39,21 @@ RESUMABLE = ("euler", "midpoint", "heun", "rk4", "euler_maruyama")
 STEP_NOISE = {"euler_maruyama": step_noise_shape}
 
 
+# network evaluations per step of each sampler (a TarFlow inverse is counted as one
+# evaluation per sample, whatever its number of steps)
+EVALS_PER_STEP = {
+    "euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "euler_maruyama": 1,
+    "sphere_euler": 1, "sphere_midpoint": 2, "sphere_rk4": 4, "shortcut": 1,
+}  # fmt: skip
+
+
+def nfe(sampler: str, num_steps: int) -> int:
+    """Network evaluations to draw one sample with `sampler` in `num_steps` steps."""
+    if sampler == "tarflow":
+        return 1
+    return EVALS_PER_STEP[sampler] * int(num_steps)
+
+
 def gaussian_prior(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.random.normal(key, shape)
 

@@ -16,6 +16,7 @@ dimension.
   # the run's network on its held-out split (no sampling of the whole model needed)
   python -m scripts.evaluate --workdir runs/earth_volcano --metrics nll --split test
   python -m scripts.evaluate --workdir runs/earth_geoloc --metrics geo --split test
+  python -m scripts.evaluate --workdir runs/mnist_cnn --metrics accuracy --split test
 
 Metrics of samples: fid, kid, pr, is, memorization, effdim, swd (sliced Wasserstein, for
 low-dimensional data). The reference (FID/KID/PR/swd) and the training set (memorization)
@@ -25,9 +26,9 @@ Dataset features and statistics are cached in `--cache-dir` (default
 ~/.cache/driftlab/fid_stats). `effdim` needs `--workdir` (the score network).
 Metrics of the run's network on its data split `--split` (default test): nll or bpd (the
 same numbers: nats, and bits/dim for images and normalizing flows), geo (conditional
-models on S^2: one prediction per held-out example). The JSON (top-level `fid` when asked
-for) is written to `--out` and printed; plots go beside it (`<out>_effdim.png`,
-`<out>_geo.png`).
+models on S^2: one prediction per held-out example), accuracy (a classifier run: top-1).
+The JSON (top-level `fid` when asked for) is written to `--out` and printed; plots go
+beside it (`<out>_effdim.png`, `<out>_geo.png`).
 """
 
 import argparse

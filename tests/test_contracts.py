@@ -1,7 +1,8 @@
 """Contract tests over every registry entry (the networks' own are in tests/test_models.py):
 
 - every family of `core.methods.METHODS` has a smoke config that builds into an Experiment
-  of that family, and its loss, default sampler and prior are registered;
+  of that family, and its loss, default sampler and prior are registered (a family that
+  generates nothing, a classifier, has none);
 - every loss of `losses.LOSSES`: the signature `loss(net, batch, key, *, ...)`, jit, a
   per-example `[B]` loss, finite values and gradients;
 - every sampler of `samplers.SAMPLERS`, through the generation of a family that lists it:
@@ -33,6 +34,7 @@ FAMILY_CONFIGS = {
     "shortcut": ("experiments/shortcut/moons_mlp.py:smoke=True", (2,)),
     "sphere_flow_matching": ("experiments/sphere/earth_volcano.py:smoke=True", (3,)),
     "normalizing_flow": ("experiments/nf/mnist_tarflow.py:smoke=True,cond=True", (28, 28, 1)),
+    "classifier": ("experiments/classifier/mnist_cnn.py:smoke=True", (28, 28, 1)),
 }
 B = 8
 jit0 = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
@@ -70,6 +72,9 @@ def test_every_family_has_a_config_and_registered_parts():
     for name, method in METHODS.items():
         experiment = family(name)[0]
         assert experiment.method is method
+        if not method.generates:  # a classifier: no sampler, no prior
+            assert (method.sampler, method.samplers, method.prior) == (None, (), None), name
+            continue
         assert method.sampler in method.samplers
         assert set(method.samplers) <= set(samplers.SAMPLERS), name
         assert method.prior in samplers.PRIORS

@@ -211,7 +211,7 @@ def test_bad_input_is_one_line(env, tmp_path, monkeypatch, capsys):
     floats = _npz(tmp_path, "f.npz", env[:8].astype(np.float32))  # 0..255 as float
     cases = {
         "samples file 'nope.npz' not found": ["--samples", "nope.npz"],
-        "unknown metric 'lpips'; known metrics: bpd, effdim, fid, geo, is, kid": [
+        "unknown metric 'lpips'; known metrics: accuracy, bpd, effdim, fid, geo, is, kid": [
             "--samples", a, "--metrics", "fid,lpips",
         ],
         "unknown dataset 'nosuchdataset'": [

@@ -43,6 +43,7 @@ TESTED_ELSEWHERE = {
     "sphere_mlp": "tests/test_sphere.py",
     "tarflow": "tests/test_tarflow.py",
     "realnvp": "tests/test_tarflow.py",
+    "classifier": "tests/test_classifier.py",
 }
 T = jnp.array([0.3, 0.7])
 DT = jnp.array([0.25, 0.5])

@@ -1,8 +1,8 @@
 """Metrics of the run's network on held-out data, `fn(ev: Evaluator) -> dict of numbers`:
 the negative log-likelihood (`nll`, and bits/dim: `bpd`; the exact ODE likelihood of
-`metrics.likelihood` for flow-matching models, `metrics.bpd` for normalizing flows) and
-geolocation (`geo`, `metrics.geo`). They need the run's network and a data split, not
-samples."""
+`metrics.likelihood` for flow-matching models, `metrics.bpd` for normalizing flows),
+geolocation (`geo`, `metrics.geo`) and a classifier's top-1 `accuracy`. They need the
+run's network and a data split, not samples."""
 
 from __future__ import annotations
 
@@ -147,9 +147,41 @@ def _geo(ev: Evaluator) -> dict:
     return out
 
 
+def _accuracy(ev: Evaluator) -> dict:
+    """Top-1 accuracy of a classifier run (the `classifier` family) on the held-out split's
+    labels, in batches of `options.batch` (the last one padded: one compiled program)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    network = ev._need_network("accuracy")
+    method = network.experiment.method
+    if method.protocol != "classifier":
+        raise UserError(
+            f"accuracy is a classifier's metric (a run of the classifier family); this run "
+            f"is a {method.name} model"
+        )
+    data, o = ev.heldout, ev.options
+    if "cond" not in data:
+        raise UserError("accuracy needs labels: the run's data has none (data.use_labels)")
+    x, labels = np.asarray(data["x"], np.float32), np.asarray(data["cond"])
+    if not len(x):
+        raise UserError(f"accuracy: the split {o.heldout_split!r} holds no examples")
+    n, b = len(x), min(o.batch, len(x))
+    predict = jax.jit(lambda p, x: jnp.argmax(nnx.merge(network.graphdef, p)(x), axis=-1))
+    predicted = []
+    for i in range(0, n, b):
+        chunk = x[i : i + b]
+        padded = np.concatenate([chunk, np.zeros((b - len(chunk), *x.shape[1:]), x.dtype)])
+        predicted.append(np.asarray(predict(network.params, padded))[: len(chunk)])
+    correct = int(np.sum(np.concatenate(predicted) == labels))
+    return {"accuracy": correct / n, "accuracy_split": o.heldout_split, "accuracy_count": n}
+
+
 # this module's part of `core.evaluation.METRICS`; its names are `HELDOUT_METRICS`
 HELDOUT = {
     "nll": _nll,
     "bpd": _nll,  # the same numbers: bits/dim is there for images and flows
     "geo": _geo,
+    "accuracy": _accuracy,
 }
