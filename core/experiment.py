@@ -293,8 +293,8 @@ class Experiment:
         network = Network(model.pop("name"), model, _dtype(c.compute_dtype))
         lookup(models.NETWORKS, network.name, "network")
         sampling, data, training = _sampling(c.sample, method), _data(c.data), _training(c)
-        mesh = MeshSpec(**_plain(c.get("mesh", ConfigDict())))
-        evaluation = Evaluation(**_plain(c.get("eval", ConfigDict())))
+        mesh = _section(MeshSpec, "mesh", c.get("mesh", ConfigDict()))
+        evaluation = _section(Evaluation, "eval", c.get("eval", ConfigDict()))
         frozen = tuple(
             _frozen(name, section) for name, section in _plain(c.get("frozen", {})).items()
         )
@@ -381,6 +381,19 @@ def _training(c: ConfigDict) -> Training:
         sample_every=int(c.get("sample_every", 0) or 0),
         eval_every=int(c.get("eval_every", 0) or 0),
     )
+
+
+def _section(cls, name: str, section: ConfigDict):
+    """`cls(**section)`; a key `cls` does not have is a UserError naming the section."""
+    values = _plain(section)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise UserError(
+            f"config section {name!r} has no key(s) {', '.join(unknown)}; its keys: "
+            f"{', '.join(sorted(fields))}"
+        )
+    return cls(**values)
 
 
 def _frozen(name: str, section: dict) -> Frozen:

@@ -192,3 +192,26 @@ def test_search_cli_writes_samples_json_and_curve(tmp_path, python_env):
         python_env,
     )  # fmt: skip
     assert proc.returncode == 2 and "error: --budget-nfe 3 is too small" in proc.stderr
+
+
+def test_likelihood_verifier_is_the_flows_bits_per_dim(toy):
+    """The score is log p(x) / D of the frozen flow: `-(bpd - log2 s) log 2` of the
+    bits/dim path (`losses.flow_nll.bits_per_dim`, noise 'none': s = 127.5)."""
+    from flax import nnx
+
+    import models
+    from core.runs import FrozenNets
+    from losses.flow_nll import LOG_SCALE, bits_per_dim
+    from models.flow_density import flow_log_prob
+
+    experiment, generation, params, _ = toy
+    flow = models.build("realnvp", rngs=nnx.Rngs(0), in_channels=1, hidden=8,
+                        num_couplings=2, num_classes=0)  # fmt: skip
+    graphdef, flow_params = nnx.split(flow, nnx.Param)
+    frozen = FrozenNets({"verifier": graphdef}, {"verifier": nnx.to_pure_dict(flow_params)})
+    context = VerifierContext(experiment, generation, params, frozen)
+    verifier = build_verifier("likelihood", context)
+    x = jax.random.uniform(jax.random.key(4), (3, 4, 4, 1), minval=-1.0, maxval=1.0)
+    score = verifier(x, None)
+    bpd = bits_per_dim(flow_log_prob(flow, x), 16, noise="none")
+    np.testing.assert_allclose(score, -(bpd * np.log(2.0) - LOG_SCALE["none"]), rtol=1e-5)
