@@ -66,3 +66,36 @@ def classifier(context: VerifierContext) -> Verifier:
         return class_log_prob(logits, cond)
 
     return Verifier("classifier", fn, params, nfe=1)
+
+
+def classify_samples(workdir: str, x, labels, *, batch_size: int = 500) -> dict:
+    """A classifier run's verdict on samples `x` (float images in [-1, 1] or uint8) drawn
+    for `labels`: the fraction classified as their label (`accuracy`) and the mean
+    log-probability of the label (`mean_log_p`), with the run's EMA weights."""
+    import numpy as np
+    from flax import nnx
+
+    from core import runs, sharding
+
+    experiment, _ = runs.load_run(workdir)
+    graphdef, params, step = runs.restore_network(workdir, experiment, sharding.make_mesh())
+    x = np.asarray(x)
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 127.5 - 1.0
+    labels = np.asarray(labels)
+
+    @jax.jit
+    def verdict(params, x, y):
+        logits = nnx.merge(graphdef, params)(jnp.clip(x, -1.0, 1.0))
+        return jnp.argmax(logits, axis=-1) == y, class_log_prob(logits, y)
+
+    hits, log_p = [], []
+    for i in range(0, len(x), batch_size):
+        h, lp = verdict(
+            params, jnp.asarray(x[i : i + batch_size]), jnp.asarray(labels[i : i + batch_size])
+        )
+        hits.append(np.asarray(h))
+        log_p.append(np.asarray(lp))
+    hits, log_p = np.concatenate(hits), np.concatenate(log_p)
+    return {"accuracy": float(hits.mean()), "mean_log_p": float(log_p.mean()),
+            "num": int(len(hits)), "classifier": workdir, "classifier_step": int(step)}  # fmt: skip

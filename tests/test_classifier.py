@@ -213,3 +213,23 @@ def test_a_classifier_generates_nothing():
     evaluated.eval_every = 10
     with pytest.raises(UserError, match="set eval_every=0"):
         Experiment.from_config(evaluated)
+
+
+def test_classify_cli_judges_samples_by_their_labels(run, tmp_path, python_env):
+    """`scripts.classify`: real images with their labels are right, with shuffled labels
+    about a third right (3 classes); the uint8 ADM layout is read as the float images."""
+    from core.plots import to_uint8
+    from tests.conftest import run_python
+
+    _, workdir, x, y = run
+    for name, labels in (("true", y), ("shuffled", np.roll(y, 1))):
+        path = str(tmp_path / f"{name}.npz")
+        np.savez(path, arr_0=to_uint8(x), arr_1=labels)
+        out = str(tmp_path / f"{name}.json")
+        argv = ["-m", "scripts.classify", "--samples", path, "--classifier-run", workdir]
+        proc = run_python([*argv, "--out", out], python_env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    true = json.loads((tmp_path / "true.json").read_text())
+    shuffled = json.loads((tmp_path / "shuffled.json").read_text())
+    assert true["accuracy"] >= 0.95 and shuffled["accuracy"] < 0.6
+    assert true["mean_log_p"] > shuffled["mean_log_p"]
