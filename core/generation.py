@@ -52,8 +52,10 @@ class Generation:
         self.experiment, self.graphdef = experiment, graphdef
         self.example_shape = tuple(example_shape)
         self.frozen_graphdefs = dict(frozen_graphdefs or {})
+        self._call = None  # the sampler with its options and guidance (default families)
         if method.generation is None:
-            self._generate = _sampler_generation(experiment, graphdef)
+            self._call = _sampler_call(experiment, graphdef)
+            self._generate = _sampler_generation(self._call, experiment.sampling.num_steps)
         else:
             self._generate = method.generation(experiment, graphdef, self.frozen_graphdefs)
 
@@ -75,15 +77,14 @@ class Generation:
         goes on from a re-noised partial sample (`samplers.sde.renoise`). Pure and jittable;
         for the samplers of `samplers.RESUMABLE`."""
         name = self.experiment.sampling.sampler
-        if name not in samplers.RESUMABLE:
+        if self._call is None or name not in samplers.RESUMABLE:
             raise UserError(
                 f"sampler {name!r} cannot start at t_start (the samplers that can: "
                 f"{', '.join(samplers.RESUMABLE)})"
             )
         steps = self.experiment.sampling.num_steps if num_steps is None else num_steps
         extra = {} if step_noise is None else {"step_noise": step_noise}
-        call = _sampler_call(self.experiment, self.graphdef)
-        return call(params, x, cond, num_steps=steps, t_start=t_start, t_end=t_end, **extra)
+        return self._call(params, x, cond, num_steps=steps, t_start=t_start, t_end=t_end, **extra)
 
 
 def prior_noise(experiment: Experiment, key: jax.Array, n: int, example_shape) -> dict:
@@ -126,10 +127,9 @@ def sampler_options(experiment: Experiment) -> dict:
     return options
 
 
-def _sampler_generation(experiment: Experiment, graphdef):
-    """`generate(params, noise, cond, frozen)` of the default family: noise -> sampler."""
-    sample = _sampler_call(experiment, graphdef)
-    steps = experiment.sampling.num_steps
+def _sampler_generation(sample, steps: int):
+    """`generate(params, noise, cond, frozen)` of the default family: noise -> `sample`
+    (`_sampler_call`) in `steps` steps."""
 
     def generate(params, noise, cond, frozen):
         del frozen  # the default families use no other run's network

@@ -130,11 +130,11 @@ class Search:
     jitted (the verifier's parameters are an argument)."""
 
     def __init__(self, experiment: Experiment, graphdef, example_shape, verifier: Verifier,
-                 settings: Settings):  # fmt: skip
+                 settings: Settings, generation: Generation | None = None):  # fmt: skip
         self.experiment, self.verifier = experiment, verifier
         s = experiment.sampling
         self.settings = settings.check(s.num_steps)
-        self.generation = Generation(experiment, graphdef, example_shape)
+        self.generation = generation or Generation(experiment, graphdef, example_shape)
         self.shape = tuple(example_shape)
         guided = experiment.conditioning.conditional and s.cfg_scale != 1.0
         factor = 2 if guided and experiment.method.guidance == "wrap" else 1
@@ -246,32 +246,25 @@ def search_run(
     num: int,
     batch_size: int = 256,
     seed: int = 0,
-    step: int | None = None,
-    ema: bool = True,
-    sampler: str | None = None,
-    num_steps: int | None = None,
-    cfg_scale: float | None = None,
-    sample_options: dict | None = None,
     verifier_run: str | None = None,
     verifier_options: dict | None = None,
     budget_nfe: int | None = None,
     dataset=None,
     label: int | None = None,
+    **restore,
 ):
-    """Search `num` samples of the run in `workdir` (its EMA weights unless `ema=False`,
-    its sampling unless overridden) against the verifier `verifier_name` (a frozen network
-    of another run: `verifier_run`; a reference: `dataset`), in sharded batches ->
-    `(samples, labels, report)`; `report` holds the settings, the NFEs per sample and the
-    history of the best score against them."""
+    """Search `num` samples of the run in `workdir` against the verifier `verifier_name` (a
+    frozen network of another run: `verifier_run`; a reference: `dataset`), in sharded
+    batches -> `(samples, labels, report)`; `report` holds the settings, the NFEs per sample
+    and the history of the best score against them. `restore`: `core.runs.sample_run`'s
+    weights and sampling keywords (step, ema, sampler, num_steps, cfg_scale,
+    sample_options; its EMA weights and its own sampling by default)."""
     from core import runs, sharding
     from core.experiment import Frozen
     from core.sampling import to_host
     from metrics.verifiers import VerifierContext, build_verifier
 
-    drawn = runs.sample_run(
-        workdir, step=step, ema=ema, sampler=sampler, num_steps=num_steps,
-        cfg_scale=cfg_scale, sample_options=sample_options,
-    )  # fmt: skip
+    drawn = runs.sample_run(workdir, **restore)
     experiment, spec = drawn.experiment, drawn.spec
     mesh = sharding.make_mesh()
     frozen = runs.NO_FROZEN
@@ -288,10 +281,11 @@ def search_run(
         experiment, generation, drawn.params, frozen, dataset, dict(verifier_options or {})
     )
     verifier = build_verifier(verifier_name, context)
-    search = Search(experiment, drawn.graphdef, spec["example_shape"], verifier, settings)
+    shape = spec["example_shape"]
+    search = Search(experiment, drawn.graphdef, shape, verifier, settings, generation)
     if budget_nfe is not None:
         settings = with_budget(search.settings, budget_nfe, **search.costs)
-        search = Search(experiment, drawn.graphdef, spec["example_shape"], verifier, settings)
+        search = Search(experiment, drawn.graphdef, shape, verifier, settings, generation)
     batch = sharding.sample_batch(mesh, batch_size, num)
     data = sharding.batch_sharding(mesh)
     run = jax.jit(search.run, out_shardings=(data, data, sharding.replicated(mesh)))
@@ -313,7 +307,8 @@ def search_run(
     labels = np.concatenate(ys)[:num] if classes else None
     history = np.concatenate(histories, axis=1)[:, :num]
     report = {
-        "workdir": workdir, "step": drawn.step, "weights": "ema" if ema else "raw",
+        "workdir": workdir, "step": drawn.step,
+        "weights": "ema" if restore.get("ema", True) else "raw",
         **experiment.sampling.record(), "seed": seed, "verifier": verifier_name,
         "verifier_run": verifier_run, "search": dataclasses.asdict(search.settings),
         "nfe_generator_per_sample": search.nfe["generator"],

@@ -203,14 +203,20 @@ def parse_sample_options(pairs: list[str]) -> dict:
     return out
 
 
+def sampling_kwargs(args) -> dict:
+    """`core.runs.sample_run`'s keywords from the flags of `add_sampling_flags` (also taken
+    by `core.evaluation.report.evaluate_run` and, but for the batch, `core.search`)."""
+    return dict(
+        batch_size=args.batch, seed=args.seed, step=args.step, ema=not args.raw,
+        sampler=args.sampler, num_steps=args.steps, cfg_scale=args.cfg,
+        sample_options=parse_sample_options(getattr(args, "sample_option", [])),
+    )  # fmt: skip
+
+
 def sample_run(args, *, want_samples: bool = True, label: int | None = None):
     """`core.runs.sample_run` with the flags of `add_sampling_flags` (`--workdir` too): the
     run's weights on a mesh of all devices and, if `want_samples`, `--num` samples."""
     from core import runs
 
-    return runs.sample_run(
-        args.workdir, num=args.num if want_samples else None, batch_size=args.batch,
-        seed=args.seed, step=args.step, ema=not args.raw, sampler=args.sampler,
-        num_steps=args.steps, cfg_scale=args.cfg,
-        sample_options=parse_sample_options(getattr(args, "sample_option", [])), label=label,
-    )  # fmt: skip
+    num = args.num if want_samples else None
+    return runs.sample_run(args.workdir, num=num, label=label, **sampling_kwargs(args))

@@ -42,8 +42,8 @@ from scripts.common import (
     argument_parser,
     maybe_initialize_distributed,
     nll_solver_options,
-    parse_sample_options,
     run,
+    sampling_kwargs,
     write_json,
 )
 
@@ -220,6 +220,32 @@ def _options(args, evaluation):
     )
 
 
+def dataset(args):
+    """The `--dataset` (`--split`, default train) as a `core.reference.Dataset`, or None."""
+    if not args.dataset:
+        return None
+    from core import reference
+
+    return reference.dataset_from_name(
+        args.dataset, args.split or "train", cache_dir=args.cache_dir,
+        data_dir=args.data_dir, image_size=args.image_size,
+    )  # fmt: skip
+
+
+def evaluate_workdir(args, names: list[str], ds, *, want_samples: bool | None = None):
+    """`core.evaluation.report.evaluate_run` of `--workdir` with these flags ->
+    `(result, drawn samples)`."""
+    from core import evaluation
+    from core.evaluation import report
+
+    return report.evaluate_run(
+        args.workdir, names, num=args.num, dataset=ds, split=args.split,
+        cache_dir=args.cache_dir, ref_stats=args.ref_stats,
+        options=_options(args, evaluation), write_stats=args.write_stats,
+        want_samples=want_samples, **sampling_kwargs(args),
+    )  # fmt: skip
+
+
 def main(argv: list[str]) -> None:
     start = time.perf_counter()
     args = parse(argv)
@@ -229,7 +255,7 @@ def main(argv: list[str]) -> None:
     maybe_initialize_distributed()
     import jax
 
-    from core import evaluation, reference
+    from core import evaluation
     from core.evaluation import report
 
     names = [n.strip() for n in (args.metrics or "").split(",") if n.strip()]
@@ -244,22 +270,10 @@ def main(argv: list[str]) -> None:
             )
     if heldout and not args.workdir:
         raise UserError(f"{', '.join(heldout)} need the run's network: give --workdir")
-    ds = None
-    if args.dataset:
-        ds = reference.dataset_from_name(
-            args.dataset, args.split or "train", cache_dir=args.cache_dir,
-            data_dir=args.data_dir, image_size=args.image_size,
-        )  # fmt: skip
-    options = _options(args, evaluation)
+    ds = dataset(args)
     if args.workdir:
         want = bool(sample_metrics or args.write_stats or args.save_samples)
-        result, drawn = report.evaluate_run(
-            args.workdir, names, num=args.num, batch_size=args.batch, seed=args.seed,
-            step=args.step, ema=not args.raw, sampler=args.sampler, num_steps=args.steps,
-            cfg_scale=args.cfg, sample_options=parse_sample_options(args.sample_option),
-            dataset=ds, split=args.split, cache_dir=args.cache_dir, ref_stats=args.ref_stats,
-            options=options, write_stats=args.write_stats, want_samples=want,
-        )  # fmt: skip
+        result, drawn = evaluate_workdir(args, names, ds, want_samples=want)
         if args.save_samples and jax.process_index() == 0:
             from core import sampling
 
@@ -272,7 +286,7 @@ def main(argv: list[str]) -> None:
             info = {"samples": args.samples}
         result = report.evaluate(
             names, samples=x, labels=labels, dataset=ds, ref_stats=args.ref_stats,
-            options=options, write_stats=args.write_stats,
+            options=_options(args, evaluation), write_stats=args.write_stats,
         )  # fmt: skip
         result.update(info)
     if jax.process_index() != 0:

@@ -30,6 +30,7 @@ from scripts.common import (
     maybe_initialize_distributed,
     parse_sample_options,
     run,
+    sampling_kwargs,
     write_json,
 )
 
@@ -85,13 +86,10 @@ def main(argv: list[str]) -> None:
 
         dataset = reference.dataset_from_name(args.dataset, "train")
     samples, labels, report = search_lib.search_run(
-        args.workdir, settings, args.verifier, num=args.num, batch_size=args.batch,
-        seed=args.seed, step=args.step, ema=not args.raw, sampler=args.sampler,
-        num_steps=args.steps, cfg_scale=args.cfg,
-        sample_options=parse_sample_options(args.sample_option),
+        args.workdir, settings, args.verifier, num=args.num,
         verifier_run=args.verifier_run,
         verifier_options=parse_sample_options(args.verifier_option),
-        budget_nfe=args.budget_nfe, dataset=dataset, label=args.label,
+        budget_nfe=args.budget_nfe, dataset=dataset, label=args.label, **sampling_kwargs(args),
     )  # fmt: skip
     if jax.process_index() != 0:
         return

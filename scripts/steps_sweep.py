@@ -136,32 +136,15 @@ def _cell_request(workdir: str, k: int, metrics: str, rest: list[str]):
 
 
 def evaluate_cell(args) -> tuple[dict, object]:
-    """One cell: `core.evaluation.report.evaluate_run` with `scripts.evaluate`'s flags ->
+    """One cell: what `scripts.evaluate --workdir` computes with these flags ->
     (its JSON, the drawn samples)."""
     import time
 
-    from core import evaluation
-    from core.evaluation import report
     from scripts import evaluate
-    from scripts.common import parse_sample_options
 
     start = time.perf_counter()
     names = [n.strip() for n in args.metrics.split(",") if n.strip()]
-    ds = None
-    if args.dataset:
-        from core import reference
-
-        ds = reference.dataset_from_name(
-            args.dataset, args.split or "train", cache_dir=args.cache_dir,
-            data_dir=args.data_dir, image_size=args.image_size,
-        )  # fmt: skip
-    result, drawn = report.evaluate_run(
-        args.workdir, names, num=args.num, batch_size=args.batch, seed=args.seed,
-        step=args.step, ema=not args.raw, sampler=args.sampler, num_steps=args.steps,
-        cfg_scale=args.cfg, sample_options=parse_sample_options(args.sample_option),
-        dataset=ds, split=args.split, cache_dir=args.cache_dir, ref_stats=args.ref_stats,
-        options=evaluate._options(args, evaluation), write_stats=args.write_stats,
-    )  # fmt: skip
+    result, drawn = evaluate.evaluate_workdir(args, names, evaluate.dataset(args))
     result["wall_seconds"] = time.perf_counter() - start
     return result, drawn
 

@@ -70,14 +70,6 @@ def evaluate_run(
     names: list[str],
     *,
     num: int,
-    batch_size: int = 256,
-    seed: int = 0,
-    step: int | None = None,
-    ema: bool = True,
-    sampler: str | None = None,
-    num_steps: int | None = None,
-    cfg_scale: float | None = None,
-    sample_options: dict | None = None,
     dataset=None,
     split: str | None = None,
     cache_dir: str | None = None,
@@ -85,27 +77,27 @@ def evaluate_run(
     options: Options | None = None,
     write_stats: str | None = None,
     want_samples: bool | None = None,
+    **sampling,
 ):
     """Restore the run (and draw `num` samples when a metric or `write_stats` needs them,
     or `want_samples`), evaluate `names` against `dataset` (default: the run's own data,
-    its `split`), and say how the samples were drawn -> `(result, core.runs.RunSamples)`."""
+    its `split`), and say how the samples were drawn -> `(result, core.runs.RunSamples)`.
+    `sampling`: `core.runs.sample_run`'s keywords (batch_size, seed, step, ema, sampler,
+    num_steps, cfg_scale, sample_options)."""
     from core import runs
     from core.reference import run_dataset
 
     heldout, sample_metrics = split_metrics(names)
     if want_samples is None:
         want_samples = bool(sample_metrics or write_stats)
-    drawn = runs.sample_run(
-        workdir, num=num if want_samples else None, batch_size=batch_size, seed=seed, step=step,
-        ema=ema, sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale,
-        sample_options=sample_options,
-    )  # fmt: skip
+    drawn = runs.sample_run(workdir, num=num if want_samples else None, **sampling)
     if dataset is None:
         dataset = run_dataset(drawn.experiment.data, split, cache_dir=cache_dir)
     network = RunNetwork(drawn.graphdef, drawn.params, drawn.experiment)
-    info = {"workdir": workdir, "step": drawn.step, "weights": "ema" if ema else "raw"}
+    weights = "ema" if sampling.get("ema", True) else "raw"
+    info = {"workdir": workdir, "step": drawn.step, "weights": weights}
     if want_samples:  # how they were drawn (the run's sampling unless overridden)
-        info.update(drawn.experiment.sampling.record(), seed=seed)
+        info.update(drawn.experiment.sampling.record(), seed=sampling.get("seed", 0))
     result = evaluate(
         names, samples=drawn.samples, labels=drawn.labels, network=network, dataset=dataset,
         ref_stats=ref_stats, options=options, write_stats=write_stats,
