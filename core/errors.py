@@ -18,6 +18,15 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGTERM or SIGINT after checkpointing the step it was at; the CLIs
+    print the message as one line and exit with `status` (128 + the signal's number)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 def lookup(table: Mapping[str, T], name: str, kind: str) -> T:
     """`table[name]`, or a UserError that lists the known names of this `kind`."""
     if name not in table:

@@ -4,7 +4,9 @@ other runs it names, and samples drawn from it (what `scripts.sample` and
 """
 
 import dataclasses
+import json
 import os
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -25,13 +27,26 @@ def load_config(workdir: str):
         return from_json(f.read())
 
 
-def load_run(workdir: str) -> tuple[Experiment, dict]:
-    """(experiment, data spec) of a run directory written by the trainer."""
+def load_run(workdir: str, step: int | None = None, ckpt=None) -> tuple[Experiment, dict]:
+    """(experiment, data spec) of a run directory written by the trainer: the experiment
+    that trained checkpoint `step` (its recorded config; the run's config.json for a step
+    saved without one, and when `step` is None). `ckpt`: the run's open `Checkpoints`."""
     config = load_config(workdir)
+    where = f"{workdir}/config.json"
+    if step is not None:
+        reader = ckpt or open_for_reading(workdir)
+        try:
+            saved = reader.saved_config(step)
+        finally:
+            if ckpt is None:
+                reader.close()
+        if saved is not None:
+            config = from_json(json.dumps(saved))
+            where = f"the config saved with step {step} of {workdir}"
     try:
         experiment = Experiment.from_config(config)
     except (AttributeError, KeyError) as e:  # a config.json missing a section
-        raise UserError(f"{workdir}/config.json is not a driftlab config: no {e}") from None
+        raise UserError(f"{where} is not a driftlab config: no {e}") from None
     return experiment, read_data_spec(workdir)
 
 
@@ -46,16 +61,61 @@ def placed_like_params(experiment: Experiment, abstract, mesh):
 def restore_network(
     workdir: str, experiment: Experiment, mesh, *, step: int | None = None, ema: bool = True
 ):
-    """(graphdef, params placed on `mesh`, step) from the newest or the given checkpoint."""
+    """(graphdef, params placed on `mesh`, step) from the given checkpoint or the newest
+    intact one (`Checkpoints.restore_intact`: a damaged newer step is skipped, saying so)."""
     ckpt = open_for_reading(workdir)
     graphdef, abstract = experiment.network.abstract()
+    target = placed_like_params(experiment, abstract, mesh)
     try:
-        step, params = ckpt.restore_weights(
-            placed_like_params(experiment, abstract, mesh), step=step, ema=ema
+        step, (_, params) = ckpt.restore_intact(
+            lambda s: ckpt.restore_weights(target, step=s, ema=ema),
+            step=step,
+            items=("ema" if ema else "params",),
         )
     finally:
         ckpt.close()
     return graphdef, params, step
+
+
+@dataclasses.dataclass
+class RestoredRun:
+    """A checkpoint of a run restored with the experiment that trained it."""
+
+    experiment: Experiment
+    spec: dict
+    graphdef: object
+    params: object
+    step: int
+
+
+def restore_run(
+    workdir: str,
+    mesh,
+    *,
+    step: int | None = None,
+    ema: bool = True,
+    adjust: Callable[[Experiment], Experiment] = lambda e: e,
+) -> RestoredRun:
+    """The given checkpoint, or the newest intact one, restored on `mesh` together with
+    the experiment that trained it (its recorded config), after `adjust` (e.g. sampling
+    overrides) is applied to that experiment."""
+    ckpt = open_for_reading(workdir)
+
+    def restore(s: int) -> RestoredRun:
+        experiment, spec = load_run(workdir, s, ckpt)
+        experiment = adjust(experiment)
+        graphdef, abstract = experiment.network.abstract()
+        target = placed_like_params(experiment, abstract, mesh)
+        _, params = ckpt.restore_weights(target, step=s, ema=ema)
+        return RestoredRun(experiment, spec, graphdef, params, s)
+
+    try:
+        _, restored = ckpt.restore_intact(
+            restore, step=step, items=("ema" if ema else "params",)
+        )
+    finally:
+        ckpt.close()
+    return restored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +149,9 @@ def resolve_frozen(experiment: Experiment) -> tuple[Frozen, ...]:
             ckpt = open_for_reading(f.workdir)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
-        try:
-            step = ckpt.resolve_step(f.step)
+        try:  # the given step, or the newest whose files are intact
+            item = "ema" if f.ema else "params"
+            step, _ = ckpt.restore_intact(lambda s: None, step=f.step, items=(item,))
         except UserError as e:
             raise UserError(f"{where}: {e}") from None
         finally:
@@ -168,12 +229,15 @@ def sample_run(
     from core import sampling
 
     open_for_reading(workdir).close()  # a directory without checkpoints says so first
-    experiment, spec = load_run(workdir)
-    experiment = experiment.with_sampling(
-        sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale, options=sample_options
-    )
+    load_run(workdir)  # and one that is not a run
+    adjust = lambda experiment: experiment.with_sampling(
+        sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale, options=sample_options,
+    )  # fmt: skip
     mesh = mesh or sharding.make_mesh()
-    graphdef, params, step = restore_network(workdir, experiment, mesh, step=step, ema=ema)
+    run = restore_run(workdir, mesh, step=step, ema=ema, adjust=adjust)
+    experiment, spec, graphdef, params, step = (
+        run.experiment, run.spec, run.graphdef, run.params, run.step
+    )
     x = labels = None
     if num is not None:
         frozen = restore_frozen(experiment, mesh)

@@ -10,6 +10,8 @@ resumed run equals an uninterrupted one.
 import dataclasses
 import json
 import os
+import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -22,10 +24,11 @@ from tqdm import tqdm
 
 import losses
 from core import plots, runs, sampling, sharding
-from core.checkpoint import Checkpoints
-from core.errors import TrainingDiverged, UserError
+from core.checkpoint import Checkpoints, items_of
+from core.errors import TrainingDiverged, TrainingInterrupted, UserError
 from core.experiment import Experiment, Training, data_spec, write_data_spec
 from core.train_state import TrainState, init_state, learning_rate, make_optimizer
+from core.workdir import WorkdirLock, make_writable
 from core.writer import MetricWriter
 from data.pipeline import Batches, prefetch
 
@@ -243,20 +246,34 @@ class _Run:
                 f"{tuple(self.spec['example_shape'])}: {first}"
             ) from e
 
-    def init_or_restore(self, ckpt: Checkpoints, workdir: str) -> TrainState:
-        latest = ckpt.latest_step()
-        if latest is not None:
-            wrong = ckpt.mismatches(latest, self.setup.abstract_state.params)
+    def init_or_restore(self, ckpt: Checkpoints, workdir: str) -> tuple[TrainState, dict | None]:
+        """(state, the config that trained it) from the newest intact checkpoint (damaged
+        newer steps are moved aside, see `Checkpoints.restore_intact`), or (fresh, None)."""
+        if not ckpt.all_steps():
+            return self.setup.fresh_state(), None
+        target = self.setup.abstract_state
+
+        def restore(step: int) -> tuple[TrainState, dict]:
+            old = _trained_config(ckpt, step, workdir)
+            wrong = ckpt.mismatches(step, target.params)
             if wrong:  # checked before restoring: a failed orbax restore is noisy
                 more = f" and {len(wrong) - 2} more" if len(wrong) > 2 else ""
                 raise UserError(
-                    f"cannot resume {workdir} from its step-{latest} checkpoint: it does not "
-                    f"fit this config ({_config_changes(workdir, self.config_text)}; weights: "
-                    f"{'; '.join(wrong[:2])}{more}); resume with the run's own config or "
-                    "train in a new workdir"
+                    f"cannot resume {workdir} from its step-{step} checkpoint: it does not "
+                    f"fit this config ({_describe(config_changes(old, self.config_tree))}; "
+                    f"weights: {'; '.join(wrong[:2])}{more}); resume with the run's own config "
+                    "or train in a new workdir"
                 )
-            return ckpt.restore(latest, self.setup.abstract_state)
-        return self.setup.fresh_state()
+            return ckpt.restore(step, target), old
+
+        _, (state, old) = ckpt.restore_intact(
+            restore, items=items_of(target), move_damaged=self.main
+        )
+        return state, old
+
+    @property
+    def config_tree(self) -> dict:
+        return json.loads(self.config_text)
 
     @property
     def config_text(self) -> str:
@@ -302,23 +319,66 @@ def _recorded_frozen(experiment: Experiment, workdir: str) -> Experiment:
     return experiment.but(frozen=frozen)
 
 
-def _config_changes(workdir: str, config_text: str, limit: int = 6) -> str:
-    """`"model.hidden 32 -> 64, ..."`: how `config_text` differs from the run's config.json."""
+# What a run was trained on: a resume that changes a key under these is refused unless
+# asked for (`allow_changes`); other keys (steps, logging, sampling, ...) may change.
+TRAINED_ON = ("data", "model", "loss", "frozen")
+
+
+def _trained_config(ckpt: Checkpoints, step: int, workdir: str) -> dict | None:
+    """The config that trained `step`: the one saved with it, else (a step of older code)
+    the run's config.json; None when there is neither."""
+    saved = ckpt.saved_config(step)
+    if saved is not None:
+        return saved
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        return "the run has no config.json to compare with"
+        return None
     with open(path) as f:
-        old = _flat(json.load(f))
-    new = _flat(json.loads(config_text))
-    changed = [
-        f"{k} {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}"
+        return json.load(f)
+
+
+def config_changes(old: dict | None, new: dict) -> list[tuple[str, object, object]] | None:
+    """`[(key, old value, new value), ...]` of the flattened configs (None: no old one)."""
+    if old is None:
+        return None
+    old, new = _flat(old), _flat(new)
+    unset = "(unset)"
+    return [
+        (k, old.get(k, unset), new.get(k, unset))
         for k in sorted(set(old) | set(new))
-        if old.get(k) != new.get(k)
+        if old.get(k, unset) != new.get(k, unset)
     ]
-    if not changed:
+
+
+def _describe(changes, limit: int = 6) -> str:
+    """`"changed: model.hidden 32 -> 64, ..."` of `config_changes`."""
+    if changes is None:
+        return "the run has no config.json to compare with"
+    if not changes:
         return "same config.json: the checkpoint itself differs"
-    more = f", and {len(changed) - limit} more" if len(changed) > limit else ""
-    return "changed: " + ", ".join(changed[:limit]) + more
+    listed = [f"{k} {a} -> {b}" for k, a, b in changes]
+    more = f", and {len(listed) - limit} more" if len(listed) > limit else ""
+    return "changed: " + ", ".join(listed[:limit]) + more
+
+
+def _check_changes(changes, workdir: str, step: int, allow: bool, main: bool) -> None:
+    """Refuse a resume that changes what the run was trained on (unless `allow`); list the
+    other changes on stderr."""
+    if not changes:
+        return
+    trained_on = [c for c in changes if c[0].split(".")[0] in TRAINED_ON]
+    if trained_on and not allow:
+        raise UserError(
+            f"resuming {workdir} at step {step} would change what it was trained on "
+            f"({_describe(trained_on, limit=4).removeprefix('changed: ')}); train in a new "
+            "workdir, or pass --allow-changes to resume with the change (recorded in config.json)"
+        )
+    if main:
+        print(
+            f"resuming {workdir} at step {step} with config changes: "
+            f"{_describe(changes, limit=10).removeprefix('changed: ')}",
+            file=sys.stderr,
+        )
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -346,30 +406,57 @@ def _prepare_workdir(text: str, workdir: str, main: bool) -> None:
 
 
 def train(
-    experiment: Experiment, workdir: str, *, hooks: Sequence[Hook] = (), devices=None
+    experiment: Experiment,
+    workdir: str,
+    *,
+    hooks: Sequence[Hook] = (),
+    devices=None,
+    allow_changes: bool = False,
 ) -> TrainState:
     """Train (or resume) `experiment` in `workdir`; returns the final state.
 
     `hooks` are called as `hook(step, state)` after every step; `devices` (default: all)
     are the devices the mesh is built from. With `training.eval_every`, the evaluation hook
     of `core.evaluation` runs too. Everything that can be wrong with the input (data,
-    classes, frozen runs, a checkpoint that does not fit) fails before the workdir is
-    written.
+    classes, frozen runs, a checkpoint that does not fit, a resume that changes what the
+    run was trained on unless `allow_changes`) fails before the workdir is written. One
+    training holds a workdir at a time (`core.workdir.WorkdirLock`); SIGTERM or SIGINT
+    stop it with a checkpoint of the step it is at (`TrainingInterrupted`).
     """
     experiment = _recorded_frozen(experiment, workdir)
     run = _Run(experiment, workdir, devices)
-    t = experiment.training
+    if run.main:
+        make_writable(workdir)
+    with WorkdirLock(workdir, enabled=run.main):
+        return _train_locked(run, workdir, hooks, allow_changes)
+
+
+def _train_locked(run: _Run, workdir: str, hooks: Sequence[Hook], allow_changes: bool):
+    experiment, t = run.experiment, run.experiment.training
     ckpt = Checkpoints(workdir, max_to_keep=t.keep_ckpts)
     try:
         # restore first: a resume that does not fit this config changes nothing on disk
-        state = run.init_or_restore(ckpt, workdir)
+        state, trained = run.init_or_restore(ckpt, workdir)
+        start = int(jax.device_get(state.step))
+        if trained is not None:
+            changes = config_changes(trained, run.config_tree)
+            _check_changes(changes, workdir, start, allow_changes, run.main)
     except BaseException:
         ckpt.close()
         raise
+    if start >= t.total_steps:
+        ckpt.close()
+        if run.main:
+            print(
+                f"{workdir} is already at step {start} (total_steps={t.total_steps}): nothing "
+                "to train; raise --config.total_steps to go on",
+                file=sys.stderr,
+            )
+        return state
     _prepare_workdir(run.config_text, workdir, run.main)
     if run.main:
         write_data_spec(workdir, run.spec)
-    writer = MetricWriter(workdir, enabled=run.main)
+    writer = MetricWriter(workdir, enabled=run.main, start_step=start)
     try:
         if t.eval_every:
             from core.evaluation import make_eval_hook  # imports the metrics: when asked
@@ -385,8 +472,6 @@ def train(
                 frozen=run.setup.frozen,
             )
             hooks = (*hooks, hook)
-        start = int(jax.device_get(state.step))
-        writer.truncate_after(start)
         state = _loop(run, state, start, ckpt, writer, hooks)
     finally:
         ckpt.wait()
@@ -420,28 +505,38 @@ def _loop(
         mininterval=1.0,
         desc="train",
     )
-    budget = _Budget(t.train_seconds, t.log_every)
     eval_every = t.eval_every
-    step = start
-    with run.batches(start) as batches, bar:
+    config = run.config_tree  # saved with each checkpoint
+    step, stop = start, None
+    with run.batches(start) as batches, bar, _Stop(t.train_seconds, t.log_every) as stopper:
         for step in range(start + 1, t.total_steps + 1):
             state, metrics = step_fn(state, next(batches))
             metrics_log.add(metrics)
             bar.update(1)
-            last = step == t.total_steps or budget.spent(step)
+            stop = stopper.check(step)
+            last = step == t.total_steps or stop is not None
             if _every(step, t.ckpt_every, last):
                 metrics_log.check_finite(step)  # before saving: never save past a NaN
-                ckpt.save(state)
+                ckpt.save(state, config)
             # evaluation steps log too: their numbers join the line with the step's loss
             if _every(step, t.log_every, last) or _every(step, eval_every, False):
                 bar.set_postfix(loss=f"{metrics_log.write(step):.4g}")
+            if stop in _Stop.SIGNALS:
+                break  # preempted: the checkpoint is what matters; no grid, no hooks
             if grid is not None and _every(step, t.sample_every, last):
                 grid.write(state, step, writer, final=last)
             for hook in hooks:
                 hook(step, state)
             if last:
                 break
-    if step < t.total_steps and run.main:
+    if stop in _Stop.SIGNALS:
+        ckpt.wait()
+        raise TrainingInterrupted(
+            f"{stop} at step {step} of {t.total_steps}: checkpoint saved in {ckpt.directory}; "
+            "run the same command to resume",
+            status=128 + int(_Stop.SIGNALS[stop]),
+        )
+    if stop == "budget" and run.main:
         print(
             f"train_seconds={t.train_seconds:g} spent: stopped at step {step} of "
             f"{t.total_steps} (checkpoint saved; run again to go on)"
@@ -449,25 +544,77 @@ def _loop(
     return state
 
 
-class _Budget:
-    """The wall-clock budget `train_seconds` (0 = none), counted from the start of the loop
-    (the first step's compilation included). Every process must stop at the same step: with
-    several, process 0's clock decides, read at `log_every` steps only (a broadcast each)."""
+class _Stop:
+    """Why the loop stops before `total_steps`: the wall-clock budget `train_seconds`
+    (0 = none, counted from the start of the loop, the first compilation included), or
+    SIGTERM / SIGINT (a preemption or Ctrl-C; a second signal stops at once).
+
+    Every process must stop at the same step. With one process the checks run every step.
+    With several, SIGTERM is JAX's preemption notice (`jax.distributed` catches it and
+    `reached_preemption_sync_point`, asked every step, agrees on the step to stop at), and
+    process 0's clock and Ctrl-C decide the rest, read at `log_every` steps (one broadcast).
+    """
+
+    SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT, "preemption": signal.SIGTERM}
 
     def __init__(self, seconds: float, log_every: int):
         self.seconds = float(seconds or 0.0)
-        self.every = 1 if jax.process_count() == 1 else max(int(log_every), 1)
+        self.multi = jax.process_count() > 1
+        self.every = max(int(log_every), 1) if self.multi else 1
         self.t0 = time.monotonic()
+        self.received: str | None = None
+        self._old = {}
 
-    def spent(self, step: int) -> bool:
-        if self.seconds <= 0 or step % self.every:
-            return False
-        over = time.monotonic() - self.t0 >= self.seconds
-        if jax.process_count() > 1:
+    def __enter__(self) -> "_Stop":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM of a multi-host run is left to jax.distributed's preemption notice
+            for sig in (signal.SIGINT,) if self.multi else (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:  # the second one: stop now, the usual way
+            self.__exit__()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signum)
+            return
+        self.received = name
+        if jax.process_index() == 0:
+            print(
+                f"\n{name} received: stopping with a checkpoint after this step (send it again "
+                "to stop at once, without one)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def check(self, step: int) -> str | None:
+        """"budget", "SIGTERM", "SIGINT", "preemption", or None to go on."""
+        if self.multi:
             from jax.experimental import multihost_utils
 
-            over = bool(multihost_utils.broadcast_one_to_all(np.int32(over)))
-        return over
+            if multihost_utils.reached_preemption_sync_point(step):
+                return "preemption"
+        if step % self.every:
+            return None
+        code = 0
+        if self.received is not None:
+            code = 2 if self.received == "SIGINT" else 3
+        elif self.seconds > 0 and time.monotonic() - self.t0 >= self.seconds:
+            code = 1
+        if self.multi:
+            from jax.experimental import multihost_utils
+
+            code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+        return (None, "budget", "SIGINT", "SIGTERM")[code]
 
 
 class _MetricsLog:

@@ -13,15 +13,28 @@ import numpy as np
 class MetricWriter:
     """Writes on the main process only; a no-op elsewhere."""
 
-    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        start_step: int | None = None,
+    ):
+        """`start_step`: a training resumed from that step, which redoes the steps after
+        it: their lines in metrics.jsonl are dropped, and TensorBoard is told to purge its
+        events after it (`purge_step`), so each step is logged once."""
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._last = None  # (step, row, offset of its line) of the last write
         self._tb = None
+        if start_step is not None:
+            self.truncate_after(start_step)
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            purge = start_step + 1 if start_step else None
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
 
     def truncate_after(self, step: int) -> None:
         """On resume from `step`, drop lines logged after it (those steps are redone)."""

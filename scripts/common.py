@@ -4,11 +4,13 @@ import os
 import sys
 from collections.abc import Callable
 
-from core.errors import UserError
+from core.errors import TrainingInterrupted, UserError
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:
-    """Run `main(argv)`; a UserError is printed as one line (`error: ...`), exit status 2.
+    """Run `main(argv)`; a UserError is printed as one line (`error: ...`), exit status 2;
+    an interrupted training (`TrainingInterrupted`) as `interrupted: ...`, exit status
+    128 + the signal (130 for SIGINT, 143 for SIGTERM).
 
     Set DRIFTLAB_DEBUG=1 to get the traceback instead.
     """
@@ -20,6 +22,9 @@ def run(main: Callable[[list[str]], int | None]) -> None:
         message = " ".join(str(e).split())
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    except TrainingInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(e.status)
     sys.exit(code or 0)
 
 

@@ -7,6 +7,12 @@ whose weights do not fit its checkpoint is refused before anything is written). 
 experiment configs are under experiments/, each with its launch line in its docstring.
 A network of another run is used frozen with `--config.frozen.NAME.workdir=RUN` (optional
 `.step=N`, `.ema=False`): the loss gets it as `NAME_net`.
+
+A resume lists its config changes; one that changes what the run was trained on (data,
+model, loss, frozen networks) is refused unless `--allow-changes` is given. The newest
+intact checkpoint is resumed (a damaged newer one is moved to damaged_checkpoints/). One
+training per workdir at a time. SIGTERM / Ctrl-C stop with a checkpoint of the current
+step (exit status 143 / 130); the same command resumes there.
 """
 
 from scripts.common import maybe_initialize_distributed, parse_config_flags, run
@@ -16,12 +22,14 @@ def main(argv: list[str]) -> None:
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
         print(__doc__.strip())
         return
+    allow_changes = "--allow-changes" in argv
+    argv = [a for a in argv if a != "--allow-changes"]
     config, workdir = parse_config_flags(argv)
     maybe_initialize_distributed()
     from core.experiment import Experiment
     from core.trainer import train
 
-    train(Experiment.from_config(config), workdir)
+    train(Experiment.from_config(config), workdir, allow_changes=allow_changes)
 
 
 if __name__ == "__main__":

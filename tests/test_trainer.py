@@ -135,7 +135,8 @@ def test_a_resume_that_does_not_fit_the_config_is_an_error_and_changes_nothing(t
         train(wider, str(tmp_path))
     assert {n: open(tmp_path / n).read() for n in before} == before
     assert sorted(os.listdir(tmp_path)) == sorted(
-        ["checkpoints", "config.json", "data_spec.json", "metrics.jsonl", "tensorboard"]
+        ["checkpoints", "config.json", "data_spec.json", "metrics.jsonl", "tensorboard",
+         "train.lock"]
     )
 
 
@@ -188,7 +189,7 @@ def test_nan_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_p
     c = quick_config(total_steps=8, ckpt_every=2, log_every=2)
     c.data.update(name="npz", path=str(bad))
     with pytest.raises(TrainingDiverged, match=r"NaN/inf between steps 5 and 6.*step 4"):
-        train(c, str(tmp_path / "run"))
+        train(c, str(tmp_path / "run"), allow_changes=True)  # the data file changes
     assert Checkpoints(str(tmp_path / "run")).all_steps() == [2, 4]
     after = restore_params(tmp_path / "run", 4)
     for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
@@ -293,8 +294,8 @@ def test_teacher_ema_is_checkpointed_and_resumes_exactly_and_bad_uses_are_errors
     for run in (straight, halves):
         ckpt = open_for_reading(run)
         assert sorted(os.listdir(os.path.join(ckpt.directory, "4"))) == sorted(
-            ["_CHECKPOINT_METADATA", "commit_success.txt", "ema", "opt_state", "params",
-             "teacher_ema"]
+            ["_CHECKPOINT_METADATA", "commit_success.txt", "config", "ema", "files.json",
+             "opt_state", "params", "teacher_ema"]
         )  # fmt: skip
         names = ("params", "teacher_ema", "ema")
         args = ocp.args.Composite(**{k: ocp.args.StandardRestore() for k in names})
