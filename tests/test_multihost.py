@@ -77,3 +77,30 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path, python_env):
     finish(launch_pair(tmp_path / "budget", python_env, "--config.train_seconds=1e-9"))
     assert len(losses(tmp_path / "budget")) == 1
     assert os.path.isdir(tmp_path / "budget" / "checkpoints" / "1")
+
+
+def test_sigterm_to_one_process_checkpoints_both_at_one_step_and_both_exit_interrupted(
+    tmp_path, python_env
+):
+    """JAX's preemption notice (jax.distributed catches SIGTERM) makes every process stop at
+    the same step, after one checkpoint of it, with status 143."""
+    import signal
+    import time
+
+    workdir = tmp_path / "run"
+    procs = launch_pair(
+        workdir, python_env, "--config.total_steps=100000", "--config.ckpt_every=100000",
+        "--config.log_every=1",
+    )  # fmt: skip
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # only the second process is told
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+        assert "interrupted: preemption at step" in err and "Traceback" not in err
+    steps = os.listdir(workdir / "checkpoints")
+    assert len(steps) == 1 and 2 <= int(steps[0]) < 100000
