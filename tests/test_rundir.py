@@ -109,6 +109,8 @@ def test_a_second_training_of_a_workdir_is_refused_and_a_killed_holder_frees_it(
         with pytest.raises(UserError, match=rf"{run} is being trained by another process "
                            rf"\(pid {os.getpid()} on .*, since .*\); wait"):  # fmt: skip
             train(quick_config(total_steps=4), str(run))
+        drawn = runs.sample_run(str(run), num=2, batch_size=2)  # reading needs no lock
+        assert drawn.step == 2 and drawn.samples.shape == (2, 2)
     assert open(run / "metrics.jsonl").read() == before
 
     holder = subprocess.Popen(
@@ -170,11 +172,31 @@ def test_sigint_stops_with_a_checkpoint_and_status_130(tmp_path):
         if step == 2:
             os.kill(os.getpid(), signal.SIGINT)
 
+    run = tmp_path / "run"
     with pytest.raises(TrainingInterrupted, match=r"SIGINT at step 3 of 6") as e:
-        train(quick_config(total_steps=6, ckpt_every=100), str(tmp_path / "run"), hooks=[hook])
+        train(quick_config(total_steps=6, ckpt_every=100), str(run), hooks=[hook])
     assert e.value.status == 130
-    assert Checkpoints(str(tmp_path / "run")).all_steps() == [3]
+    assert Checkpoints(str(run)).all_steps() == [3]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    train(quick_config(total_steps=6, ckpt_every=100), str(run))
+    # TensorBoard is told to purge what the first run logged after step 3
+    (second,) = sorted(glob.glob(str(run / "tensorboard" / "events.*")))[1:]
+    starts = [e.step for e in tensorboard_events(second) if e.HasField("session_log")]
+    assert starts == [4]
+
+
+def tensorboard_events(path):
+    """The `Event` protos of a TensorBoard events file (TFRecord framing)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, out, i = open(path, "rb").read(), [], 0
+    while i < len(data):
+        (n,) = struct.unpack("<Q", data[i : i + 8])
+        out.append(Event.FromString(data[i + 12 : i + 12 + n]))
+        i += 12 + n + 4
+    return out
 
 
 def test_a_resume_that_changes_the_data_is_refused_and_each_checkpoint_keeps_its_config(
