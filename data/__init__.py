@@ -59,7 +59,8 @@ def _construct(cls, name: str, args: tuple, options: dict) -> Source:
 
 def build_source(name: str, *, split: str = "train", **options) -> Source:
     """The dataset `name`: a toy (`8gaussians`, `moons`, `checkerboard`; options
-    `num_examples`, `seed`), `npz` (options `path`, `use_labels`; one file per split:
+    `num_examples`, `seed`), `linear_blocks` (a linear manifold with variance blocks:
+    `num_examples`, `seed`, `ambient_dim`, `block_dims`, `block_vars`, `basis_seed`), `npz` (options `path`, `use_labels`; one file per split:
     `{split}` in the path is replaced by the split, `data/mnist_{split}.npz`; a path
     without it is one split only; `train[:64]` takes rows of it),
     or any tfds dataset (`mnist`, `cifar10`, `celeb_a`, `imagenet2012`, ...; options
@@ -70,6 +71,10 @@ def build_source(name: str, *, split: str = "train", **options) -> Source:
     `embed_dim`, `bandwidth`, `noise`, `feature_seed`, `seed`, `data_dir`)."""
     if name in TOYS:
         return _construct(ToySource, name, (name, split), options)
+    if name == "linear_blocks":
+        from data.linear_blocks import LinearBlocksSource
+
+        return _construct(LinearBlocksSource, name, (split,), options)
     if name in EARTH or name in ("vmf_mixture", "earth_geoloc"):  # on the sphere (imports jax)
         from data.earth import EarthSource, GeolocSource, VMFMixtureSource
 

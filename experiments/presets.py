@@ -4,7 +4,7 @@ from ml_collections import ConfigDict, FieldReference
 
 from data import EARTH, TOYS
 
-NOT_TFDS = (*TOYS, *EARTH, "npz", "vmf_mixture", "earth_geoloc")
+NOT_TFDS = (*TOYS, *EARTH, "npz", "vmf_mixture", "earth_geoloc", "linear_blocks")
 
 # DDPM / ADM-style U-Nets.
 UNET_MNIST = dict(
