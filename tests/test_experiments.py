@@ -25,7 +25,7 @@ CONFIGS = sorted(
 CONDITIONAL = [p for p in CONFIGS if "cond=" in open(os.path.join(ROOT, p)).read()]
 WITH_FM_BASELINE = [p for p in CONFIGS if ":method=fm" in open(os.path.join(ROOT, p)).read()]
 OFFLINE_TFDS = {"mnist"}
-TOY_OR_FILES = {"8gaussians", "moons", "checkerboard", "npz", "earth"}
+TOY_OR_FILES = {"8gaussians", "moons", "checkerboard", "npz", "earth", "linear_blocks"}
 
 
 def variants():
