@@ -25,6 +25,13 @@ the number of eigenvalues of `U_b^T (-J) U_b` below `1 / (2 sigma^2)`. Summed ov
 it is the effective dimension of the manifold at that point; off-manifold directions have
 `c = 0` exactly for the empirical score (the training points lie in the subspace).
 Evaluated at fresh test points `y + sigma eps` (not training points), averaged.
+
+**Variance kept per block.** The count depends on where the population sits against the
+threshold (a block with `v` near `sigma^2` is lost at the slightest shrinkage), so blocks
+of different variance are compared by a threshold-free number too: the block's mean
+`c` over its directions divided by the population's `v_b / (v_b + sigma^2)` (1: the score
+varies along the block as the data distribution does; 0: the block is frozen, as on one
+memorized point).
 """
 
 import dataclasses
@@ -78,13 +85,32 @@ def network_jacobian(score, x: jax.Array, sigma: float, cond=None) -> jax.Array:
 
 def retained_per_block(jac: np.ndarray, bases: list[np.ndarray], sigma: float) -> np.ndarray:
     """`[B]` retained directions of each block (see the module doc) from one Jacobian."""
+    return np.array([int(np.sum(c > 0.5)) for c in _spreads(jac, bases, sigma)], np.int64)
+
+
+def kept_per_block(
+    jac: np.ndarray, bases: list[np.ndarray], sigma: float, variances
+) -> np.ndarray:
+    """`[B]` variance kept by each block (see the module doc) from one Jacobian."""
+    return np.array(
+        [np.mean(c) / (v / (v + sigma**2)) for c, v in zip(_spreads(jac, bases, sigma),
+                                                          variances, strict=True)]
+    )  # fmt: skip
+
+
+def _spreads(jac: np.ndarray, bases: list[np.ndarray], sigma: float) -> list[np.ndarray]:
+    """Per block, `c = 1 - sigma^2 mu` for the eigenvalues `mu` of `U_b^T (-J) U_b`."""
     jac = np.asarray(jac, np.float64)
     sym = -0.5 * (jac + jac.T)  # a trained network's Jacobian is symmetric only nearly
-    out = []
-    for u in bases:
-        eig = np.linalg.eigvalsh(u.T @ sym @ u)
-        out.append(int(np.sum(eig * sigma**2 < 0.5)))
-    return np.array(out, np.int64)
+    return [1.0 - sigma**2 * np.linalg.eigvalsh(u.T @ sym @ u) for u in bases]
+
+
+def _block_means(spec: LinearBlocks, jacs: np.ndarray, sigma: float) -> np.ndarray:
+    """`[2, B]`: mean retained directions and mean variance kept per block."""
+    bases = spec.block_bases()
+    retained = np.mean([retained_per_block(j, bases, sigma) for j in jacs], axis=0)
+    kept = np.mean([kept_per_block(j, bases, sigma, spec.block_vars) for j in jacs], axis=0)
+    return np.stack([retained, kept])
 
 
 def noisy_points(spec: LinearBlocks, n: int, sigma: float, seed: int) -> np.ndarray:
@@ -97,34 +123,38 @@ def noisy_points(spec: LinearBlocks, n: int, sigma: float, seed: int) -> np.ndar
 def empirical_retained(
     spec: LinearBlocks, train: np.ndarray, sigma: float, points: np.ndarray
 ) -> np.ndarray:
-    """Mean retained directions per block `[B]` of the empirical score of `train`."""
+    """`[2, B]`: mean retained directions and variance kept per block of the empirical
+    score of `train` at `points`."""
     jac = jax.jit(jax.vmap(lambda x: empirical_jacobian(x, jnp.asarray(train), sigma)))
-    jacs = np.asarray(jax.device_get(jac(jnp.asarray(points))))
-    bases = spec.block_bases()
-    return np.mean([retained_per_block(j, bases, sigma) for j in jacs], axis=0)
+    return _block_means(spec, np.asarray(jax.device_get(jac(jnp.asarray(points)))), sigma)
 
 
 def network_retained(
     spec: LinearBlocks, score, sigma: float, points: np.ndarray
 ) -> np.ndarray:
-    """Mean retained directions per block `[B]` of a network's score (see
-    `network_jacobian`), and per point the whole manifold's count."""
+    """`[2, B]`: mean retained directions and variance kept per block of a network's score
+    (see `network_jacobian`) at `points`."""
     jac = jax.jit(jax.vmap(lambda x: network_jacobian(score, x, sigma)))
-    jacs = np.asarray(jax.device_get(jac(jnp.asarray(points))))
-    bases = spec.block_bases()
-    return np.mean([retained_per_block(j, bases, sigma) for j in jacs], axis=0)
+    return _block_means(spec, np.asarray(jax.device_get(jac(jnp.asarray(points)))), sigma)
 
 
 @dataclasses.dataclass
 class Study:
-    """Retained directions per block on a grid of training-set sizes and noise levels:
-    `retained[source][i_N][i_sigma] = [per block]` at the sizes `sizes[source]`, for each
-    source (`empirical`, and trained networks where given)."""
+    """Retained directions and variance kept per block on a grid of training-set sizes and
+    noise levels: `retained[source][i_N][i_sigma] = [per block]` (and `kept[...]`) at the
+    sizes `sizes[source]`, for each source (`empirical`, and trained networks)."""
 
     spec: LinearBlocks
     sizes: dict[str, list[int]]
     sigmas: list[float]
     retained: dict[str, list[list[list[float]]]]
+    kept: dict[str, list[list[list[float]]]]
+
+    def add(self, source: str, sizes: list[int], table: list[list[np.ndarray]]) -> None:
+        """Add `table[i_N][i_sigma] = [2, B]` (retained, kept) of `source`."""
+        self.sizes[source] = list(sizes)
+        self.retained[source] = [[cell[0].tolist() for cell in row] for row in table]
+        self.kept[source] = [[cell[1].tolist() for cell in row] for row in table]
 
     def to_json(self) -> dict:
         return {
@@ -132,7 +162,9 @@ class Study:
             "sizes": self.sizes,
             "sigmas": self.sigmas,
             "retained": self.retained,
-            "rule": "retained: eigenvalues of U_b^T (-J) U_b below 1 / (2 sigma^2)",
+            "kept": self.kept,
+            "rule": "retained: eigenvalues of U_b^T (-J) U_b below 1 / (2 sigma^2); kept: "
+            "mean of 1 - sigma^2 mu over the block / (v_b / (v_b + sigma^2))",
         }
 
 
@@ -147,28 +179,28 @@ def empirical_study(
     """The empirical score's retained directions on the grid `sizes x sigmas` (training
     sets: the first N points of one draw, so they are nested)."""
     pool = spec.sample(max(sizes), np.random.default_rng((seed, 0)))
-    table = []
-    for n in sizes:
-        row = []
-        for sigma in sigmas:
-            pts = noisy_points(spec, num_points, sigma, seed)
-            row.append(empirical_retained(spec, pool[:n], sigma, pts).tolist())
-        table.append(row)
-    return Study(spec, {"empirical": list(sizes)}, list(sigmas), {"empirical": table})
+    table = [
+        [empirical_retained(spec, pool[:n], s, noisy_points(spec, num_points, s, seed))
+         for s in sigmas]
+        for n in sizes
+    ]  # fmt: skip
+    study = Study(spec, {}, list(sigmas), {}, {})
+    study.add("empirical", sizes, table)
+    return study
 
 
 def plot_study(study: Study, path: str) -> None:
-    """One panel per source: retained directions of each block against N, a line per
-    sigma (solid: the highest-variance block; dashed, dotted, ...: the next ones)."""
+    """Per source, two panels (retained directions, variance kept) of each block against
+    N, a line per sigma (solid: the highest-variance block; dashed, dotted: the next)."""
     from matplotlib.figure import Figure
 
-    sources = list(study.retained)
-    fig = Figure(figsize=(5.5 * len(sources), 4.2), dpi=100)
-    axes = fig.subplots(1, len(sources), squeeze=False)[0]
+    panels = [(source, what) for source in study.retained for what in ("retained", "kept")]
+    fig = Figure(figsize=(5.5 * len(panels), 4.2), dpi=100)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
     order = np.argsort(study.spec.block_vars)[::-1]
     styles = ["-", "--", ":", "-."]
-    for ax, source in zip(axes, sources, strict=True):
-        table = np.asarray(study.retained[source])  # [N, sigma, block]
+    for ax, (source, what) in zip(axes, panels, strict=True):
+        table = np.asarray(getattr(study, what)[source])  # [N, sigma, block]
         for j, sigma in enumerate(study.sigmas):
             color = f"C{j}"
             for rank, b in enumerate(order):
@@ -181,10 +213,8 @@ def plot_study(study: Study, path: str) -> None:
             f"{styles[r % 4]} var {study.spec.block_vars[b]:g} ({study.spec.block_dims[b]}d)"
             for r, b in enumerate(order)
         )
-        ax.set(
-            xlabel="training-set size N", ylabel="retained directions per block",
-            title=f"{source}: {blocks}",
-        )  # fmt: skip
+        ylabel = "retained directions" if what == "retained" else "variance kept (1: population)"
+        ax.set(xlabel="training-set size N", ylabel=ylabel, title=f"{source}: {blocks}")
         ax.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -200,8 +230,8 @@ def write_study(study: Study, json_path: str, png_path: str | None = None) -> No
 
 
 def network_study(workdirs: dict[int, str], sigmas: list[float], *, num_points: int = 64,
-                  seed: int = 0) -> tuple[LinearBlocks, list[list[list[float]]]]:  # fmt: skip
-    """(the runs' distribution, `[i_N][i_sigma][block]` retained directions) of the
+                  seed: int = 0) -> tuple[LinearBlocks, list]:  # fmt: skip
+    """(the runs' distribution, `[i_N][i_sigma] -> [2, B]` retained and kept) of the
     networks of flow-matching runs trained on `linear_blocks`, one per training-set size
     N (`workdirs`: N -> run directory, all of one distribution), at the same test points
     as `empirical_study`."""
@@ -210,7 +240,7 @@ def network_study(workdirs: dict[int, str], sigmas: list[float], *, num_points: 
     from core.evaluation.evaluator import RunNetwork
 
     mesh = sharding.make_mesh()
-    spec, table = None, []
+    spec, table = None, []  # [i_N][i_sigma] -> [2, B]
     for n, workdir in sorted(workdirs.items()):
         run = runs.restore_run(workdir, mesh)
         data = run.experiment.data
@@ -228,6 +258,6 @@ def network_study(workdirs: dict[int, str], sigmas: list[float], *, num_points: 
         row = []
         for sigma in sigmas:
             pts = noisy_points(spec, num_points, sigma, seed)
-            row.append(network_retained(spec, score, sigma, pts).tolist())
+            row.append(network_retained(spec, score, sigma, pts))
         table.append(row)
     return spec, table

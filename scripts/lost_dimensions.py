@@ -73,8 +73,7 @@ def main(argv: list[str]) -> None:
         )
         if trained_spec != spec:
             raise UserError(f"the runs in {args.train_root} are of {trained_spec}, not {spec}")
-        study.retained["trained MLP"] = table
-        study.sizes["trained MLP"] = sorted(workdirs)
+        study.add("trained MLP", sorted(workdirs), table)
     ld.write_study(study, f"{args.out}.json", f"{args.out}.png")
     print(f"wrote {args.out}.json and {args.out}.png")
 

@@ -37,9 +37,10 @@ def test_retained_dimensions_are_the_manifold_with_many_points_and_none_with_one
     pool = spec.sample(6000, np.random.default_rng(0))
     pts = ld.noisy_points(spec, 32, sigma, seed=1)
     many = ld.empirical_retained(spec, pool, sigma, pts)
-    np.testing.assert_allclose(many, [1.0, 1.0])  # each block, at every test point
+    np.testing.assert_allclose(many[0], [1.0, 1.0])  # each block, at every test point
+    np.testing.assert_allclose(many[1], [1.0, 1.0], atol=0.1)  # the population's variance
     one = ld.empirical_retained(spec, pool[:1], sigma, pts)
-    np.testing.assert_allclose(one, [0.0, 0.0])
+    np.testing.assert_allclose(one, [[0.0, 0.0], [0.0, 0.0]], atol=1e-6)
     # off the manifold nothing is retained: the whole-space count is the blocks' sum
     eye = [np.eye(6)]
     jac = ld.empirical_jacobian(jnp.asarray(pts[0]), jnp.asarray(pool), sigma)
@@ -51,6 +52,9 @@ def test_population_score_retains_a_direction_exactly_when_its_variance_exceeds_
     variances = np.array([0.5, 0.05, 0.1])  # > sigma^2 = 0.09, <, >
     jac = -np.diag(1.0 / (variances + sigma**2))  # a Gaussian's score Jacobian
     assert ld.retained_per_block(jac, bases, sigma).tolist() == [1, 0, 1]
+    np.testing.assert_allclose(ld.kept_per_block(jac, bases, sigma, variances), 1.0)
+    frozen = -np.eye(3) / sigma**2  # every direction pulled back: nothing kept
+    np.testing.assert_allclose(ld.kept_per_block(frozen, bases, sigma, variances), 0.0, atol=1e-12)
 
 
 def test_linear_blocks_source_and_its_errors():
