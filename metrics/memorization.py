@@ -237,6 +237,65 @@ def memorization_report(
     return out
 
 
+def calibrate_deltas(
+    train: np.ndarray, heldout: np.ndarray, *, quantile: float = 0.001, **knn_options
+) -> dict[str, float]:
+    """Thresholds from measured distance distributions, for vectors of one space:
+    `delta_m` is the `quantile` of the held-out examples' nearest-training distances (so a
+    fresh example counts as memorized with probability `quantile`), `delta_s` the
+    `quantile` of the held-out examples' distances to their nearest other held-out example
+    (two independent fresh examples are that close with probability `quantile`: a pair of
+    samples closer than it shares an attractor). Also the 1 %, 10 % and 50 % quantiles."""
+    if len(heldout) < 2:
+        raise UserError(f"calibrating needs at least 2 held-out examples, got {len(heldout)}")
+    d_train = knn(heldout, train, 1, **knn_options)[0][:, 0]
+    d_self = knn(heldout, heldout, 1, exclude_self=True, **knn_options)[0][:, 0]
+    out = {
+        "delta_m": float(np.quantile(d_train, quantile)),
+        "delta_s": float(np.quantile(d_self, quantile)),
+        "quantile": quantile,
+        "heldout": len(heldout),
+        "train": len(train),
+    }
+    for q in (0.01, 0.1, 0.5):
+        out[f"nn_train_q{q:g}"] = float(np.quantile(d_train, q))
+        out[f"nn_heldout_q{q:g}"] = float(np.quantile(d_self, q))
+    return out
+
+
+def capacities(ks: Sequence[float], memorized, spurious, generalized) -> dict[str, float | None]:
+    """The transition's three sizes from the fractions against training-set size `ks`
+    (ascending), read off as defined here:
+
+    - `memorization_capacity`: where the memorized fraction falls through 1/2;
+    - `spurious_peak`: the K of the largest spurious fraction (and `spurious_peak_fraction`);
+    - `generalization_capacity`: where the generalized fraction rises through 1/2.
+
+    Crossings are interpolated linearly in log K between the two grid points around the
+    first crossing; None when the fraction never crosses within the grid."""
+    ks = np.asarray(ks, np.float64)
+    if ks.ndim != 1 or len(ks) < 1 or np.any(np.diff(ks) <= 0) or np.any(ks <= 0):
+        raise UserError(f"capacities need ascending positive sizes, got {ks.tolist()}")
+    mem, spu, gen = (np.asarray(f, np.float64) for f in (memorized, spurious, generalized))
+
+    def crossing(f, falling: bool):
+        above = f >= 0.5 if falling else f < 0.5
+        for i in range(len(f) - 1):
+            if above[i] and not above[i + 1]:
+                a, b = f[i] - 0.5, f[i + 1] - 0.5
+                w = a / (a - b) if a != b else 0.0
+                return float(np.exp(np.log(ks[i]) + w * (np.log(ks[i + 1]) - np.log(ks[i]))))
+        return None
+
+    peak = int(np.argmax(spu))
+    return {
+        "memorization_capacity": crossing(mem, falling=True),
+        "spurious_peak": float(ks[peak]),
+        "spurious_peak_fraction": float(spu[peak]),
+        "generalization_capacity": crossing(gen, falling=False),
+    }
+
+
 def subsample(x: np.ndarray, max_n: int, seed: int = 0) -> np.ndarray:
     """At most `max_n` rows of `x`, a fixed random subset (all of `x` if it is smaller)."""
     if len(x) <= max_n:

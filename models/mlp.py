@@ -1,4 +1,8 @@
-"""Residual MLP velocity net for vectors `[B, dim]` (2-D toy data, points on the sphere)."""
+"""Residual MLP velocity net for vectors `[B, dim]` (2-D toy data, points on the sphere), or
+for arrays `[B, ...]` of `dim` entries each (images, flattened in and reshaped out: the
+CPU-sized network of the memorization sweep)."""
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +29,8 @@ class MLPBlock(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """`net(x [B, dim], t [B], *, cond=None, dt=None) -> v [B, dim]` float32."""
+    """`net(x [B, dim] or [B, ...dim entries], t [B], *, cond=None, dt=None) -> v` float32
+    of `x`'s shape."""
 
     def __init__(
         self,
@@ -67,11 +72,17 @@ class MLP(nnx.Module):
         cond: jax.Array | None = None,
         dt: jax.Array | None = None,
     ) -> jax.Array:
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"MLP expects x of shape [B, {self.dim}], got {list(x.shape)}")
+        shape = x.shape
+        if x.ndim < 2 or math.prod(shape[1:]) != self.dim:
+            raise ValueError(
+                f"MLP expects x of shape [B, {self.dim}] (or [B, ...] of {self.dim} entries), "
+                f"got {list(shape)}"
+            )
+        x = x.reshape(shape[0], self.dim)
         c = jax.nn.silu(self.embed(x, t, cond, dt))
         h = self.inp(x.astype(self.dtype))
         for block in self.blocks:
             h = block(h, c)
         shift, scale = jnp.split(self.ada_out(c), 2, axis=-1)
-        return self.out(modulate(layer_norm(h), shift, scale)).astype(jnp.float32)
+        out = self.out(modulate(layer_norm(h), shift, scale)).astype(jnp.float32)
+        return out.reshape(shape)

@@ -84,6 +84,54 @@ def test_knn_rejects_bad_input():
 # --- the tests on distances ------------------------------------------------------------
 
 
+def test_classify_constructed_samples_with_known_answers():
+    # training points on a line; samples built to be copies, repeated new points, and
+    # isolated new points: the split must find each group, whatever the proportions
+    rng = np.random.default_rng(0)
+    train = np.zeros((50, 8), np.float32)
+    train[:, 0] = np.arange(50)
+    copies = train[rng.choice(50, 7, replace=False)] + 0.001 * rng.normal(size=(7, 8))
+    new = 100 + 10 * np.arange(5)[:, None] * np.eye(8, dtype=np.float32)[[1]]
+    repeats = np.concatenate([new + 0.001 * rng.normal(size=new.shape) for _ in range(2)])
+    lonely = -100 - 10 * np.arange(4)[:, None] * np.eye(8, dtype=np.float32)[[2]]
+    samples = np.concatenate([copies, repeats, lonely]).astype(np.float32)
+    out = mem.memorization_report(samples, train, space="pixel", delta_m=0.1, delta_s=0.1)
+    assert out["pixel/memorized"] == pytest.approx(7 / 21)
+    assert out["pixel/spurious"] == pytest.approx(10 / 21)
+    assert out["pixel/generalized"] == pytest.approx(4 / 21)
+    d_train, _ = mem.knn(samples, train, 1)
+    d_gen, _ = mem.knn(samples, samples, 1, exclude_self=True)
+    labels = mem.classify(d_train[:, 0], d_gen[:, 0], 0.1, 0.1)
+    assert labels.tolist() == [mem.MEMORIZED] * 7 + [mem.SPURIOUS] * 10 + [mem.GENERALIZED] * 4
+
+
+def test_capacities_read_off_constructed_fractions():
+    ks = [2, 4, 8, 16, 32]
+    memorized = [1.0, 0.8, 0.2, 0.0, 0.0]  # through 1/2 half-way (in log K) from 4 to 8
+    spurious = [0.0, 0.1, 0.5, 0.3, 0.0]
+    generalized = [0.0, 0.1, 0.3, 0.7, 1.0]  # through 1/2 at 2/4 of the way from 8 to 16
+    caps = mem.capacities(ks, memorized, spurious, generalized)
+    assert caps["memorization_capacity"] == pytest.approx(4 * 2**0.5)
+    assert caps["spurious_peak"] == 8 and caps["spurious_peak_fraction"] == 0.5
+    assert caps["generalization_capacity"] == pytest.approx(8 * 2**0.5)
+    never = mem.capacities(ks, [0.0] * 5, [0.0] * 5, [1.0] * 5)
+    assert never["memorization_capacity"] is None and never["generalization_capacity"] is None
+    with pytest.raises(UserError, match="ascending"):
+        mem.capacities([4, 2], [1, 0], [0, 0], [0, 1])
+
+
+def test_calibrated_thresholds_are_the_measured_quantiles(mnist):
+    train, test = mnist
+    tv, hv = mem.pixel_vectors(train), mem.pixel_vectors(test)
+    out = mem.calibrate_deltas(tv, hv, quantile=0.1)
+    brute = np.sqrt(((hv[:, None, :].astype(np.float64) - tv[None]) ** 2).sum(-1)).min(1)
+    assert out["delta_m"] == pytest.approx(np.quantile(brute, 0.1), rel=1e-5)
+    self_d = np.sqrt(((hv[:, None, :].astype(np.float64) - hv[None]) ** 2).sum(-1))
+    np.fill_diagonal(self_d, np.inf)
+    assert out["delta_s"] == pytest.approx(np.quantile(self_d.min(1), 0.1), rel=1e-5)
+    assert out["nn_train_q0.5"] == pytest.approx(np.median(brute), rel=1e-5)
+
+
 def test_ratio_test_and_classify_by_hand():
     d = np.array([[0.0, 0.0], [1.0, 2.0], [1.0, 4.0], [2.0, 2.0]])
     ratio, flagged = mem.ratio_test(d)  # two identical training images: ratio 0
@@ -208,8 +256,8 @@ def test_effective_dimension_of_a_point_is_zero():
 
 
 def test_memorization_sweep_on_npz_data_resumes_to_the_same_numbers(tmp_path):
-    # The smoke U-Net on 4 images of an npz "MNIST": the fraction triple sums
-    # to one, and a second call finds the finished run and reproduces its numbers.
+    # The smoke U-Net on 4 images of an npz "MNIST" with two seeds: a second call finds the
+    # finished runs and reproduces their numbers; the summary is their mean and spread.
     import json
 
     from scripts import memorization_sweep
@@ -218,12 +266,18 @@ def test_memorization_sweep_on_npz_data_resumes_to_the_same_numbers(tmp_path):
     np.savez(tmp_path / "m_train.npz", arr_0=rng.integers(0, 256, (32, 28, 28, 1), np.uint8))
     argv = ["x", "--tiny", "--workdir", str(tmp_path / "sweep"), "--out", str(tmp_path / "out"),
             "--ks", "4", "--steps", "2", "--num", "8", "--batch", "8", "--sample-steps", "2",
+            "--seeds", "0,1", "--deltas", "default",
             "--data-path", str(tmp_path / "m_{split}.npz")]  # fmt: skip
     memorization_sweep.main(argv)
     first = json.loads((tmp_path / "out.json").read_text())
-    assert [r["K"] for r in first["results"]] == [4]
-    for r in first["results"]:
-        assert r["memorized"] + r["spurious"] + r["generalized"] == pytest.approx(1.0)
+    assert [(r["K"], r["seed"]) for r in first["results"]] == [(4, 0), (4, 1)]
+    assert sorted(os.listdir(tmp_path / "sweep")) == ["K4", "K4_s1"]
+    (summary,) = first["summary"]
+    for name in ("memorized", "spurious", "generalized"):
+        values = [r[name] for r in first["results"]]
+        assert summary[name] == pytest.approx(np.mean(values))
+        assert summary[f"{name}_std"] == pytest.approx(np.std(values, ddof=1))
+    assert first["thresholds"]["delta_m"] == mem.DELTAS["pixel"][0]
     assert first["settings"]["data_path"].endswith("m_{split}.npz")
     assert (tmp_path / "out.png").stat().st_size > 0
     memorization_sweep.main(argv)
