@@ -91,7 +91,8 @@ def test_a_missing_metadata_file_or_ema_folder_is_damage_not_a_config_change(tmp
     shutil.rmtree(run / "checkpoints" / "4" / "ema")
     assert params_of(run, ema=True)[0] == 2
     assert "its ema/ folder is missing" in capfd.readouterr().err
-    with pytest.raises(UserError, match=r"no intact checkpoint in .*\(step 4: its ema/ folder is missing\)$"):
+    asked = r"no intact checkpoint in .*\(step 4: its ema/ folder is missing\)$"
+    with pytest.raises(UserError, match=asked):
         params_of(run, step=4, ema=True)  # a step asked for by number is not replaced
 
     os.remove(run / "checkpoints" / "2" / "ema" / "_METADATA")

@@ -11,10 +11,11 @@ experiments/memorization/mnist_unet_sweep.py:k=64 --workdir runs/mem_K64`.
 
 Variants: `k` (training-set size; 0: the whole split), `tiny=True` (the smoke U-Net and the
 CPU-sized settings of `--tiny`), `mlp=True` (a residual MLP on the flattened pixels, width
-`hidden`, with the settings `MLP`: the CPU sweep, about three minutes per K on 2 cores), `data_path=data/mnist_{split}.npz` (MNIST as npz files,
-`scripts.export_npz`, instead of tfds), `seed`, and the training settings `steps`, `batch`,
-`lr`, `warmup`, `ema` (EMA decay) and `sample_steps` (Heun steps), whose defaults are
-`FULL` (or `TINY`). `smoke=True`: the tiny network for 2 steps on 64 images.
+`hidden`, with the settings `MLP`: the CPU-sized network of `--mlp`),
+`data_path=data/mnist_{split}.npz` (MNIST as npz files, `scripts.export_npz`, instead of
+tfds), `seed`, and the training settings `steps`, `batch`, `lr`, `warmup`, `ema` (EMA decay)
+and `sample_steps` (Heun steps), whose defaults are `FULL` (or `TINY`, `MLP`).
+`smoke=True`: the tiny network for 2 steps on 64 images.
 """
 
 from core.config import parse_variant
