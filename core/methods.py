@@ -6,7 +6,8 @@ never the name of a loss or the signature of a function:
 - `loss`: the family's loss in `losses.LOSSES` (a config names the loss; its family is the
   entry that owns it, `method_for_loss`);
 - `protocol`: the network protocol of `models` it trains (`velocity`: `net(x, t, *, cond,
-  dt)`; `flow`: `forward` / `inverse`; `classifier`: `net(x) -> logits`);
+  dt)`; `flow`: `forward` / `inverse`; `classifier`: `net(x) -> logits`; `autoencoder`:
+  `encode` / `decode`; `autoregressive`: per-token Gaussian mixtures, GIVT);
 - `sampler`, `samplers`: the default sampler and every sampler of `samplers.SAMPLERS`
   that draws from the family; None and `()` for a family that generates nothing (a
   classifier: `generates` is False, so no generation, sample grid or sample metric);
@@ -19,7 +20,8 @@ never the name of a loss or the signature of a function:
 - `step_input`: the network also takes the shortcut step size `dt`; its score view is the
   finest level (`dt = 0`, the flow-matching velocity);
 - `likelihood`: `ode` (the probability-flow ODE, `metrics.likelihood`, on `manifold`),
-  `flow` (the exact change of variables, `metrics.bpd`) or None;
+  `flow` (the exact change of variables, `metrics.bpd`), `autoregressive` (GIVT's exact
+  NLL of latents and the ELBO bound through its VAE) or None;
 - `tied`: sampler options that must equal a loss option of the trained model;
 - `generation`, `noise`: for a family whose generation is not "prior noise -> sampler",
   its own `make(experiment, graphdef, frozen_graphdefs) -> generate` and
@@ -101,6 +103,18 @@ class Method:
             )
 
 
+def _givt_generation(experiment, graphdef, frozen_graphdefs):
+    from samplers.givt import make_generation
+
+    return make_generation(experiment, graphdef, frozen_graphdefs)
+
+
+def _givt_noise(experiment, key, n, example_shape=None):
+    from samplers.givt import generation_noise
+
+    return generation_noise(experiment, key, n, example_shape)
+
+
 _ODE = ("euler", "midpoint", "heun", "rk4")
 _GAUSSIAN_PATH = (*_ODE, "euler_maruyama")
 
@@ -156,6 +170,23 @@ METHODS = {
             name="classifier",
             loss="cross_entropy",
             protocol="classifier",
+        ),
+        Method(  # GIVT's first stage: images <-> latent tokens (models/vae.py); no sampler
+            name="vae",
+            loss="vae",
+            protocol="autoencoder",
+        ),
+        Method(  # GIVT: latent tokens one by one from Gaussian mixtures, then the frozen VAE
+            name="givt",
+            loss="givt",
+            protocol="autoregressive",
+            sampler="givt",
+            samplers=("givt",),
+            prior="gaussian",
+            guidance="sampler",
+            likelihood="autoregressive",
+            generation=_givt_generation,
+            noise=_givt_noise,
         ),
     )
 }

@@ -23,8 +23,10 @@ from core.errors import UserError, lookup
 from losses.classification import loss_cross_entropy
 from losses.flow_matching import loss_flow_matching
 from losses.flow_nll import loss_flow_nll
+from losses.givt import loss_givt
 from losses.shortcut import loss_shortcut
 from losses.sphere import loss_sphere_fm
+from losses.vae import loss_vae
 
 FROZEN_NETS = ("ema_net", "teacher_ema_net")  # never options: the trainer supplies them
 
@@ -34,6 +36,8 @@ LOSSES = {
     "shortcut": loss_shortcut,
     "flow_nll": loss_flow_nll,
     "cross_entropy": loss_cross_entropy,
+    "vae": loss_vae,
+    "givt": loss_givt,
 }
 
 
@@ -49,7 +53,10 @@ def build(name: str, **hparams):
     params = inspect.signature(fn).parameters
     unknown = sorted(k for k in hparams if k not in params)
     if unknown:
-        known = [k for k, p in params.items() if p.kind == p.KEYWORD_ONLY and k not in FROZEN_NETS]
+        # networks arrive as `<name>_net` (FROZEN_NETS, frozen runs): not options
+        known = [
+            k for k, p in params.items() if p.kind == p.KEYWORD_ONLY and not k.endswith("_net")
+        ]
         raise UserError(
             f"loss {name!r} has no option(s) {', '.join(unknown)}; its options: {', '.join(known)}"
         )

@@ -11,6 +11,11 @@ Protocols (one per family):
 - `Flow`: `forward(x, *, cond=None) -> (z, logdet)` and `inverse(z, *, cond=None) -> x`.
 - `Classifier`: `net(x) -> logits [B, num_classes]` float32, images `x` `[B, H, W, C]` in
   [-1, 1] (no time, no condition: the `classifier` family, `models/classifier.py`).
+- `Autoencoder`: `encode(x) -> (mean, logvar)` of latent tokens `[B, T, d]`, `decode(z) -> x`
+  (the `vae` family, `models/vae.py`: GIVT's first stage).
+- `ARDensity`: `net(seq [B, T, d], *, cond=None) -> (mix_logits [B, T, k], means, scales
+  [B, T, k, d])`, the Gaussian mixture of each token given those before it, plus the cached
+  one-token step `decode` (the `givt` family, `models/givt.py`).
 
 Every class is built as `Cls(**kwargs, rngs=nnx.Rngs(seed))` and holds only `nnx.Param`
 state (no BatchNorm, no Rngs), so the trainer can split it into (graphdef, params) once.
@@ -25,11 +30,13 @@ from flax import nnx
 from core.errors import UserError, lookup
 from models.classifier import Classifier as ClassifierNet
 from models.dit import DiT
+from models.givt import GIVT
 from models.mlp import MLP
 from models.realnvp import RealNVP
 from models.sphere import SphereMLP
 from models.tarflow import TarFlow
 from models.unet import UNet
+from models.vae import VAE
 
 
 class VelocityNet(Protocol):
@@ -55,6 +62,20 @@ class Classifier(Protocol):
     def __call__(self, x: jax.Array) -> jax.Array: ...
 
 
+class Autoencoder(Protocol):
+    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]: ...
+
+    def decode(self, z: jax.Array) -> jax.Array: ...
+
+
+class ARDensity(Protocol):
+    def __call__(
+        self, seq: jax.Array, *, cond: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]: ...
+
+    def decode(self, prev: jax.Array, i: jax.Array, c: jax.Array, caches: list): ...
+
+
 NETWORKS = {
     "mlp": MLP,
     "unet": UNet,
@@ -63,6 +84,8 @@ NETWORKS = {
     "tarflow": TarFlow,
     "realnvp": RealNVP,
     "classifier": ClassifierNet,
+    "vae": VAE,
+    "givt": GIVT,
 }
 
 

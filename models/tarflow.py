@@ -46,7 +46,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from core.errors import UserError
-from models.layers import XAVIER, CondEmbed, Dtype, attend, layer_norm
+from models.causal import CausalLayer, decode_layers, empty_caches
+from models.layers import XAVIER, CondEmbed, Dtype
 
 METHODS = ("sequential", "jacobi")
 
@@ -102,48 +103,6 @@ def segment_sizes(segment: int | Sequence[int] | None, num_blocks: int) -> list[
 
 
 JACOBI_BOUND = 1e6  # |x| bound on Jacobi iterates (data lies in about [-1, 1])
-
-
-class CausalLayer(nnx.Module):
-    """Pre-norm transformer layer on `[B, T, D]`: causal attention, then a GELU MLP."""
-
-    def __init__(
-        self, width: int, heads: int, mlp_ratio: int, *, dtype: Dtype, param_dtype: Dtype, rngs
-    ):
-        self.heads = heads
-        kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=XAVIER, rngs=rngs)
-        self.qkv = nnx.Linear(width, 3 * width, **kw)
-        self.proj = nnx.Linear(width, width, **kw)
-        self.fc1 = nnx.Linear(width, mlp_ratio * width, **kw)
-        self.fc2 = nnx.Linear(mlp_ratio * width, width, **kw)
-
-    def _qkv(self, h: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        b, t, d = h.shape
-        qkv = self.qkv(layer_norm(h)).reshape(b, t, 3, self.heads, d // self.heads)
-        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-
-    def _finish(self, h: jax.Array, attn: jax.Array) -> jax.Array:
-        h = h + self.proj(attn.reshape(h.shape))
-        return h + self.fc2(jax.nn.gelu(self.fc1(layer_norm(h)), approximate=False))
-
-    def __call__(self, h: jax.Array) -> jax.Array:
-        q, k, v = self._qkv(h)
-        return self._finish(h, attend(q, k, v, is_causal=True))
-
-    def decode(
-        self, h: jax.Array, start: jax.Array, cache: tuple[jax.Array, jax.Array]
-    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-        """Tokens `h [B, S, D]` at positions `start .. start + S - 1`; `cache` holds keys and
-        values `[B, L, N, H]` of the positions before and gets these tokens' at theirs (a
-        position may be written again: a later pass over the same segment overwrites it).
-        Each token attends to the positions up to its own (causal within the segment)."""
-        q, k, v = self._qkv(h)
-        keys = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), start, 1)
-        values = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), start, 1)
-        query_pos = start + jnp.arange(h.shape[1])
-        mask = jnp.arange(keys.shape[1])[None, :] <= query_pos[:, None]
-        attn = jax.nn.dot_product_attention(q, keys, values, mask=mask[None, None])
-        return self._finish(h, attn), (keys, values)
 
 
 def _log_scale_and_shift(out: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -237,10 +196,7 @@ class FlowBlock(nnx.Module):
 
     def _empty_caches(self, batch: int, length: int) -> list[tuple[jax.Array, jax.Array]]:
         """Zero keys and values `[batch, length, N, H]` for every layer."""
-        width = self.pos.shape[-1]
-        heads = self.layers[0].heads if len(self.layers) else 1
-        shape = (batch, length, heads, width // heads)
-        return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in self.layers]
+        return empty_caches(self.layers, batch, length, self.pos.shape[-1], self.dtype)
 
     def _decode(
         self, inp: jax.Array, start: jax.Array, pos: jax.Array, c: jax.Array, caches: list
@@ -250,10 +206,7 @@ class FlowBlock(nnx.Module):
         parameters `[B, S, P]` of the tokens one position later."""
         pos = jax.lax.dynamic_slice_in_dim(pos, start, inp.shape[1])[None].astype(self.dtype)
         h = self.proj_in(inp.astype(self.dtype)) + pos + c
-        new_caches = []
-        for layer, cache in zip(self.layers, caches):
-            h, cache = layer.decode(h, start, cache)
-            new_caches.append(cache)
+        h, new_caches = decode_layers(self.layers, h, start, caches)
         a, b = _log_scale_and_shift(self.proj_out(h))
         return a, b, new_caches
 

@@ -12,6 +12,7 @@ import jax
 
 from core.errors import lookup
 from manifolds.sphere import uniform as sphere_uniform
+from samplers.givt import sample_givt
 from samplers.ode import sample_euler, sample_heun, sample_midpoint, sample_rk4
 from samplers.sde import sample_euler_maruyama, step_noise_shape
 from samplers.shortcut import sample_shortcut
@@ -29,6 +30,7 @@ SAMPLERS = {
     "sphere_rk4": sample_sphere_rk4,
     "shortcut": sample_shortcut,
     "tarflow": sample_tarflow,
+    "givt": sample_givt,
 }
 
 
@@ -39,8 +41,8 @@ RESUMABLE = ("euler", "midpoint", "heun", "rk4", "euler_maruyama")
 STEP_NOISE = {"euler_maruyama": step_noise_shape}
 
 
-# network evaluations per step of each sampler (a TarFlow inverse is counted as one
-# evaluation per sample, whatever its number of steps)
+# network evaluations per step of each sampler (a TarFlow inverse, and GIVT's token-by-token
+# pass with its cache, are counted as one evaluation per sample, whatever their steps)
 EVALS_PER_STEP = {
     "euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "euler_maruyama": 1,
     "sphere_euler": 1, "sphere_midpoint": 2, "sphere_rk4": 4, "shortcut": 1,
@@ -49,7 +51,7 @@ EVALS_PER_STEP = {
 
 def nfe(sampler: str, num_steps: int) -> int:
     """Network evaluations to draw one sample with `sampler` in `num_steps` steps."""
-    if sampler == "tarflow":
+    if sampler in ("tarflow", "givt"):
         return 1
     return EVALS_PER_STEP[sampler] * int(num_steps)
 

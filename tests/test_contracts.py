@@ -35,6 +35,9 @@ FAMILY_CONFIGS = {
     "sphere_flow_matching": ("experiments/sphere/earth_volcano.py:smoke=True", (3,)),
     "normalizing_flow": ("experiments/nf/mnist_tarflow.py:smoke=True,cond=True", (28, 28, 1)),
     "classifier": ("experiments/classifier/mnist_cnn.py:smoke=True", (28, 28, 1)),
+    "vae": ("experiments/givt/mnist_vae.py:smoke=True", (28, 28, 1)),
+    # GIVT without its frozen VAE models the latent token sequences [T, d] themselves
+    "givt": ("experiments/givt/mnist_givt.py:smoke=True", (49, 4)),
 }
 B = 8
 jit0 = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})

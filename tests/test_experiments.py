@@ -37,6 +37,19 @@ def variants():
         yield f"{path}:smoke=True,method=fm"
 
 
+def _train_with_stage_one(spec: str, config, tmp_path):
+    """Train `config` in `tmp_path`; a GIVT config first trains the VAE it decodes through
+    (its sibling `<dataset>_vae.py`, smoke-sized) and names it as `frozen.vae`."""
+    if config.loss.name == "givt":
+        from ml_collections import ConfigDict
+
+        vae_spec = spec.partition(":")[0].replace("_givt.py", "_vae.py") + ":smoke=True"
+        vae_dir = f"{tmp_path}_vae"
+        train(config_lib.load(os.path.join(ROOT, vae_spec)), vae_dir)
+        config.frozen.vae = ConfigDict({"workdir": vae_dir})
+    return train(config, str(tmp_path))
+
+
 @pytest.mark.parametrize("spec", list(variants()))
 def test_config_builds_and_trains_one_step(spec, tmp_path, monkeypatch):
     config = config_lib.load(os.path.join(ROOT, spec))
@@ -45,15 +58,15 @@ def test_config_builds_and_trains_one_step(spec, tmp_path, monkeypatch):
     config.sample.num = 4
     name = config.data.name
     if name in TOY_OR_FILES:
-        state = train(config, str(tmp_path))
+        state = _train_with_stage_one(spec, config, tmp_path)
     elif name in OFFLINE_TFDS:
         monkeypatch.setenv("TFDS_DATA_DIR", os.path.join(SHARED_DATA, "tfds"))
-        state = train(config, str(tmp_path))
+        state = _train_with_stage_one(spec, config, tmp_path)
     else:
         import tensorflow_datasets as tfds
 
         with tfds.testing.mock_data(num_examples=16):
-            state = train(config, str(tmp_path))
+            state = _train_with_stage_one(spec, config, tmp_path)
     assert int(state.step) == 1
     # a family that generates nothing (a classifier) draws no sample grid
     generates = Experiment.from_config(config).method.generates

@@ -44,6 +44,8 @@ TESTED_ELSEWHERE = {
     "tarflow": "tests/test_tarflow.py",
     "realnvp": "tests/test_tarflow.py",
     "classifier": "tests/test_classifier.py",
+    "vae": "tests/test_givt.py",
+    "givt": "tests/test_givt.py",
 }
 T = jnp.array([0.3, 0.7])
 DT = jnp.array([0.25, 0.5])
