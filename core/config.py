@@ -68,12 +68,27 @@ def base_config() -> ConfigDict:
     c.frozen = ConfigDict()
     c.model = ConfigDict({"name": "unet"})
     c.loss = ConfigDict({"name": "flow_matching"})
+    guidance_scale = ml_collections.config_dict.placeholder(float)  # None: 1, no guidance
     c.sample = ConfigDict(
         {
             # None: the family's default (core.methods.METHODS)
             "sampler": ml_collections.config_dict.placeholder(str),
             "num_steps": 50,
-            "cfg_scale": 1.0,
+            # the guidance weight under its older name: one field with sample.guidance.scale
+            # (one FieldReference: setting either sets both; None: 1 = no guidance)
+            "cfg_scale": guidance_scale,
+            # classifier-free guidance (samplers.guidance.Guidance): weight `scale`,
+            # `schedule` constant / interval / linear / dynamic,
+            # `interval` (t_lo, t_hi) of interval and dynamic, `drop` the dynamic switch's
+            # relative drop of the gap below its running maximum (None: the default)
+            "guidance": ConfigDict(
+                {
+                    "schedule": "constant",
+                    "scale": guidance_scale,
+                    "interval": (0.0, 1.0),
+                    "drop": ml_collections.config_dict.placeholder(float),  # None: 0.05
+                }
+            ),
             "num": 64,
             "prior": ml_collections.config_dict.placeholder(str),
             "plot": "auto",
@@ -173,8 +188,6 @@ def add_option_overrides(config: ConfigDict, argv: list[str], flag: str = "confi
     command line but absent from the config (or None there, which ml_collections cannot
     override) is added with its default and a type, so the override applies and is checked
     as any other. Unknown options stay unknown (`check_override_keys`)."""
-    import inspect
-
     from ml_collections import FieldReference
 
     import losses
@@ -192,11 +205,9 @@ def add_option_overrides(config: ConfigDict, argv: list[str], flag: str = "confi
             fn = getattr(models.NETWORKS.get(name), "__init__", None)
         if fn is None:
             continue  # an unknown name: its own error later
-        params = inspect.signature(fn).parameters
-        skip = {"self", "rngs", "net", "batch", "key", *losses.FROZEN_NETS}
-        for key, param in params.items():
+        for key, param in _option_params(fn).items():
             text = flag_value(argv, f"{flag}.{section}.{key}")
-            if key in skip or text is None:
+            if text is None:
                 continue
             if key in config[section] and config[section][key] is not None:
                 continue
@@ -208,6 +219,40 @@ def add_option_overrides(config: ConfigDict, argv: list[str], flag: str = "confi
                 if key in config[section]:
                     del config[section][key]  # a None field: replaced, not assigned to
                 config[section][key] = FieldReference(default, field_type=kind)
+
+
+def _option_params(fn) -> dict:
+    """The keyword options of a loss function or a network's `__init__`: its parameters but
+    the network, batch, key, rngs and frozen networks (`<name>_net`) the code supplies."""
+    import inspect
+
+    skip = {"self", "rngs", "net", "batch", "key"}
+    params = inspect.signature(fn).parameters
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return {
+        k: p for k, p in params.items()
+        if k not in skip and not k.endswith("_net") and p.kind not in variadic
+    }  # fmt: skip
+
+
+def section_options(
+    config: ConfigDict, section: str, argv: list[str] = (), flag: str = "config"
+) -> tuple[str, dict] | None:
+    """`(what, {option: inspect.Parameter})` of the loss or network that the config names
+    (`--config.loss.name` on the command line first), e.g. `("loss 'flow_matching'", ...)`;
+    None for another section or an unknown name."""
+    import losses
+
+    if section not in ("loss", "model") or "name" not in config.get(section, {}):
+        return None
+    name = flag_value(list(argv), f"{flag}.{section}.name") or config[section].name
+    if section == "loss":
+        fn, what = losses.LOSSES.get(name), f"loss {name!r}"
+    else:
+        import models
+
+        fn, what = getattr(models.NETWORKS.get(name), "__init__", None), f"network {name!r}"
+    return None if fn is None else (what, _option_params(fn))
 
 
 def _add_frozen_overrides(config: ConfigDict, argv: list[str], flag: str) -> None:
@@ -240,6 +285,13 @@ def check_override_keys(config: ConfigDict, argv: list[str], flag: str = "config
         node = config
         for depth, part in enumerate(path.split(".")):
             if not isinstance(node, ConfigDict) or part not in node:
+                options = section_options(config, path.split(".")[0], argv, flag)
+                if depth == 1 and options is not None:  # a loss / network option: name them
+                    what, known = options
+                    raise UserError(
+                        f"unknown config key {path!r}: {what} has no option {part!r}; its "
+                        f"options: {', '.join(sorted(known)) or 'none'}"
+                    )
                 where = ".".join(path.split(".")[:depth]) or "the config"
                 known = ", ".join(sorted(node.keys())) if isinstance(node, ConfigDict) else ""
                 raise UserError(

@@ -11,7 +11,8 @@ trainer, generation, evaluation, the benchmark) takes the `Experiment` or one of
 - `frozen` (`Frozen`, by name): networks of other runs, restored read-only
   (`core.runs.restore_frozen`);
 - `data` (`Data`): the data source of a split;
-- `sampling` (`Sampling`): prior, sampler, steps, guidance weight and sampler options;
+- `sampling` (`Sampling`): prior, sampler, steps, guidance (weight, schedule, interval)
+  and sampler options;
 - `training`, `mesh`, `evaluation`: the trainer's settings.
 """
 
@@ -32,6 +33,7 @@ import models
 from core.config import to_json
 from core.errors import UserError, lookup
 from core.methods import Method, method_for_loss
+from samplers.guidance import DEFAULT_DROP, Guidance
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -181,38 +183,57 @@ class Data:
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """How samples are drawn: `prior` noise -> `sampler` in `num_steps` steps, guidance
-    weight `cfg_scale` (1 = none), sampler keyword `options`. `sampler` and `prior` are None
-    for a family that generates nothing (`Method.generates`: a classifier)."""
+    """How samples are drawn: `prior` noise -> `sampler` in `num_steps` steps, classifier-free
+    `guidance` (`samplers.guidance.Guidance`: weight, schedule, interval; weight 1 = none),
+    sampler keyword `options`. `sampler` and `prior` are None for a family that generates
+    nothing (`Method.generates`: a classifier)."""
 
     sampler: str | None
     num_steps: int
-    cfg_scale: float
+    guidance: Guidance
     prior: str | None
     options: dict
     num: int = 64
     plot: str = "auto"
 
-    def but(self, *, sampler=None, num_steps=None, cfg_scale=None, options=None) -> "Sampling":
+    @property
+    def cfg_scale(self) -> float:
+        """The guidance weight (`guidance.scale`; `--cfg`, `sample.cfg_scale`)."""
+        return self.guidance.scale
+
+    def but(self, *, sampler=None, num_steps=None, cfg_scale=None, cfg_schedule=None,
+            cfg_interval=None, options=None) -> "Sampling":  # fmt: skip
         """This sampling with the given fields replaced (None: kept); `options` are merged
-        over the current ones."""
+        over the current ones; `cfg_*` replace the guidance's scale, schedule, interval."""
         steps = int(self.num_steps if num_steps is None else num_steps)
         if steps < 1:
             raise UserError(f"the number of sampling steps must be >= 1, got {steps}")
+        g = self.guidance
+        if cfg_schedule is not None and cfg_interval is None and cfg_schedule != g.schedule:
+            cfg_interval = (0.0, 1.0)  # a new schedule does not inherit the old one's interval
+        guidance = Guidance(
+            scale=g.scale if cfg_scale is None else float(cfg_scale),
+            schedule=cfg_schedule or g.schedule,
+            interval=g.interval if cfg_interval is None else cfg_interval,
+            drop=g.drop,
+        )
         return dataclasses.replace(
             self,
             sampler=sampler or self.sampler,
             num_steps=steps,
-            cfg_scale=float(self.cfg_scale if cfg_scale is None else cfg_scale),
+            guidance=guidance,
             options={**self.options, **(options or {})},
         )
 
     def record(self) -> dict:
         """What an evaluation writes beside its numbers."""
+        g = self.guidance
         return {
             "sampler": self.sampler,
             "sampling_steps": self.num_steps,
-            "cfg": self.cfg_scale,
+            "cfg": g.scale,
+            "cfg_schedule": g.schedule,
+            "cfg_interval": list(g.interval),
             "sample_options": dict(self.options),
         }
 
@@ -344,11 +365,40 @@ def _sampling(s: ConfigDict, method: Method) -> Sampling:
     return Sampling(
         sampler=s.get("sampler") or method.sampler,
         num_steps=int(s.num_steps),
-        cfg_scale=float(s.cfg_scale),
+        guidance=_guidance(s),
         prior=s.get("prior") or method.prior,
         options=_plain(s.get("options", ConfigDict())),
         num=int(s.get("num", 64)),
         plot=s.get("plot", "auto"),
+    )
+
+
+GUIDANCE_KEYS = ("schedule", "scale", "interval", "drop")
+
+
+def _guidance(s: ConfigDict) -> Guidance:
+    """`sample.guidance` {schedule, scale, interval, drop}; `sample.cfg_scale` is the older
+    name of `sample.guidance.scale` (run directories written before the section existed
+    have only it): either may be set, both only to the same value."""
+    section = _plain(s.get("guidance") or {})
+    unknown = sorted(set(section) - set(GUIDANCE_KEYS))
+    if unknown:
+        raise UserError(
+            f"config section 'sample.guidance' has no key(s) {', '.join(unknown)}; its keys: "
+            f"{', '.join(GUIDANCE_KEYS)}"
+        )
+    old, new = s.get("cfg_scale"), section.get("scale")
+    if old is not None and new is not None and float(old) != float(new):
+        raise UserError(
+            f"sample.cfg_scale={old} and sample.guidance.scale={new} disagree: they are one "
+            "setting (cfg_scale is its older name); set one of them"
+        )
+    scale = new if new is not None else old if old is not None else 1.0
+    return Guidance(
+        scale=float(scale),
+        schedule=section.get("schedule") or "constant",
+        interval=section.get("interval") if section.get("interval") is not None else (0.0, 1.0),
+        drop=float(section["drop"]) if section.get("drop") is not None else DEFAULT_DROP,
     )
 
 

@@ -18,8 +18,10 @@ samples, and an unconditional network ignores it. `frozen` maps the names of
 generation gets them as `<name>_net`.
 
 The default generation is "prior noise -> sampler": guidance wraps the network
-(`samplers.guidance.guide`) unless the family's sampler guides itself
-(`Method.guidance == "sampler"`: then it gets `cfg_scale` and `null_cond`); the sampler
+(`samplers.guidance.guide`; the dynamic schedule's per-sample switch rides along the ODE
+samplers' scan, `samplers.guidance.Carried`) unless the family's sampler guides itself
+(`Method.guidance == "sampler"`: then it gets `cfg_scale` and `null_cond`, and only the
+constant schedule); `guidance_trace` returns the gap along the path and the switch; the sampler
 options are `experiment.sampling.options`, checked against the sampler's keywords and
 against the loss options they are tied to (`Method.tied`). A family whose generation is not
 this (GIVT: tokens, then a decoder) sets `Method.generation` / `Method.noise`. A family
@@ -34,9 +36,11 @@ from flax import nnx
 import samplers
 from core.errors import UserError
 from core.experiment import Experiment
-from samplers.guidance import guide
+from samplers.guidance import CARRIED_SAMPLERS, Carried, guide
 
-RESERVED = {"net", "x_init", "key", "num_steps", "cond", "cfg_scale", "null_cond", "step_noise"}
+RESERVED = {
+    "net", "x_init", "key", "num_steps", "cond", "cfg_scale", "null_cond", "step_noise", "trace",
+}  # fmt: skip
 
 
 class Generation:
@@ -49,6 +53,7 @@ class Generation:
     ):
         method = experiment.method
         method.check_generates()  # a classifier: one UserError, before anything else
+        check_guidance(experiment)
         self.experiment, self.graphdef = experiment, graphdef
         self.example_shape = tuple(example_shape)
         self.frozen_graphdefs = dict(frozen_graphdefs or {})
@@ -81,6 +86,13 @@ class Generation:
             raise UserError(
                 f"sampler {name!r} cannot start at t_start (the samplers that can: "
                 f"{', '.join(samplers.RESUMABLE)})"
+            )
+        g = self.experiment.sampling.guidance
+        if g.carried and g.guides:
+            raise UserError(
+                "the dynamic guidance switch follows one whole path from noise; a search "
+                "that re-starts the integration mid-path cannot carry it (use another "
+                "--cfg-schedule, or the random or zero_order search)"
             )
         steps = self.experiment.sampling.num_steps if num_steps is None else num_steps
         extra = {} if step_noise is None else {"step_noise": step_noise}
@@ -139,28 +151,75 @@ def _sampler_generation(sample, steps: int):
     return generate
 
 
-def _sampler_call(experiment: Experiment, graphdef):
+def _sampler_call(experiment: Experiment, graphdef, *, trace: bool = False):
     """`call(params, x, cond, **keywords)`: the experiment's sampler on the network of
-    `params`, with its options and guidance (the wrapper, or the sampler's own)."""
+    `params`, with its options and guidance (the wrapper, the carried switch of the ODE
+    samplers, or the sampler's own). `trace`: the ODE sampler's guidance trace too."""
     s, method = experiment.sampling, experiment.method
-    conditioning = experiment.conditioning
-    if s.cfg_scale != 1.0 and not conditioning.conditional:
-        raise UserError(
-            f"guidance weight {s.cfg_scale:g} (--cfg / sample.cfg_scale) needs a conditional "
-            f"model; this {experiment.network.name!r} has no labels or condition (use 1)"
-        )
+    g, conditioning = s.guidance, experiment.conditioning
+    check_guidance(experiment)
     sample = samplers.build(s.sampler)
     options = sampler_options(experiment)
-    wrap = conditioning.conditional and s.cfg_scale != 1.0 and method.guidance == "wrap"
+    guided = conditioning.conditional and (g.guides or trace)
     if method.guidance == "sampler":
         null = conditioning.null if conditioning.conditional else None
-        options.update(cfg_scale=s.cfg_scale, null_cond=null)
+        options.update(cfg_scale=g.scale, null_cond=null)
+    carried = method.guidance == "wrap" and guided and (g.carried or trace)
+    if trace:
+        if not carried:
+            raise UserError(
+                "the guidance trace (the gap ||v_cond - v_null|| along the path) needs a "
+                f"conditional model sampled by one of {', '.join(CARRIED_SAMPLERS)}"
+            )
+        options["trace"] = True
 
     def call(params, x, cond, **keywords):
         net = nnx.merge(graphdef, params)
-        if wrap:
-            net = guide(net, s.cfg_scale, conditioning.null)
+        if carried:
+            net = Carried(net, g, conditioning.null)
+        elif guided and method.guidance == "wrap":
+            net = guide(net, g, conditioning.null)
         cond = cond if conditioning.conditional else None
         return sample(net, x, None, cond=cond, **options, **keywords)
 
     return call
+
+
+def check_guidance(experiment: Experiment) -> None:
+    """The guidance fits the model and the sampler: a weight other than 1 needs a
+    conditional model, a schedule other than constant a velocity network's sampler (a flow
+    guides inside its sampler, at one weight), the dynamic switch an ODE sampler. Each
+    misfit is one UserError."""
+    s, method = experiment.sampling, experiment.method
+    g = s.guidance
+    if g.guides and not experiment.conditioning.conditional:
+        raise UserError(
+            f"guidance weight {g.scale:g} (--cfg / sample.cfg_scale) needs a conditional "
+            f"model; this {experiment.network.name!r} has no labels or condition (use 1; "
+            "sample.guidance.scale is the same setting)"
+        )
+    if not g.guides or g.schedule == "constant":
+        return
+    if method.guidance != "wrap":
+        raise UserError(
+            f"a {method.name} model guides inside its sampler {s.sampler!r} at one weight: "
+            f"guidance schedule {g.schedule!r} is for velocity networks' samplers "
+            "(--cfg-schedule constant)"
+        )
+    if g.carried and s.sampler not in CARRIED_SAMPLERS:
+        raise UserError(
+            f"the dynamic guidance schedule carries a per-sample switch through the "
+            f"sampler's loop, which sampler {s.sampler!r} does not; use one of "
+            f"{', '.join(CARRIED_SAMPLERS)} (--sampler)"
+        )
+
+
+def guidance_trace(experiment: Experiment, graphdef, params, noise, cond):
+    """`(samples, trace)`: the experiment's ODE sampling of `noise["x_init"]` with its
+    guidance's diagnostics (`samplers.ode.integrate`, `trace=True`): per step the time `t`
+    `[S]`, the gap `||v_cond - v_null||` and the weight `[S, B]`; per sample the first
+    guided step `switch_step` (S where never) and its time `switch_t` (NaN where never).
+    Pure and jittable; the samples equal `Generation.generate`'s up to rounding (the
+    predictions come from one doubled batch even where the weight is 1)."""
+    call = _sampler_call(experiment, graphdef, trace=True)
+    return call(params, noise["x_init"], cond, num_steps=experiment.sampling.num_steps)

@@ -218,6 +218,8 @@ def sample_run(
     sampler: str | None = None,
     num_steps: int | None = None,
     cfg_scale: float | None = None,
+    cfg_schedule: str | None = None,
+    cfg_interval=None,
     sample_options: dict | None = None,
     label: int | None = None,
     mesh=None,
@@ -225,13 +227,14 @@ def sample_run(
     """Restore a run's weights (EMA unless `ema=False`) on `mesh` (default: all devices) and,
     unless `num` is None, draw `num` samples in batches of `batch_size` rounded up to a multiple of
     the devices, with the run's sampling where `sampler`, `num_steps`, `cfg_scale`,
-    `sample_options` do not override it."""
+    `cfg_schedule`, `cfg_interval` (the guidance), `sample_options` do not override it."""
     from core import sampling
 
     open_for_reading(workdir).close()  # a directory without checkpoints says so first
     load_run(workdir)  # and one that is not a run
     adjust = lambda experiment: experiment.with_sampling(
-        sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale, options=sample_options,
+        sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale, cfg_schedule=cfg_schedule,
+        cfg_interval=cfg_interval, options=sample_options,
     )  # fmt: skip
     mesh = mesh or sharding.make_mesh()
     run = restore_run(workdir, mesh, step=step, ema=ema, adjust=adjust)

@@ -149,6 +149,12 @@ class Search:
                     f"{', '.join(x for x in samplers.RESUMABLE if x != 'euler_maruyama')} "
                     f"(--sampler), not {s.sampler!r}"
                 )
+            if s.guidance.carried and s.guidance.guides:
+                raise UserError(
+                    "paths search re-starts the integration mid-path, which the dynamic "
+                    "guidance switch cannot follow: use another --cfg-schedule, or the "
+                    "random or zero_order search"
+                )
             if verifier.name == "self_consistency":
                 raise UserError(
                     "self_consistency scores a sample against its initial noise, which "
@@ -178,9 +184,10 @@ class Search:
         shape = (rounds, st.candidates, st.branches, n, *self.shape)
         return {"x_init": x_init, "branch_noise": jax.random.normal(keys[2], shape)}
 
-    def run(self, params, verifier_params, noise, cond):
+    def run(self, params, verifier_params, noise, cond, frozen=None):
+        """`frozen`: the parameters of the run's own frozen networks (a GIVT's VAE)."""
         st, gen = self.settings, self.generation
-        generate = lambda z, c: gen.generate(params, z, c)
+        generate = lambda z, c: gen.generate(params, z, c, frozen)
         verify = lambda x, c, z: self.verifier.fn(verifier_params, x, c, z)
         sphere = self.experiment.method.manifold == "sphere"
         if st.algo == "random":
@@ -216,8 +223,8 @@ def _predictor(experiment: Experiment, graphdef, params):
 
     def predict(x, cond, t):
         net = nnx.merge(graphdef, params)
-        if conditioning.conditional and s.cfg_scale != 1.0 and method.guidance == "wrap":
-            net = guide(net, s.cfg_scale, conditioning.null)
+        if conditioning.conditional and s.guidance.guides and method.guidance == "wrap":
+            net = guide(net, s.guidance, conditioning.null)  # a time schedule: w(t)
         tb = jnp.full((x.shape[0],), t, x.dtype)
         kw = {"dt": jnp.zeros_like(tb)} if method.step_input else {}
         v = net(x, tb, cond=cond if conditioning.conditional else None, **kw)
@@ -276,7 +283,8 @@ def search_run(
         from core.reference import run_dataset
 
         dataset = run_dataset(experiment.data)
-    generation = Generation(experiment, drawn.graphdef, spec["example_shape"])
+    own = runs.restore_frozen(experiment, mesh)  # the run's frozen networks (a GIVT's VAE)
+    generation = Generation(experiment, drawn.graphdef, spec["example_shape"], own.graphdefs)
     context = VerifierContext(
         experiment, generation, drawn.params, frozen, dataset, dict(verifier_options or {})
     )
@@ -299,7 +307,7 @@ def search_run(
         )  # fmt: skip
         labels = jax.device_put(labels, data)
         noise = search.draw(jax.random.fold_in(key, i), batch)
-        x, _, history = run(drawn.params, verifier.params, noise, labels)
+        x, _, history = run(drawn.params, verifier.params, noise, labels, own.params)
         xs.append(to_host(x))
         ys.append(to_host(labels))
         histories.append(np.asarray(jax.device_get(history)))
