@@ -27,11 +27,30 @@ class TrainingInterrupted(Exception):
         self.status = status
 
 
+_PREPOSITIONS = ("with", "of", "for", "in", "on", "from")
+
+
+def plural(kind: str) -> str:
+    """The English plural of a kind of name: its head noun (the word before " with", " of",
+    ...; else the last) takes -es after s, x, z, ch, sh, -ies for a consonant's y, else -s
+    ("loss" -> "losses", "toy with a known density" -> "toys with a known density")."""
+    words = kind.split(" ")
+    head = next((i - 1 for i, w in enumerate(words) if i and w in _PREPOSITIONS), len(words) - 1)
+    word = words[head]
+    if word.endswith(("s", "x", "z", "ch", "sh")):
+        word += "es"
+    elif word.endswith("y") and word[-2:-1] not in ("", *"aeiou"):
+        word = word[:-1] + "ies"
+    else:
+        word += "s"
+    return " ".join([*words[:head], word, *words[head + 1 :]])
+
+
 def lookup(table: Mapping[str, T], name: str, kind: str) -> T:
     """`table[name]`, or a UserError that lists the known names of this `kind`."""
     if name not in table:
         known = ", ".join(sorted(table))
-        raise UserError(f"unknown {kind} {name!r}; known {kind}s: {known}")
+        raise UserError(f"unknown {kind} {name!r}; known {plural(kind)}: {known}")
     return table[name]
 
 

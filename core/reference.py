@@ -29,11 +29,16 @@ def default_cache_dir() -> str:
 
 def source_images(source) -> np.ndarray:
     """All examples of a data source: uint8 `[N, H, W, C]` images (the stored bytes of tfds
-    and npz sources), or float32 arrays for non-image data."""
+    and npz sources; float images of an npz file, in [-1, 1], rounded to uint8), or float32
+    arrays for non-image data."""
+    from data.arrays import is_image_shape
+
     for attr in ("images", "x"):
         arr = getattr(source, attr, None)
         if isinstance(arr, np.ndarray):
-            return np.asarray(arr)
+            arr = np.asarray(arr)
+            floats = arr.dtype != np.uint8 and is_image_shape(arr.shape)
+            return plots.to_uint8(arr) if floats else arr
     parts = [
         source.__getitems__(np.arange(s, min(s + 4096, source.num_examples)))["x"]
         for s in range(0, source.num_examples, 4096)
@@ -84,8 +89,36 @@ class Dataset:
         """Inception features of all images: memory, else the disk cache, else `compute`
         (whose network runs its convolutions at `precision`, which names the cache)."""
         return self._cached(
-            "features.npy", precision, np.load, lambda: compute(self.images), np.save
+            "features.npy", precision, np.load, lambda: self._compute(compute, precision), np.save
         )
+
+    def _compute(self, compute: FeatureFn, precision: str) -> np.ndarray:
+        """`compute(images)`, once the data is known to be images, said on stderr first (a
+        dataset's pass is long on a CPU; `metrics.fid.inception_features` shows its
+        progress)."""
+        import sys
+
+        from core.errors import UserError
+        from data.arrays import is_image_shape
+
+        images = self.images
+        if not is_image_shape(images.shape):
+            raise UserError(
+                f"Inception features (fid, kid, pr, is, memorization's inception space) need "
+                f"images [N, H, W, 1 or 3]; the reference data {self.name}:{self.split} is "
+                f"{images.dtype} of shape {images.shape} (for low-dimensional data use swd)"
+            )
+        print(
+            f"Inception features of {self.name}:{self.split}: {len(images):,} images, once "
+            f"(cached in {self._path('features.npy', precision)})",
+            file=sys.stderr,
+        )
+        return compute(images)
+
+    def has_features(self, precision: str = "highest") -> bool:
+        """Whether the Inception features are at hand (in memory or in the disk cache)."""
+        key = ("features.npy", precision)
+        return key in self._memo or os.path.exists(self._path("features.npy", precision))
 
     def stats(
         self, compute: FeatureFn, precision: str = "highest"
@@ -123,6 +156,7 @@ def dataset_from_name(
     options = {k: v for k, v in options.items() if v is not None}
     if name.endswith(".npz"):
         name, options["path"] = "npz", name
+    data.check_name(name, data_dir=options.get("data_dir"))  # now, not when first used
     build = lambda: data.build_source(name, split=split, **options)
     cache_name = _cache_name(name, options.get("path"), split)
     return Dataset(cache_name, split, build, options.get("image_size"), cache_dir)

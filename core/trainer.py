@@ -581,13 +581,14 @@ class _Stop:
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
-        if self.received is not None:  # the second one: stop now, the usual way
+        if self.received is not None:  # the other signal after one: stop now
             self.__exit__()
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
             os.kill(os.getpid(), signum)
             return
         self.received = name
+        # a second one is the operating system's: it stops the process at once, even while
+        # the main thread is inside a long XLA call (where no Python handler can run)
+        signal.signal(signum, signal.SIG_DFL)
         if jax.process_index() == 0:
             print(
                 f"\n{name} received: stopping with a checkpoint after this step (send it again "

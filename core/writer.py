@@ -34,7 +34,12 @@ class MetricWriter:
             from tensorboardX import SummaryWriter
 
             purge = start_step + 1 if start_step else None
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge)
+            # tensorboardX names a file by the second and the host: a resume within the same
+            # second would reuse (truncate) the earlier file without a suffix of its own
+            suffix = f".step{start_step or 0}.pid{os.getpid()}"
+            self._tb = SummaryWriter(
+                os.path.join(workdir, "tensorboard"), purge_step=purge, filename_suffix=suffix
+            )
 
     def truncate_after(self, step: int) -> None:
         """On resume from `step`, drop lines logged after it (those steps are redone)."""

@@ -9,6 +9,7 @@ A batch is `{"x": float32 [b, ...], "cond": int32 [b]}` (`cond` only with labels
 are NHWC in [-1, 1]. Host-side numpy only: device placement is the caller's `put`.
 """
 
+import difflib
 import inspect
 import re
 from typing import Protocol, runtime_checkable
@@ -69,6 +70,8 @@ def build_source(name: str, *, split: str = "train", **options) -> Source:
     (options `seed`, `data_dir`), `vmf_mixture` (`num_examples`, `num_components`,
     `kappa`, `seed`) and `earth_geoloc`, a synthetic geolocation task (`dataset`,
     `embed_dim`, `bandwidth`, `noise`, `feature_seed`, `seed`, `data_dir`)."""
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"the dataset name is empty; {_KNOWN}")
     if name in TOYS:
         return _construct(ToySource, name, (name, split), options)
     if name == "linear_blocks":
@@ -93,6 +96,42 @@ def build_source(name: str, *, split: str = "train", **options) -> Source:
     from data.tfds import TfdsSource  # imports tensorflow_datasets (~0.5 s)
 
     return _construct(TfdsSource, name, (name, split), options)
+
+
+SPHERE = (*EARTH, "vmf_mixture", "earth_geoloc")
+_KNOWN = (
+    f"built in: the toys {', '.join(TOYS)}, linear_blocks; npz (path=<file.npz>); on the sphere "
+    f"{', '.join(SPHERE)}; else a tensorflow-datasets name (mnist, cifar10, ...)"
+)
+
+
+def unknown_dataset(name: str, tfds_names=(), *, malformed: str | None = None) -> UserError:
+    """The error for a dataset name that is neither built in nor a tfds dataset (or, with
+    `malformed`, the form it breaks, not even a well-formed tfds name): the closest names,
+    built in or tfds's, and the built-in ones."""
+    base = name.split(":")[0].split("/")[0].strip()
+    builtin = [*TOYS, "linear_blocks", "npz", *SPHERE]
+    close = difflib.get_close_matches(base, [*builtin, *tfds_names], n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    if malformed:
+        what = f"unknown dataset {name!r}, not a tfds name either (those are {malformed}): "
+    else:
+        what = f"unknown dataset {name!r}: "
+        if ":" in name:
+            hint += "(a version after ':' is x.y.z, as in mnist:3.0.1) "
+    return UserError(f"{what}{hint}{_KNOWN[0].upper()}{_KNOWN[1:]}")
+
+
+def check_name(name: str, *, data_dir: str | None = None) -> None:
+    """Refuse, before any work, a dataset name that `build_source` would refuse as empty,
+    malformed or unknown (for a tfds name its builder is opened, not its data)."""
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"the dataset name is empty; {_KNOWN}")
+    if name in TOYS or name in SPHERE or name in ("npz", "linear_blocks"):
+        return
+    from data.tfds import open_builder
+
+    open_builder(name, data_dir)
 
 
 def split_rows(split: str) -> tuple[str, slice | None]:

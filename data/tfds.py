@@ -11,7 +11,6 @@ decodes each batch when asked (ImageNet scale). `image_size` takes the central s
 each image and resizes it with PIL (bicubic, antialiased); grayscale keeps one channel.
 """
 
-import difflib
 import importlib.util
 import logging
 import math
@@ -38,14 +37,60 @@ def resolve_data_dir(data_dir: str | None) -> str:
     return os.path.expanduser(os.fspath(path))
 
 
+NAME_FORM = "NAME[/CONFIG][:x.y.z] (mnist, mnist:3.0.1, imagenet_resized/32x32)"
+
+
 def _builder(name: str, data_dir: str):
+    """tfds's builder of `name`; a malformed name, an unknown dataset, version or config is
+    one UserError that names it (tfds raises ValueError, AssertionError or TypeError)."""
+    from tensorflow_datasets.core import naming
+
+    try:
+        dataset_name, kwargs = naming.parse_builder_name_kwargs(name)
+    except ValueError:
+        from data import unknown_dataset
+
+        names = tfds.list_builders(with_community_datasets=False)
+        raise unknown_dataset(name, names, malformed=NAME_FORM) from None
     try:
         return tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
+        from data import unknown_dataset
+
         names = tfds.list_builders(with_community_datasets=False)
-        close = difflib.get_close_matches(name.split(":")[0].split("/")[0], names, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise UserError(f"unknown dataset {name!r}: not a tfds dataset{hint}") from None
+        raise unknown_dataset(name, names) from None
+    except (AssertionError, ValueError, TypeError) as e:
+        raise UserError(_builder_args_error(name, str(dataset_name), kwargs, e)) from None
+
+
+def open_builder(name: str, data_dir: str | None = None):
+    """tfds's builder of the dataset `name` (its data is not read): `data.check_name`."""
+    return _builder(name, resolve_data_dir(data_dir))
+
+
+def _builder_args_error(name: str, base: str, kwargs: dict, e: Exception) -> str:
+    """One line for a tfds name whose version, config or keyword its builder refuses."""
+    # tfds words these as 'Failed to construct dataset "x", builder_kwargs "{...}": why'
+    why = re.sub(r'^Failed to construct dataset .*?builder_kwargs ".*?": ', "", str(e).strip())
+    why = why.splitlines()[0] if why else type(e).__name__
+    if "version" in kwargs and "version" in why:
+        only = re.search(r"only: (.+?)\.?$", why)
+        versions = f"; its versions: {only.group(1)}" if only else f" ({why})"
+        return f"dataset {base!r} has no version {kwargs['version']}{versions}"
+    if "config" in kwargs and "BuilderConfig" in why:
+        try:
+            configs = [c.name for c in tfds.builder_cls(base).BUILDER_CONFIGS]
+        except Exception:  # a dataset known only from its files in data_dir
+            configs = []
+        known = f"its configs: {', '.join(configs)}" if configs else "it has no configs"
+        return f"dataset {base!r} has no config {kwargs['config']!r}; {known}"
+    extra = sorted(k for k in kwargs if k not in ("config", "version"))
+    if extra and isinstance(e, TypeError):
+        return (
+            f"dataset name {name!r}: {base} takes no option(s) {', '.join(extra)}; "
+            f"a tfds name is {NAME_FORM}"
+        )
+    return f"cannot open dataset {name!r}: {why}"
 
 
 def _not_prepared(name: str, data_dir: str) -> UserError:
@@ -57,6 +102,7 @@ def _not_prepared(name: str, data_dir: str) -> UserError:
 
 
 def _check_split(builder, split: str) -> None:
+    """Every split named exists, the slicing parses (tfds's syntax) and selects examples."""
     known = list(builder.info.splits)
     for part in split.split("+"):
         base = part.split("[")[0].strip()
@@ -64,6 +110,17 @@ def _check_split(builder, split: str) -> None:
             raise UserError(
                 f"dataset {builder.name!r} has no split {base!r}; its splits: {', '.join(known)}"
             )
+    try:
+        count = builder.info.splits[split].num_examples
+    except ValueError as e:  # tfds: "Error parsing split ...\n<why>"
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        why = re.sub(r"\s*See format at.*$", "", lines[-1] if lines else "")
+        raise UserError(
+            f"dataset {builder.name!r}: cannot read the split {split!r} ({why}); splits are "
+            f"written as train, test[:1000], train[10%:], train[:50%]+test"
+        ) from None
+    if count <= 0:
+        raise UserError(f"the split {split!r} of dataset {builder.name!r} selects no examples")
 
 
 def can_prepare() -> bool:

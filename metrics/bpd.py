@@ -26,11 +26,17 @@ def dataset_bpd(
     noise: str = "uniform",
     noise_std: float = 0.05,
     use_labels: bool = True,
+    progress: str | None = None,
+    total: int | None = None,
 ) -> float:
     """Mean bits/dim over every example of `batches` (dicts with `"x"` `[b, H, W, C]` in
     [-1, 1] and, optionally, int labels `"cond"` `[b]`, used when `use_labels`: then the
     number is the conditional likelihood `p(x | label)`). Batch i draws its noise from
-    `fold_in(key, i)`; batch sizes may differ (the last one is compiled once more)."""
+    `fold_in(key, i)`; batch sizes may differ (the last one is compiled once more).
+    `progress`: the label of a progress bar on stderr (of `total` examples, for an
+    estimate)."""
+    from tqdm import tqdm
+
     graphdef, state = nnx.split(net)
 
     @jax.jit
@@ -40,13 +46,16 @@ def dataset_bpd(
         )
         return bpd
 
-    total, count = 0.0, 0
-    for i, batch in enumerate(batches):
-        cond = batch.get("cond") if use_labels else None
-        bpd = per_example(state, batch["x"], cond, jax.random.fold_in(key, i))
-        values = np.asarray(jax.device_get(bpd), np.float64)
-        total += float(values.sum())
-        count += values.size
+    summed, count = 0.0, 0
+    bar = tqdm(total=total, desc=progress, unit="img", disable=progress is None)
+    with bar:
+        for i, batch in enumerate(batches):
+            cond = batch.get("cond") if use_labels else None
+            bpd = per_example(state, batch["x"], cond, jax.random.fold_in(key, i))
+            values = np.asarray(jax.device_get(bpd), np.float64)
+            summed += float(values.sum())
+            count += values.size
+            bar.update(values.size)
     if count == 0:
         raise ValueError("dataset_bpd got no batches")
-    return total / count
+    return summed / count

@@ -77,12 +77,18 @@ def classify_samples(workdir: str, x, labels, *, batch_size: int = 500) -> dict:
 
     from core import runs, sharding
 
-    experiment, _ = runs.load_run(workdir)
+    x, labels = np.asarray(x), np.asarray(labels)
+    if labels.shape != (len(x),):
+        raise UserError(f"{len(x)} samples need one label each, got labels of shape {labels.shape}")
+    experiment, spec = runs.load_run(workdir)
+    if tuple(x.shape[1:]) != tuple(spec["example_shape"]):
+        raise UserError(
+            f"the classifier {workdir} takes examples of shape {tuple(spec['example_shape'])}; "
+            f"the samples are {x.dtype} of shape {x.shape}"
+        )
     graphdef, params, step = runs.restore_network(workdir, experiment, sharding.make_mesh())
-    x = np.asarray(x)
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 127.5 - 1.0
-    labels = np.asarray(labels)
 
     @jax.jit
     def verdict(params, x, y):

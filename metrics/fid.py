@@ -9,7 +9,9 @@ dropped. Statistics files use pytorch-fid's npz layout (`mu`, `sigma`).
 """
 
 import functools
+import os
 import warnings
+import zipfile
 from collections.abc import Callable
 
 import jax
@@ -30,10 +32,16 @@ def preprocess(images: jax.Array) -> jax.Array:
     """uint8 `[B, H, W, C]` (C = 1 or 3) or `[B, H, W]` -> float32 `[B, 299, 299, 3]` in
     [-1, 1], exactly as pytorch-fid: `/ 255`, bilinear resize, `2x - 1`; gray -> 3 channels."""
     if images.dtype != jnp.uint8:
-        raise UserError(f"FID expects uint8 images in [0, 255], got dtype {images.dtype}")
+        raise UserError(
+            f"Inception features (fid, kid, pr, is) expect uint8 images in [0, 255], got "
+            f"{images.dtype} of shape {images.shape}"
+        )
     x = images[..., None] if images.ndim == 3 else images
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise UserError(f"FID expects images [N, H, W, 1 or 3] or [N, H, W], got {images.shape}")
+        raise UserError(
+            f"Inception features (fid, kid, pr, is) expect images [N, H, W, 1 or 3] or "
+            f"[N, H, W], got {images.shape}"
+        )
     x = jnp.asarray(x).astype(jnp.float32) / 255.0
     if x.shape[1:3] != (SIZE, SIZE):
         x = jax.image.resize(
@@ -70,6 +78,7 @@ def _default_net(precision: str = "highest") -> InceptionV3:
 # Accelerators keep pytorch-fid's 50 (raise it there with --inception-batch). The features
 # do not depend on it.
 DEFAULT_BATCH = {"cpu": 10}
+PROGRESS_MIN = 1_000  # images from which `inception_features` shows a progress bar
 
 
 def default_batch() -> int:
@@ -85,6 +94,7 @@ def inception_features(
     with_logits: bool = False,
     precision: str = "highest",
     on_batch: Callable[[np.ndarray], None] | None = None,
+    progress: bool | None = None,
 ):
     """uint8 images `[N, H, W, C]` -> float32 features `[N, 2048]` (NumPy); with
     `with_logits`, also the 1008-way logits without bias `[N, 1008]` (the original Inception
@@ -93,7 +103,11 @@ def inception_features(
     Batches are padded to `batch_size` (default `default_batch()`), so one compiled program
     serves every batch.
     `on_batch(features)` sees each batch's features in order (e.g. `RunningStats.update`):
-    the host works on batch i while batch i + 1 runs on the device."""
+    the host works on batch i while batch i + 1 runs on the device.
+    `progress`: a progress bar with an estimate on stderr (None: for `PROGRESS_MIN` images
+    or more)."""
+    from tqdm import tqdm
+
     net = _default_net(precision) if net is None else net
     if with_logits and net.fc is None:
         net.logits(jnp.zeros((1, 2048)))  # raises the UserError that says why
@@ -106,21 +120,26 @@ def inception_features(
     graphdef, params = nnx.split(net)
     fn = _feature_fn(graphdef, with_logits)
     outs, pending = [], None
+    show = len(images) >= PROGRESS_MIN if progress is None else progress
+    bar = tqdm(total=len(images), desc="Inception features", unit="img", disable=not show,
+               mininterval=1.0)  # fmt: skip
 
     def fetch(out, rows: int) -> None:  # one finished batch to the host, padding dropped
         out = jax.tree.map(lambda a: np.asarray(a)[:rows], out)
         if on_batch is not None:
             on_batch(out[0] if with_logits else out)
         outs.append(out)
+        bar.update(rows)
 
-    for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
-        pad = np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)
-        out = fn(params, np.concatenate([batch, pad]))  # dispatched, not waited for
-        if pending is not None:  # the batch before, while this one runs on the device
-            fetch(*pending)
-        pending = (out, len(batch))
-    fetch(*pending)
+    with bar:
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            pad = np.zeros((batch_size - len(batch), *batch.shape[1:]), batch.dtype)
+            out = fn(params, np.concatenate([batch, pad]))  # dispatched, not waited for
+            if pending is not None:  # the batch before, while this one runs on the device
+                fetch(*pending)
+            pending = (out, len(batch))
+        fetch(*pending)
     if with_logits:
         return tuple(np.concatenate(parts) for parts in zip(*outs))
     return np.concatenate(outs)
@@ -177,12 +196,22 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
 
 
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read `(mu, sigma)` from a pytorch-fid style npz."""
+    """Read `(mu, sigma)` from a pytorch-fid style npz: `mu [D]`, `sigma [D, D]`."""
+    what = f"FID statistics {path} (npz with mu, sigma)"
+    if not os.path.isfile(path):
+        raise UserError(f"could not read {what}: no such file")
+    if not zipfile.is_zipfile(path):  # np.load would try a pickle and say so
+        raise UserError(f"could not read {what}: it is not an .npz file")
     try:
-        with np.load(path) as f:
-            return f["mu"][:], f["sigma"][:]
+        with np.load(path, allow_pickle=False) as f:
+            mu, sigma = f["mu"][:], f["sigma"][:]
     except (OSError, KeyError, ValueError) as e:
-        raise UserError(f"could not read FID statistics {path} (npz with mu, sigma): {e}") from None
+        raise UserError(f"could not read {what}: {e}") from None
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise UserError(
+            f"{what}: expected mu [D] and sigma [D, D], found {mu.shape}, {sigma.shape}"
+        )
+    return mu, sigma
 
 
 def _sqrt_triangular(t: np.ndarray) -> np.ndarray:

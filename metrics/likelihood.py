@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from core.errors import UserError
 from manifolds.sphere import check_unit_vectors, normalize, to_tangent, uniform_log_prob
@@ -261,10 +262,12 @@ def log_likelihood_batched(
     batch_size: int = 1024,
     cond: jax.Array | None = None,
     with_stats: bool = False,
+    progress: str | None = None,
     **kwargs,
 ):
     """`log_likelihood` over `x` `[N, ...]` in jitted batches, `-> float32 [N]` on the host
     (with `with_stats`, also `{"steps": int [N]}`, the ODE steps each point took).
+    `progress`: the label of a progress bar (points done, with an estimate) on stderr.
 
     The last batch is padded (with copies of its first row) to `batch_size`, so one
     compilation serves any N. `kwargs` go to `log_likelihood` (`num_steps` for RK4; a `key`
@@ -286,14 +289,17 @@ def log_likelihood_batched(
         )
     pad = lambda a: _pad_rows(a, batch_size)
     out, steps, failed = [], [], 0
-    for i, start in enumerate(range(0, x.shape[0], batch_size)):
-        xb = x[start : start + batch_size]
-        cb = None if cond is None else pad(cond[start : start + batch_size])
-        kb = None if key is None else jax.random.fold_in(key, i)
-        lp, stats = jax.device_get(fn(state, pad(xb), cb, kb))
-        out.append(np.asarray(lp)[: xb.shape[0]])
-        steps.append(np.asarray(stats["steps"])[: xb.shape[0]])
-        failed += int(np.sum(~np.asarray(stats["ok"])[: xb.shape[0]]))
+    bar = tqdm(total=x.shape[0], desc=progress, unit="pt", disable=progress is None)
+    with bar:
+        for i, start in enumerate(range(0, x.shape[0], batch_size)):
+            xb = x[start : start + batch_size]
+            cb = None if cond is None else pad(cond[start : start + batch_size])
+            kb = None if key is None else jax.random.fold_in(key, i)
+            lp, stats = jax.device_get(fn(state, pad(xb), cb, kb))
+            out.append(np.asarray(lp)[: xb.shape[0]])
+            steps.append(np.asarray(stats["steps"])[: xb.shape[0]])
+            failed += int(np.sum(~np.asarray(stats["ok"])[: xb.shape[0]]))
+            bar.update(xb.shape[0])
     if failed:
         raise UserError(
             f"the adaptive ODE solver ({kwargs.get('solver') or 'dopri5'}) ran out of max_steps="

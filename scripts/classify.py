@@ -17,15 +17,13 @@ def main(argv: list[str]) -> None:
     p.add_argument("--classifier-run", required=True, help="run of the classifier family")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv[1:])
-    import numpy as np
-
     from core.errors import UserError
+    from core.evaluation.report import check_samples_file
     from metrics.classifier_verifier import classify_samples
 
-    with np.load(args.samples) as f:
-        if "arr_1" not in f.files:
-            raise UserError(f"{args.samples} has no labels (arr_1): a conditional run's samples")
-        x, labels = f["arr_0"], f["arr_1"]
+    x, labels = check_samples_file(args.samples)  # layout, dtype, shape, one label each
+    if labels is None:
+        raise UserError(f"{args.samples} has no labels (arr_1): a conditional run's samples")
     result = classify_samples(args.classifier_run, x, labels)
     write_json({"samples": args.samples, **result}, args.out)
 

@@ -1,5 +1,6 @@
 """What every CLI shares: one-line errors, config flags, multi-host start-up."""
 
+import copy
 import os
 import sys
 from collections.abc import Callable
@@ -28,6 +29,11 @@ def run(main: Callable[[list[str]], int | None]) -> None:
     sys.exit(code or 0)
 
 
+def npz_path(path: str) -> str:
+    """The file `np.savez(path)` writes: `path`, with `.npz` added where it lacks it."""
+    return path if path.endswith(".npz") else path + ".npz"
+
+
 def write_json(result: dict, path: str | None) -> None:
     """Print `result` as indented JSON and, when `path` is given, write it there too."""
     import json
@@ -50,9 +56,29 @@ def argument_parser(name: str, doc: str | None, *, passes_on: bool = False):
     return argparse.ArgumentParser(
         prog=f"python -m scripts.{name}",
         description=doc,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_help_formatter(),
         allow_abbrev=not passes_on,
     )
+
+
+def _help_formatter():
+    """`--help` keeps the docstring's layout and ends each flag's line with its default
+    (`(default: 256)`; none for defaults of None, False or empty, which mean "not given")."""
+    import argparse
+
+    class Formatter(argparse.RawDescriptionHelpFormatter):
+        def add_argument(self, action):
+            default = action.default
+            shown = not (
+                default is None or default is False or default == [] or default is argparse.SUPPRESS
+                or not action.option_strings
+            )  # fmt: skip
+            if shown and "%(default)" not in (action.help or ""):
+                action = copy.copy(action)  # the parser's own action keeps its help
+                action.help = " ".join(filter(None, [action.help, "(default: %(default)s)"]))
+            super().add_argument(action)
+
+    return Formatter
 
 
 def parse_config_flags(argv: list[str]):
@@ -86,6 +112,53 @@ def parse_config_flags(argv: list[str]):
     if not workdir.value:
         raise UserError("--workdir is required")
     return config_flag.value, workdir.value
+
+
+def config_help(argv: list[str], doc: str, extra: dict[str, str] | None = None) -> str:
+    """`--help` of a CLI that takes `parse_config_flags`' flags (and `extra`, flag -> help):
+    the docstring, the flags and, when `--config` is given, every `--config.KEY` with its
+    default, the loss's and network's options that the config file does not list included."""
+    from core import config as config_lib
+
+    flags = {
+        "--config FILE[:VARIANT]": "experiment config (required), e.g. "
+        "experiments/quickstart.py:smoke=True",
+        "--workdir DIR": "run directory (required): created, or resumed",
+        **(extra or {}),
+        "--config.KEY=VALUE": "set a config key (typed by its default)",
+    }
+    lines = [doc.strip(), "", "flags:"]
+    lines += [f"  {flag:<25} {text}" for flag, text in flags.items()]
+    spec = config_lib.flag_value(argv, "config")
+    if spec is None:
+        lines += ["", "--config FILE --help also lists every --config.KEY with its default."]
+        return "\n".join(lines)
+    config = config_lib.load(spec)
+    lines += ["", f"config keys of {spec} (--config.KEY=default):"]
+    lines += [f"  --config.{key}={value}" for key, value in _flat_items(config)]
+    for section in ("loss", "model"):
+        options = config_lib.section_options(config, section, argv)
+        if options is None:
+            continue
+        what, params = options
+        settable = lambda p: p.default is None or isinstance(p.default, bool | int | float | str)
+        unlisted = {k: p for k, p in params.items() if k not in config[section] and settable(p)}
+        if unlisted:
+            lines += ["", f"options of the {what} that the config does not list (defaults):"]
+            lines += [f"  --config.{section}.{k}={p.default}" for k, p in unlisted.items()]
+    return "\n".join(lines)
+
+
+def _flat_items(node, prefix: str = ""):
+    """`(dotted key, value)` of every leaf of a ConfigDict, in key order."""
+    from ml_collections import ConfigDict
+
+    for key in sorted(node.keys()):
+        value = node[key]
+        if isinstance(value, ConfigDict) and len(value):
+            yield from _flat_items(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value.to_dict() if isinstance(value, ConfigDict) else value
 
 
 def _without_flag(argv: list[str], name: str) -> list[str]:
@@ -146,6 +219,19 @@ def add_nll_solver_flags(parser) -> None:
     parser.add_argument("--nll-steps", type=int, default=100, help="steps of --nll-solver rk4")
 
 
+def add_heldout_num_flag(parser, *, default: int | None = None) -> None:
+    """`--heldout-num`: how many examples of the held-out split the per-example metrics
+    (nll, bpd, geo, accuracy) use (`core.evaluation.Options.heldout_num`)."""
+    from core.evaluation.evaluator import CPU_HELDOUT_NUM
+
+    auto = f" (default: all on an accelerator, {CPU_HELDOUT_NUM} on a CPU)"
+    parser.add_argument(
+        "--heldout-num", type=int, default=default, metavar="N",
+        help="held-out examples of nll, bpd, geo, accuracy: a random subset (--seed) of the "
+        "split; 0 = all" + (auto if default is None else ""),
+    )  # fmt: skip
+
+
 def nll_solver_options(args) -> dict:
     """`log_likelihood`'s solver keywords from `add_nll_solver_flags`' flags; a step count
     below 1 or a tolerance not above 0 is a UserError."""
@@ -160,7 +246,8 @@ def nll_solver_options(args) -> dict:
 
 def add_sampling_flags(parser, *, num: int) -> None:
     """The flags `sample_run` reads: which weights (`--ckpt-step --raw`), how many samples
-    (`--num --batch --seed`) and how (`--sampler --sampling-steps --cfg --sample-option`).
+    (`--num --batch --seed`) and how (`--sampler --sampling-steps --cfg --cfg-schedule
+    --cfg-interval --sample-option`).
     `--steps` and `--step` are the older spellings of `--sampling-steps` and `--ckpt-step`."""
     parser.add_argument("--num", type=int, default=num)
     parser.add_argument("--batch", type=int, default=256, help="samples per device call")
@@ -170,6 +257,7 @@ def add_sampling_flags(parser, *, num: int) -> None:
     )  # fmt: skip
     parser.add_argument("--sampler", default=None, help="default: the config's")
     parser.add_argument("--cfg", type=float, default=None, help="guidance weight (1 = none)")
+    add_guidance_flags(parser)
     parser.add_argument(
         "--ckpt-step", "--step", dest="step", type=int, default=None,
         help="checkpoint step (default newest)",
@@ -177,6 +265,20 @@ def add_sampling_flags(parser, *, num: int) -> None:
     parser.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
     parser.add_argument("--seed", type=int, default=0)
     add_sample_option_flag(parser)
+
+
+def add_guidance_flags(parser) -> None:
+    """`--cfg-schedule` and `--cfg-interval` (beside `--cfg`, the weight): the guidance's
+    schedule (`samplers.guidance.SCHEDULES`) and the interval of interval and dynamic."""
+    parser.add_argument(
+        "--cfg-schedule", default=None,
+        help="guidance schedule: constant, interval, linear or dynamic (per-sample switch "
+        "once the gap ||v_cond - v_null|| shrinks; ODE samplers) (default: the config's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cfg-interval", default=None, metavar="LO,HI",
+        help="times t in [0, 1] (0 noise, 1 data) where interval and dynamic guide, e.g. 0.4,1.0",
+    )  # fmt: skip
 
 
 def add_sample_option_flag(parser) -> None:
@@ -214,6 +316,7 @@ def sampling_kwargs(args) -> dict:
     return dict(
         batch_size=args.batch, seed=args.seed, step=args.step, ema=not args.raw,
         sampler=args.sampler, num_steps=args.steps, cfg_scale=args.cfg,
+        cfg_schedule=args.cfg_schedule, cfg_interval=args.cfg_interval,
         sample_options=parse_sample_options(getattr(args, "sample_option", [])),
     )  # fmt: skip
 

@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 
-from scripts.common import argument_parser, run
+from scripts.common import argument_parser, npz_path, run
 
 
 def decode_arcs(topology: dict) -> list[np.ndarray]:
@@ -48,6 +48,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("topojson", help="TopoJSON land file, e.g. land-110m.json")
     p.add_argument("--out", required=True, help="output .npz")
     args = p.parse_args(argv[1:])
+    args.out = npz_path(args.out)  # the name numpy writes
     with open(args.topojson) as f:
         lonlat = polylines(decode_arcs(json.load(f)))
     np.savez_compressed(args.out, lonlat=lonlat)

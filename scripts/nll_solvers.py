@@ -14,7 +14,7 @@ last solver listed, which should be the finest.
 import json
 import time
 
-from scripts.common import argument_parser, run
+from scripts.common import add_heldout_num_flag, argument_parser, run
 
 
 def parse(argv: list[str]):
@@ -26,6 +26,7 @@ def parse(argv: list[str]):
     p.add_argument("--reference", default=None, help="one of --solvers (default: the last)")
     p.add_argument("--batch", type=int, default=4096, help="points per jitted solve")
     p.add_argument("--seed", type=int, default=0)
+    add_heldout_num_flag(p)
     p.add_argument("--out", default=None, help="output JSON")
     args = p.parse_args(argv[1:])
     args.specs = [s for s in args.solvers.split(",") if s]
@@ -62,7 +63,9 @@ def main(argv: list[str]) -> None:
     experiment, _ = runs.load_run(args.workdir)
     mesh = sharding.make_mesh()
     graphdef, params, step = runs.restore_network(args.workdir, experiment, mesh, step=args.step)
-    options = evaluation.Options(heldout_split=args.split, batch=args.batch, seed=args.seed)
+    options = evaluation.Options(
+        heldout_split=args.split, batch=args.batch, seed=args.seed, heldout_num=args.heldout_num
+    )
     network = evaluation.RunNetwork(graphdef, params, experiment)
     ev = evaluation.Evaluator(None, network=network, options=options)
     log_lik, info = evaluation.heldout_log_likelihood(ev)

@@ -18,7 +18,13 @@ import functools
 import json
 import os
 
-from scripts.common import add_nll_solver_flags, argument_parser, nll_solver_options, run
+from scripts.common import (
+    add_heldout_num_flag,
+    add_nll_solver_flags,
+    argument_parser,
+    nll_solver_options,
+    run,
+)
 
 # Test NLL (nats) published for the Earth datasets: Riemannian flow matching (Chen & Lipman
 # 2023, arXiv 2302.03660, Table 2) and Riemannian score-based models (De Bortoli et al.
@@ -43,6 +49,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "a rough field needs many ODE steps, and an early checkpoint is rarely the best",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
+    add_heldout_num_flag(p, default=0)  # all: the table is compared with published numbers
     args = p.parse_args(argv[1:])
     from core.errors import UserError
 
@@ -90,6 +97,7 @@ def evaluate_run(args, workdir: str) -> dict:
         options = evaluation.Options(
             heldout_split=split, nll_solver=args.nll_solver, nll_tol=args.nll_tol,
             nll_steps=args.nll_steps, seed=args.seed, batch=4096, nll_check=check,
+            heldout_num=args.heldout_num,
         )  # fmt: skip
         ev = evaluation.Evaluator(None, network=network(step), options=options)
         return ev.run(["nll"])

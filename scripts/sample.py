@@ -13,6 +13,7 @@ from scripts.common import (
     add_sampling_flags,
     argument_parser,
     maybe_initialize_distributed,
+    npz_path,
     run,
     sample_run,
 )
@@ -24,7 +25,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--label", type=int, default=None, help="one class for all samples")
     add_sampling_flags(p, num=64)
-    return p.parse_args(argv[1:])
+    args = p.parse_args(argv[1:])
+    args.out = npz_path(args.out)  # numpy adds .npz where it is missing: report that name
+    return args
 
 
 def main(argv: list[str]) -> None:

@@ -25,9 +25,11 @@ import argparse
 import os
 
 from scripts.common import (
+    add_guidance_flags,
     add_sample_option_flag,
     argument_parser,
     maybe_initialize_distributed,
+    npz_path,
     parse_sample_options,
     run,
     sampling_kwargs,
@@ -57,12 +59,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sampling-steps", "--steps", dest="steps", type=int, default=None)
     p.add_argument("--sampler", default=None)
     p.add_argument("--cfg", type=float, default=None, help="guidance weight (1 = none)")
+    add_guidance_flags(p)
     p.add_argument("--label", type=int, default=None, help="one class for all samples")
     p.add_argument("--ckpt-step", "--step", dest="step", type=int, default=None)
     p.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
     p.add_argument("--seed", type=int, default=0)
     add_sample_option_flag(p)
-    return p.parse_args(argv[1:])
+    args = p.parse_args(argv[1:])
+    args.out = npz_path(args.out)  # numpy adds .npz where it is missing: report that name
+    return args
 
 
 def main(argv: list[str]) -> None:

@@ -15,12 +15,14 @@ training per workdir at a time. SIGTERM / Ctrl-C stop with a checkpoint of the c
 step (exit status 143 / 130); the same command resumes there.
 """
 
-from scripts.common import maybe_initialize_distributed, parse_config_flags, run
+from scripts.common import config_help, maybe_initialize_distributed, parse_config_flags, run
+
+ALLOW_CHANGES_HELP = "resume even where the config changes the data, model, loss or frozen networks"
 
 
 def main(argv: list[str]) -> None:
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-        print(__doc__.strip())
+        print(config_help(argv, __doc__, {"--allow-changes": ALLOW_CHANGES_HELP}))
         return
     allow_changes = "--allow-changes" in argv
     argv = [a for a in argv if a != "--allow-changes"]

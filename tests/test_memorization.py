@@ -302,3 +302,30 @@ def test_sweep_config_tiny_gives_the_old_tiny_settings():
     npz = config_lib.load("experiments/memorization/mnist_unet_sweep.py:k=4,data_path=m.npz")
     assert (npz.data.name, npz.data.path, npz.data.split) == ("npz", "m.npz", "train[:4]")
     assert (npz.total_steps, npz.batch_size, npz.optim.lr, npz.model.ch) == (10_000, 128, 2e-4, 64)
+
+
+def test_memorization_default_space_fits_a_cpu_and_says_what_inception_would_cost(
+    tmp_path, capsys
+):
+    import jax
+
+    from core.evaluation.evaluator import Evaluator, Options
+    from core.evaluation.sample_metrics import memorization_spaces
+    from core.reference import Dataset
+
+    class Source:
+        images = np.zeros((30, 8, 8, 1), np.uint8)
+
+    ds = Dataset("tiny", "train", lambda: Source(), cache_dir=str(tmp_path))
+    samples = np.zeros((4, 8, 8, 1), np.uint8)
+    if jax.default_backend() != "cpu":
+        pytest.skip("the default differs only on a CPU")
+    assert memorization_spaces(Evaluator(samples, dataset=ds)) == ["pixel"]
+    err = capsys.readouterr().err
+    assert "pixel space only on a CPU" in err and "features of the 30 training images" in err
+    np.save(ds._path("features.npy"), np.zeros((30, 2048), np.float32))  # now cached
+    assert memorization_spaces(Evaluator(samples, dataset=ds)) == ["pixel", "inception"]
+    asked = Options(mem_spaces="inception")
+    assert memorization_spaces(Evaluator(samples, dataset=ds, options=asked)) == ["inception"]
+    points = np.zeros((4, 2), np.float32)  # not images: pixel (vector) space only
+    assert memorization_spaces(Evaluator(points, dataset=ds)) == ["pixel"]

@@ -135,12 +135,13 @@ INTERRUPT_SCRIPT = textwrap.dedent("""
     from core import config as config_lib
     from scripts.common import run
     from tests.conftest import train
-    workdir, at = sys.argv[1], int(sys.argv[2])
+    workdir, at, times = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     c = config_lib.load("experiments/quickstart.py:smoke=True")
     c.update(total_steps=8, ckpt_every=100, log_every=1, sample_every=0)
     def hook(step, state):
         if step == at:
-            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGTERM)
     def main(argv):
         train(c, workdir, hooks=[hook])
     run(main)
@@ -150,8 +151,8 @@ INTERRUPT_SCRIPT = textwrap.dedent("""
 def test_sigterm_checkpoints_the_current_step_and_the_rerun_equals_an_uninterrupted_run(
     tmp_path, python_env
 ):
-    go = lambda workdir, at: subprocess.run(
-        [PYTHON, "-c", INTERRUPT_SCRIPT, str(workdir), str(at)],
+    go = lambda workdir, at, times=1: subprocess.run(
+        [PYTHON, "-c", INTERRUPT_SCRIPT, str(workdir), str(at), str(times)],
         cwd=ROOT, env=python_env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     straight = go(tmp_path / "straight", 0)
@@ -166,6 +167,9 @@ def test_sigterm_checkpoints_the_current_step_and_the_rerun_equals_an_uninterrup
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same(params_of(tmp_path / "run")[1], params_of(tmp_path / "straight")[1])
     assert read_steps(tmp_path / "run") == list(range(1, 9))  # each step once
+    twice = go(tmp_path / "twice", 3, times=2)  # the second one stops at once, no checkpoint
+    assert twice.returncode == -signal.SIGTERM, twice.stderr[-3000:]
+    assert not os.path.isdir(tmp_path / "twice" / "checkpoints" / "4")
 
 
 def test_sigint_stops_with_a_checkpoint_and_status_130(tmp_path):
@@ -181,8 +185,9 @@ def test_sigint_stops_with_a_checkpoint_and_status_130(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     train(quick_config(total_steps=6, ckpt_every=100), str(run))
     # TensorBoard is told to purge what the first run logged after step 3
-    (second,) = sorted(glob.glob(str(run / "tensorboard" / "events.*")))[1:]
-    starts = [e.step for e in tensorboard_events(second) if e.HasField("session_log")]
+    first, second = (glob.glob(str(run / "tensorboard" / f"events.*.step{s}.*")) for s in (0, 3))
+    assert len(first) == 1 and len(second) == 1  # the first run's file is kept
+    starts = [e.step for e in tensorboard_events(second[0]) if e.HasField("session_log")]
     assert starts == [4]
 
 

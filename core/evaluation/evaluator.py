@@ -18,6 +18,26 @@ from core.experiment import Experiment
 from core.reference import Dataset
 from metrics import fid as fm
 
+INCEPTION_METRICS = ("fid", "kid", "pr", "is")  # and memorization's inception space
+
+
+def needs_images(names: list[str], what: str) -> str:
+    """The message for metrics `names` asked of data (`what`) that is not images."""
+    verb = "needs" if len(names) == 1 else "need"
+    return (
+        f"{', '.join(names)} {verb} images [N, H, W, 1 or 3] (Inception features); the "
+        f"{what} are not images (for low-dimensional data use swd)"
+    )
+
+
+# seconds per image of a float32 Inception pass measured on a 2-core CPU (BENCHMARKS.md,
+# "Inception batch on a CPU": 0.159-0.167 s): the cost the memorization default quotes
+CPU_INCEPTION_SECONDS_PER_IMAGE = 0.16
+
+# held-out examples of a per-example metric on a CPU when `Options.heldout_num` is None (a
+# few minutes for the quickstart's ODE NLL with its check pass); elsewhere all of them
+CPU_HELDOUT_NUM = 2_048
+
 
 @dataclasses.dataclass
 class Options:
@@ -27,7 +47,9 @@ class Options:
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     pr_k: int = 3
-    mem_spaces: str = "pixel,inception"
+    # "pixel", "inception" or both; None: both, but pixel only on a CPU when the training
+    # set's Inception features are not cached yet (`memorization_spaces`)
+    mem_spaces: str | None = None
     delta_m: float | dict | None = None  # one distance, or {space: distance}
     delta_s: float | dict | None = None
     ratio_k: int = 2
@@ -38,8 +60,11 @@ class Options:
     swd_projections: int = 256
     inception_batch: int | None = None  # metrics.fid.default_batch()
     plot_prefix: str | None = None
-    # metrics of the run's network on held-out data (nll, geo)
+    # metrics of the run's network on held-out data (nll, bpd, geo, accuracy)
     heldout_split: str = "test"
+    # how many examples of the split they use (a seeded random subset); None: all on an
+    # accelerator, `CPU_HELDOUT_NUM` on a CPU; 0: all
+    heldout_num: int | None = None
     nll_solver: str = "dopri5"  # adaptive (nll_tol) or "rk4" (nll_steps fixed steps)
     nll_tol: float = 1e-5  # rtol = atol of an adaptive solver
     nll_steps: int = 100
@@ -101,6 +126,9 @@ class Evaluator:
         self.options = options or Options()
         self._inception, self._want_logits = inception, False
         self.inception_seconds = None  # the samples' Inception pass, once it has run
+        self._names: list[str] = []  # the metrics being run, for messages
+        # once the held-out split is read: {"heldout_count": used, "heldout_total": in split}
+        self.heldout_info: dict = {}
 
     def run(self, names: list[str]) -> dict:
         """The metrics `names` (keys of METRICS) as one flat dict of numbers."""
@@ -108,6 +136,7 @@ class Evaluator:
 
         fns = [lookup(METRICS, n, "metric") for n in names]
         self._want_logits = "is" in names
+        self._names = list(names)
         out = {}
         for fn in fns:
             out.update(fn(self))
@@ -119,8 +148,11 @@ class Evaluator:
     def images(self) -> np.ndarray:
         """The samples as uint8 images `[N, H, W, C]`."""
         x = self._need_samples("Inception metrics")
-        if x.ndim != 4:
-            raise UserError(f"Inception metrics need images [N, H, W, C], got shape {x.shape}")
+        if x.ndim != 4 or x.shape[-1] not in (1, 3):
+            asked = [n for n in self._names if n in (*INCEPTION_METRICS, "memorization")]
+            raise UserError(
+                needs_images(asked or ["Inception metrics"], f"samples ({x.dtype} {x.shape})")
+            )
         return x if x.dtype == np.uint8 else plots.to_uint8(x)
 
     def features(self, images: np.ndarray, with_logits: bool = False, on_batch=None):
@@ -176,10 +208,33 @@ class Evaluator:
 
     @functools.cached_property
     def heldout(self) -> dict:
-        """All examples of the run's `options.heldout_split` (`x` and, if any, `cond`)."""
+        """The examples of the run's `options.heldout_split` (`x` and, if any, `cond`) that
+        per-example metrics use: all, or `heldout_num` of them (a random subset drawn from
+        the options' seed, in the split's order; on a CPU `CPU_HELDOUT_NUM` by default),
+        said on stderr when not all."""
+        import sys
+
+        import jax
+
         experiment = self._need_network("a held-out metric").experiment
-        source = experiment.data.source(self.options.heldout_split)
-        return source.__getitems__(np.arange(source.num_examples))
+        split = self.options.heldout_split
+        source = experiment.data.source(split)
+        total, num = source.num_examples, self.options.heldout_num
+        if num is None:
+            num = CPU_HELDOUT_NUM if jax.default_backend() == "cpu" else 0
+        if num < 0:
+            raise UserError(f"the number of held-out examples must be >= 0 (0: all), got {num}")
+        if not total:
+            raise UserError(f"the split {split!r} of {experiment.data.name} holds no examples")
+        rows = np.arange(total)
+        if 0 < num < total:
+            rows = np.sort(np.random.default_rng(self.options.seed).choice(total, num, False))
+            if jax.process_index() == 0:
+                what = ", ".join(n for n in self._names if n in _heldout_names()) or "held-out"
+                print(f"{what}: {num:,} of {total:,} {split} examples (--heldout-num to change)",
+                      file=sys.stderr)  # fmt: skip
+        self.heldout_info = {"heldout_count": len(rows), "heldout_total": total}
+        return source.__getitems__(rows)
 
     def _need_dataset(self, what: str) -> Dataset:
         if self.dataset is None:
@@ -208,3 +263,9 @@ class Evaluator:
         if self._inception is not None:
             return self._inception.precision
         return self.options.inception_precision
+
+
+def _heldout_names() -> tuple[str, ...]:
+    from core.evaluation import HELDOUT_METRICS  # the registry imports this module
+
+    return HELDOUT_METRICS

@@ -5,7 +5,13 @@ network) and `evaluate_run` (a run directory: draw its samples, then `evaluate`)
 import numpy as np
 
 from core.errors import UserError, lookup
-from core.evaluation.evaluator import Evaluator, Options, RunNetwork
+from core.evaluation.evaluator import (
+    INCEPTION_METRICS,
+    Evaluator,
+    Options,
+    RunNetwork,
+    needs_images,
+)
 
 
 def split_metrics(names: list[str]) -> tuple[list[str], list[str]]:
@@ -45,7 +51,7 @@ def evaluate(
     )  # fmt: skip
     result = {"inception_precision": options.inception_precision}
     if heldout:
-        result.update(ev.run(heldout))
+        result.update(ev.run(heldout), **ev.heldout_info)
     if jax.process_index() != 0:
         return result
     if write_stats:
@@ -85,9 +91,11 @@ def evaluate_run(
     `sampling`: `core.runs.sample_run`'s keywords (batch_size, seed, step, ema, sampler,
     num_steps, cfg_scale, sample_options)."""
     from core import runs
+    from core.experiment import read_data_spec
     from core.reference import run_dataset
 
     heldout, sample_metrics = split_metrics(names)
+    check_metric_inputs(sample_metrics, read_data_spec(workdir)["example_shape"], options)
     if want_samples is None:
         want_samples = bool(sample_metrics or write_stats)
     drawn = runs.sample_run(workdir, num=num if want_samples else None, **sampling)
@@ -106,15 +114,83 @@ def evaluate_run(
 
 
 def check_samples_file(path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(samples, labels or None) of an ADM `.npz` file: images must be uint8."""
-    from data.arrays import ArraySource
+    """(samples, labels or None) of an ADM `.npz` file, checked whole before any work: uint8
+    images `[N, H, W, 1 or 3]` (NHWC) or float samples `[N, D]`, finite; labels (`arr_1`)
+    integers >= 0, one per sample. Every error names the file's own dtype and shape."""
+    from data.arrays import read_npz
 
-    x = ArraySource(path).x  # checks the layout, dtype and shape
-    if x.ndim == 4 and x.dtype != np.uint8:
+    x, labels = read_npz(path)  # an .npz with arr_0 (or x); labels one per example
+    found = f"found {x.dtype} of shape {x.shape}"
+    if x.ndim == 4:
+        if x.shape[-1] not in (1, 3):
+            if x.shape[1] in (1, 3):
+                raise UserError(
+                    f"{path}: arr_0 {x.shape} has its channels first (NCHW); samples are "
+                    f"NHWC [N, H, W, C]: store np.transpose(x, (0, 2, 3, 1))"
+                )
+            raise UserError(f"{path}: images in arr_0 need 1 or 3 channels last, {found}")
+        if x.dtype != np.uint8:
+            raise UserError(
+                f"{path}: images in arr_0 must be uint8 in [0, 255] (the ADM layout), {found}"
+                + _to_uint8_hint(x)
+            )
+    elif x.ndim == 3 and x.dtype == np.uint8:
+        raise UserError(f"{path}: arr_0 {x.shape} has no channel axis: store x[..., None]")
+    elif x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
         raise UserError(
-            f"{path}: images in arr_0 must be uint8 in [0, 255] (the ADM layout), "
-            f"got {x.dtype} (float arrays are for non-image samples)"
+            f"{path}: arr_0 must be uint8 images [N, H, W, C] or float samples [N, D], {found}"
         )
-    with np.load(path) as f:
-        labels = f["arr_1"] if "arr_1" in f.files else None
-    return x, labels
+    elif not np.isfinite(x).all():
+        raise UserError(f"{path}: arr_0 holds NaN or infinite values")
+    if not len(x):
+        raise UserError(f"{path}: arr_0 holds no samples")
+    if labels is not None:
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise UserError(f"{path}: labels in arr_1 must be integers, found {labels.dtype}")
+        if labels.min() < 0:
+            raise UserError(f"{path}: labels in arr_1 must be >= 0, found {labels.min()}")
+    return (x if x.dtype == np.uint8 else x.astype(np.float32)), labels
+
+
+def _to_uint8_hint(x: np.ndarray) -> str:
+    """How to store float images of this range as uint8."""
+    if not np.issubdtype(x.dtype, np.floating) or not np.isfinite(x).all():
+        return ""
+    low, high = float(x.min()), float(x.max())
+    if low >= 0.0 and high <= 1.0:
+        return " in [0, 1]: store (x * 255).round().astype(np.uint8)"
+    if low >= -1.0 and high <= 1.0:
+        return " in [-1, 1]: store ((x + 1) * 127.5).round().astype(np.uint8)"
+    return ""
+
+
+def check_metric_inputs(names: list[str], example_shape, options: Options | None = None) -> None:
+    """Refuse, before any work, sample metrics that need images (Inception features: fid,
+    kid, pr, is, memorization in its inception space) for samples of `example_shape`
+    (one sample's shape) that are not images `[H, W, 1 or 3]`."""
+    from data.arrays import is_image_shape
+    from metrics import memorization as mem
+
+    asked = (options or Options()).mem_spaces
+    spaces = mem.split_names(asked) if asked is not None else ["pixel"]  # auto: pixel here
+    need = [
+        n for n in names
+        if n in INCEPTION_METRICS or (n == "memorization" and "inception" in spaces)
+    ]  # fmt: skip
+    if need and not is_image_shape((0, *example_shape)):
+        shape = ", ".join(["N", *map(str, example_shape)])
+        raise UserError(needs_images(need, f"samples [{shape}]"))
+
+
+def check_ref_stats(path: str) -> None:
+    """A reference statistics file, read and checked before any work: pytorch-fid's `mu`
+    and `sigma` of the Inception pool features."""
+    from metrics import fid as fm
+    from models.inception import FEATURE_DIM
+
+    mu, _ = fm.load_stats(path)
+    if len(mu) != FEATURE_DIM:
+        raise UserError(
+            f"reference statistics {path} have {len(mu)} dimensions, not the {FEATURE_DIM} of "
+            f"Inception features (scripts.evaluate --write-stats writes them)"
+        )

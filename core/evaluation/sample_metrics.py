@@ -64,11 +64,42 @@ def _is(ev: Evaluator) -> dict:
     return {"is": mean, "is_std": std}
 
 
+def memorization_spaces(ev: Evaluator) -> list[str]:
+    """The spaces of `--metrics memorization`: those asked for, else pixel and Inception
+    space, but pixel only on a CPU while the training set's Inception features are not
+    cached (their first pass takes hours there), said on stderr with the cost."""
+    import sys
+
+    import jax
+
+    from core.evaluation.evaluator import CPU_INCEPTION_SECONDS_PER_IMAGE
+    from data.arrays import is_image_shape
+
+    o = ev.options
+    if o.mem_spaces is not None:
+        return mem.split_names(o.mem_spaces)
+    if not is_image_shape(np.shape(ev.samples)):
+        return ["pixel"]  # Inception features need images
+    dataset = ev._need_dataset("memorization (the training set)")
+    if jax.default_backend() != "cpu" or dataset.has_features(ev.inception_precision):
+        return ["pixel", "inception"]
+    n = len(dataset.images)
+    hours = n * CPU_INCEPTION_SECONDS_PER_IMAGE / 3600
+    if jax.process_index() == 0:
+        print(
+            f"memorization: pixel space only on a CPU; Inception space first needs features of "
+            f"the {n:,} training images (about {hours:.1f} h at the 0.16 s per image measured "
+            "on 2 CPU cores, then cached): --mem-space pixel,inception to add it",
+            file=sys.stderr,
+        )
+    return ["pixel"]
+
+
 def _memorization(ev: Evaluator) -> dict:
     o, out = ev.options, {}
     ev._need_samples("memorization metrics")
     train = ev._need_dataset("memorization (the training set)").images
-    for space in mem.split_names(o.mem_spaces):
+    for space in memorization_spaces(ev):
         if space == "pixel":  # training images become vectors chunk by chunk
             q, ref, prep = mem.pixel_vectors(ev.samples), train, mem.pixel_vectors
         else:
