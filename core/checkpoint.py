@@ -239,6 +239,10 @@ class Checkpoints:
                 f"using step {used}{where}"
             )
         if move:
+            if jax.process_count() > 1:  # every process lists the steps after the move
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("driftlab: damaged steps moved")
             self._manager.reload()
 
     def saved_config(self, step: int) -> dict | None:

@@ -586,8 +586,9 @@ class _Stop:
             os.kill(os.getpid(), signum)
             return
         self.received = name
-        # a second one is the operating system's: it stops the process at once, even while
-        # the main thread is inside a long XLA call (where no Python handler can run)
+        # from now on the signal is the operating system's: a second one stops the process
+        # at once, even inside a long XLA call or the checkpoint's save (where no Python
+        # handler could run until the call returns)
         signal.signal(signum, signal.SIG_DFL)
         if jax.process_index() == 0:
             print(
