@@ -25,6 +25,10 @@
 #                                 # EARTH_BATCH, split seeds EARTH_SEEDS (default 0); test NLL
 #                                 # table (mean ± std over seeds; the checkpoint chosen
 #                                 # among the newest EARTH_LAST), maps
+#   scripts/gpu_runs.sh givt      # GIVT: the MNIST β-VAE, then GIVT k = 8 and k = 1 on its
+#                                 # latents, GIVT_SECONDS each (time-boxed); test NLL, FID of
+#                                 # NUM_FID samples over temperature x guidance (GIVT_TEMPS,
+#                                 # GIVT_CFGS), the VAE's reconstructions
 #
 # The GPU machine has no tensorflow-datasets, no network and takes at most 64 MiB per call, so
 # data, weights and the missing packages travel as files (about 59 MB, git-ignored), made
@@ -373,6 +377,32 @@ part_memorization() {
         --out "$out/memorization_vs_K"
 }
 
+part_givt() {
+    local out=$1 vae=$RUNS/givt_vae seconds=${GIVT_SECONDS:-150} k t c tiny=()
+    [ "${TINY:-0}" = 1 ] && tiny=(--config.total_steps=2)
+    # time-boxed like part_unet: the configs' cosine schedules run over their own steps
+    "$PY" -m scripts.train --config "$(spec experiments/givt/mnist_vae.py)" --workdir "$vae" \
+        "${NPZ[@]}" --config.train_seconds="$seconds" --config.sample_every=0 "${tiny[@]}"
+    "$PY" -m scripts.evaluate --workdir "$vae" --metrics recon --split test --heldout-num 0 \
+        "${EVAL[@]}" --out "$out/givt_vae_recon.json"
+    for k in 8 1; do
+        "$PY" -m scripts.train --config "$(spec "experiments/givt/mnist_givt.py:k=$k")" \
+            --workdir "$RUNS/givt_k$k" "${NPZ[@]}" --config.frozen.vae.workdir="$vae" \
+            --config.train_seconds="$seconds" --config.sample_every=0 "${tiny[@]}"
+        "$PY" -m scripts.evaluate --workdir "$RUNS/givt_k$k" --metrics nll --heldout-num 0 \
+            --out "$out/givt_k${k}_nll.json"
+    done
+    for t in ${GIVT_TEMPS:-1.0 0.9 0.8}; do
+        for c in ${GIVT_CFGS:-1.0 1.5 2.0 3.0}; do
+            "$PY" -m scripts.evaluate --workdir "$RUNS/givt_k8" --num "$NUM_FID" --metrics fid \
+                --cfg "$c" --sample-option "temperature=$t" "${EVAL[@]}" \
+                --out "$out/givt_k8_fid_t${t}_cfg${c}.json"
+        done
+    done
+    "$PY" -m scripts.sample --workdir "$RUNS/givt_k8" --num 64 --cfg 2.0 \
+        --sample-option temperature=0.9 --out "$out/givt_k8_samples.npz"
+}
+
 part_earth() {
     local out=$1 d runs=() size=() steps=$EARTH_STEPS probe=$RUNS/earth_probe
     # the CPU preset (:small=True: 256 Fourier features up to each dataset's own largest
@@ -405,12 +435,12 @@ part_earth() {
 }
 
 if [ $# -lt 1 ]; then
-    sed -n '2,27p' "$0"
+    sed -n '2,31p' "$0"
     exit 2
 fi
 for part in "$@"; do
     if ! declare -F "part_$part" >/dev/null; then
-        echo "unknown part '$part'; known: bench, fid, unet, shortcut, tarflow, memorization, earth"
+        echo "unknown part '$part'; known: bench, fid, unet, shortcut, tarflow, memorization, earth, givt"
         exit 2
     fi
 done
