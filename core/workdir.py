@@ -59,7 +59,7 @@ class WorkdirLock:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-            "command": " ".join(sys.argv),
+            "command": " ".join(getattr(sys, "orig_argv", sys.argv)),  # with `-m scripts.x`
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
