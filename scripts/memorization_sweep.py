@@ -287,9 +287,13 @@ def write(args, results: list[dict], deltas: dict) -> None:
     )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     summary = summarize(results)
-    caps = capacities(
-        [r["K"] for r in summary], *([r[n] for r in summary] for n in mem.CATEGORIES)
-    )
+    ks = [r["K"] for r in summary]
+    caps = capacities(ks, *([r[n] for r in summary] for n in mem.CATEGORIES))
+    # the same crossing for the ratio test's fraction (scale-free: no delta_m), beside
+    ratio = [r["ratio_memorized"] for r in summary]
+    caps["ratio_memorization_capacity"] = capacities(ks, ratio, ratio, ratio)[
+        "memorization_capacity"
+    ]
     with open(args.out + ".json", "w") as f:
         json.dump(
             {"settings": settings, "thresholds": deltas, "results": results,
