@@ -15,7 +15,6 @@ damaged steps (a step without `files.json`, from older code or killed before it 
 written, is checked by restoring it), saying on stderr which step it uses and why.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from core.errors import UserError
+from core.files import content_tag
 from core.train_state import TrainState
 
 ITEMS = ("params", "ema", "opt_state")
@@ -65,14 +65,6 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _file_table(step_dir: str) -> dict[str, list]:
     """`{relative path: [size, sha256]}` of every file under `step_dir` but `files.json`."""
     table = {}
@@ -81,7 +73,7 @@ def _file_table(step_dir: str) -> dict[str, list]:
             path = os.path.join(root, name)
             rel = os.path.relpath(path, step_dir)
             if rel not in (FILES, FILES + ".tmp"):
-                table[rel] = [os.path.getsize(path), _sha256(path)]
+                table[rel] = [os.path.getsize(path), content_tag(path, 64)]
     return table
 
 
@@ -180,7 +172,7 @@ class Checkpoints:
                     return f"{rel} is missing"
                 if os.path.getsize(full) != size:
                     return f"{rel} has {os.path.getsize(full)} bytes, {size} were written"
-                if _sha256(full) != digest:
+                if content_tag(full, 64) != digest:
                     return f"{rel} differs from what was written (SHA-256)"
         for k in items:
             if not os.path.exists(os.path.join(step_dir, k, "_METADATA")):

@@ -230,8 +230,6 @@ def sample_run(
     `cfg_schedule`, `cfg_interval` (the guidance), `sample_options` do not override it."""
     from core import sampling
 
-    open_for_reading(workdir).close()  # a directory without checkpoints says so first
-    load_run(workdir)  # and one that is not a run
     adjust = lambda experiment: experiment.with_sampling(
         sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale, cfg_schedule=cfg_schedule,
         cfg_interval=cfg_interval, options=sample_options,
