@@ -126,3 +126,60 @@ def mfu(forward: int, images_per_sec: float, peak_tflops: float) -> dict:
         "mfu": achieved / peak_tflops,
         "peak_tflops": peak_tflops,
     }
+
+
+def bench_run_sampling(workdir: str, *, batch: int, repeats: int, **sampling) -> dict:
+    """Images/s of a trained run's own sampling program, as `scripts.sample` draws: the
+    checkpoint's weights and frozen networks (GIVT's VAE decoder is inside the timed
+    program), the run's sampler and options unless `sampling` (`core.runs.sample_run`'s
+    keywords) overrides them, one batch of `batch` per call, on all devices.
+
+    The first call compiles and is reported apart (`compile_s`); the mean over `repeats`
+    later calls, each with fresh noise and the copy of the images to the host included,
+    gives `images_per_sec`. Unlike `bench_sampling` the weights are trained ones: a sampler
+    whose work depends on them (rejection sampling in GIVT's guidance, Jacobi inverses that
+    stop at a tolerance) is timed as it runs on this model."""
+    from core import runs
+    from core.sampling import Generator
+
+    mesh = sharding.make_mesh()
+    seed = sampling.pop("seed", 0)
+    sampling.pop("batch_size", None)
+    run = runs.sample_run(workdir, mesh=mesh, **sampling)  # no `num`: the weights only
+    experiment = run.experiment
+    generator = Generator(
+        experiment, run.graphdef, run.spec, mesh, num=batch,
+        batch_size=sharding.sample_batch(mesh, batch, batch),
+        frozen=runs.restore_frozen(experiment, mesh),
+    )  # fmt: skip
+    count = lambda tree: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+    key = jax.random.key(seed)
+    t0 = time.perf_counter()
+    generator(run.params, key)
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(repeats):
+        generator(run.params, jax.random.fold_in(key, i + 1))  # returns host arrays: blocks
+    sec = (time.perf_counter() - t0) / repeats
+    s = experiment.sampling
+    return {
+        "workdir": workdir,
+        "step": run.step,
+        "family": experiment.method.name,
+        "network": experiment.network.name,
+        "params": count(run.params),
+        "frozen_params": {name: count(p) for name, p in generator.frozen.params.items()},
+        "sampler": s.sampler,
+        "sampling_steps": s.num_steps,
+        "cfg": s.cfg_scale,
+        "cfg_schedule": s.guidance.schedule,
+        "sample_options": s.options,
+        "batch": batch,
+        "repeats": repeats,
+        "compile_s": compile_s,
+        "sec_per_batch": sec,
+        "images_per_sec": batch / sec,
+        "device": jax.devices()[0].device_kind,
+        "num_devices": jax.device_count(),
+        "jax": jax.__version__,
+    }

@@ -99,15 +99,33 @@ def spectra(
     """Descending singular values `[N, D]` of the score Jacobian at each sample of
     `xs [N, ...]` (labels `conds [N]` or None), at `t = 1 - sigma`. One compiled Jacobian
     program for all samples; one SVD per sample on the host."""
-    if not 0.0 < sigma < 1.0:
-        raise UserError(f"effective dimension needs noise 0 < sigma < 1, got {sigma}")
-    jac = jax.jit(lambda x, c: score_jacobian(score, x, 1.0 - sigma, cond=c, chunk=chunk))
-    out = []
-    for i, x in enumerate(np.asarray(xs, np.float32)):
-        c = None if conds is None else jnp.asarray(conds[i : i + 1])
-        j = np.asarray(jax.device_get(jac(jnp.asarray(x), c)), np.float64)
-        out.append(np.linalg.svd(j, compute_uv=False))
-    return np.stack(out)
+    return spectra_across(score, xs, conds=conds, sigmas=[sigma], chunk=chunk)[0]
+
+
+def spectra_across(
+    score: ScoreFn,
+    xs: np.ndarray,
+    *,
+    conds: np.ndarray | None = None,
+    sigmas,
+    chunk: int | None = None,
+) -> np.ndarray:
+    """`spectra` at each noise level of `sigmas` -> `[S, N, D]`: the same samples, the
+    Jacobian program compiled once (the time is an argument of it)."""
+    sigmas = [float(s) for s in sigmas]
+    bad = [s for s in sigmas if not 0.0 < s < 1.0]
+    if bad or not sigmas:
+        raise UserError(f"effective dimension needs noise 0 < sigma < 1, got {bad or sigmas}")
+    jac = jax.jit(lambda x, c, t: score_jacobian(score, x, t, cond=c, chunk=chunk))
+    xs = np.asarray(xs, np.float32)
+    out = np.empty((len(sigmas), len(xs), int(np.prod(xs.shape[1:]))), np.float64)
+    for k, sigma in enumerate(sigmas):
+        t = jnp.float32(1.0 - sigma)
+        for i, x in enumerate(xs):
+            c = None if conds is None else jnp.asarray(conds[i : i + 1])
+            j = np.asarray(jax.device_get(jac(jnp.asarray(x), c, t)), np.float64)
+            out[k, i] = np.linalg.svd(j, compute_uv=False)
+    return out
 
 
 def effective_dimensions(
@@ -159,6 +177,12 @@ def report(svals: np.ndarray, max_rank: int | None = None, *, sigma: float) -> d
     }
 
 
+def _as_float(xs) -> np.ndarray:
+    """Samples as float32; uint8 images mapped to [-1, 1]."""
+    xs = np.asarray(xs)
+    return xs.astype(np.float32) / 127.5 - 1.0 if xs.dtype == np.uint8 else xs.astype(np.float32)
+
+
 def evaluate(
     score: ScoreFn,
     xs: np.ndarray,
@@ -170,13 +194,70 @@ def evaluate(
 ) -> dict:
     """`report` of the spectra at samples `xs [N, ...]` (uint8 images are mapped to
     [-1, 1]), with the spectrum plot at `plot_path` (its path under `effdim_plot`)."""
-    xs = np.asarray(xs)
-    xs = xs.astype(np.float32) / 127.5 - 1.0 if xs.dtype == np.uint8 else xs.astype(np.float32)
     conds = None if conds is None else np.asarray(conds, np.int32)
-    svals = spectra(score, xs, conds=conds, sigma=sigma, chunk=chunk)
+    svals = spectra(score, _as_float(xs), conds=conds, sigma=sigma, chunk=chunk)
     out = report(svals, sigma=sigma)
     if plot_path:
         dims = np.asarray(out["effdim_per_sample"])
         plot_spectra(svals, plot_path, dims=dims, title=f"score Jacobian, sigma = {sigma:g}")
         out["effdim_plot"] = plot_path
     return out
+
+
+def evaluate_across(
+    score: ScoreFn,
+    xs: np.ndarray,
+    *,
+    conds: np.ndarray | None = None,
+    sigmas,
+    chunk: int | None = None,
+    plot_path: str | None = None,
+) -> dict:
+    """The effective dimension of the same samples at each noise level of `sigmas`
+    (ascending): `effdim_sigmas`, and per level (lists in that order) the mean, median, min
+    and max and the per-sample values (`effdim_per_sample_by_sigma [S][N]`), and the median
+    spectrum scaled by `sigma^2` (`effdim_median_spectrum_by_sigma [S][D]`: normal
+    directions near 1 at every level, so the levels share one axis). With `plot_path`, the
+    dimensions against sigma and those spectra (`plot_across`)."""
+    sigmas = sorted(float(s) for s in sigmas)
+    conds = None if conds is None else np.asarray(conds, np.int32)
+    svals = spectra_across(score, _as_float(xs), conds=conds, sigmas=sigmas, chunk=chunk)
+    dims = np.stack([effective_dimensions(s, sigma=sg) for s, sg in zip(svals, sigmas)])
+    scaled = np.median(svals, axis=1) * np.square(sigmas)[:, None]
+    out = {
+        "effdim_sigmas": sigmas,
+        "effdim_mean_by_sigma": dims.mean(axis=1).tolist(),
+        "effdim_median_by_sigma": np.median(dims, axis=1).tolist(),
+        "effdim_min_by_sigma": dims.min(axis=1).tolist(),
+        "effdim_max_by_sigma": dims.max(axis=1).tolist(),
+        "effdim_ambient": int(svals.shape[-1]),
+        "effdim_per_sample_by_sigma": dims.tolist(),
+        "effdim_median_spectrum_by_sigma": scaled.tolist(),
+    }
+    if plot_path:
+        plot_across(sigmas, dims, scaled, plot_path)
+        out["effdim_plot"] = plot_path
+    return out
+
+
+def plot_across(sigmas, dims: np.ndarray, scaled: np.ndarray, path: str) -> None:
+    """PNG: per-sample effective dimension `dims [S, N]` against sigma (thin lines, the
+    median bold), and the median spectra scaled by sigma^2 `scaled [S, D]`, one per level."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4), dpi=100)
+    left, right = fig.subplots(1, 2)
+    left.semilogx(sigmas, dims, color="0.6", lw=0.6, alpha=0.6)
+    left.semilogx(sigmas, np.median(dims, axis=1), "o-", color="C3", lw=2, label="median")
+    left.set(xlabel="noise sigma (t = 1 - sigma)", ylabel="effective dimension",
+             title=f"per sample (N = {dims.shape[1]}), D = {scaled.shape[1]}")  # fmt: skip
+    left.legend()
+    rank = np.arange(1, scaled.shape[1] + 1)
+    for sigma, s in zip(sigmas, scaled):
+        right.semilogy(rank, np.maximum(s, 1e-12), lw=1.2, label=f"sigma = {sigma:g}")
+    right.set(xlabel="rank i", ylabel="median $s_i \\cdot \\sigma^2$",
+              title="score Jacobian spectra (normal directions near 1)")  # fmt: skip
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)

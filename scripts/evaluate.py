@@ -115,6 +115,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     m.add_argument("--ratio-threshold", type=float, default=1 / 3)
     m.add_argument("--effdim-num", type=int, default=16, help="samples for effdim")
     m.add_argument("--effdim-sigma", type=float, default=1e-2, help="noise (t = 1 - sigma)")
+    m.add_argument(
+        "--effdim-sigmas", default=None, metavar="S1,S2,...",
+        help="several noise levels, e.g. 0.01,0.05,0.2,0.5: the dimension of the same samples "
+        "at each, and a plot of it against sigma (replaces --effdim-sigma)",
+    )  # fmt: skip
     m.add_argument("--effdim-chunk", type=int, default=None, help="Jacobian columns per pass")
     m.add_argument("--swd-projections", type=int, default=256, help="directions of swd")
     add_nll_solver_flags(m)
@@ -167,10 +172,27 @@ def _check(args, UserError) -> None:
     nll_solver_options(args)  # the solver flags' checks
     if not 0.0 < args.effdim_sigma < 1.0:
         raise UserError(f"--effdim-sigma must be in (0, 1), got {args.effdim_sigma}")
+    args.effdim_sigmas = _sigmas(args.effdim_sigmas, UserError)
     if args.write_stats and not args.write_stats.endswith(".npz"):
         args.write_stats += ".npz"  # numpy would add it anyway; report the real name
     if args.save_samples and not args.save_samples.endswith(".npz"):
         args.save_samples += ".npz"
+
+
+def _sigmas(text: str | None, UserError) -> tuple[float, ...] | None:
+    """`"0.01,0.1"` -> (0.01, 0.1): each in (0, 1), none repeated."""
+    if text is None:
+        return None
+    try:
+        sigmas = tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise UserError(f"--effdim-sigmas wants numbers like 0.01,0.1,0.5, got {text!r}") from None
+    bad = [s for s in sigmas if not 0.0 < s < 1.0]
+    if not sigmas or bad:
+        raise UserError(f"--effdim-sigmas must be in (0, 1), got {text!r}")
+    if len(set(sigmas)) != len(sigmas):
+        raise UserError(f"--effdim-sigmas names a level twice: {text!r}")
+    return sigmas
 
 
 def _per_space(flag: str, text: str | None, UserError):
@@ -210,6 +232,7 @@ def _options(args, evaluation):
         ratio_threshold=args.ratio_threshold,
         effdim_num=args.effdim_num,
         effdim_sigma=args.effdim_sigma,
+        effdim_sigmas=args.effdim_sigmas,
         effdim_chunk=args.effdim_chunk,
         swd_projections=args.swd_projections,
         inception_batch=args.inception_batch,

@@ -232,6 +232,11 @@ def test_bad_input_is_one_line(env, tmp_path, monkeypatch, capsys):
         "--delta-m must be > 0 (a distance), got -1.0": ["--samples", a, "--delta-m", "-1"],
         "--delta-s: unknown space 'lpips'": ["--samples", a, "--delta-s", "lpips=0.1"],
         "--effdim-sigma must be in (0, 1), got 0.0": ["--samples", a, "--effdim-sigma", "0"],
+        "--effdim-sigmas must be in (0, 1), got '0.1,1.5'": [
+            "--samples", a, "--effdim-sigmas", "0.1,1.5",
+        ],
+        "--effdim-sigmas names a level twice": ["--samples", a, "--effdim-sigmas", "0.1,0.1"],
+        "--effdim-sigmas wants numbers": ["--samples", a, "--effdim-sigmas", "0.1;0.2"],
         "is (Inception Score) needs the 1008-way logits layer": [
             "--samples", a, "--ref-stats", a, "--metrics", "fid,is",
         ],
@@ -273,6 +278,14 @@ def test_eval_hook_and_workdir_mode(tmp_path, monkeypatch):
     )  # fmt: skip
     assert out["step"] == 2 and out["num_samples"] == 32 and out["effdim_ambient"] == 2
     assert len(out["effdim_per_sample"]) == 3 and os.path.exists(out["effdim_plot"])
+    across = cli(
+        tmp_path, "--workdir", workdir, "--num", "8", "--metrics", "effdim", "--effdim-num",
+        "3", "--effdim-sigmas", "0.5,0.01",
+    )  # fmt: skip
+    assert across["effdim_sigmas"] == [0.01, 0.5] and "effdim_mean" not in across
+    assert np.array(across["effdim_per_sample_by_sigma"]).shape == (2, 3)
+    assert across["effdim_plot"].endswith("_effdim_sigmas.png")
+    assert os.path.getsize(across["effdim_plot"]) > 0
     assert out["reference"] == f"{config.data.name}:train"
     # how the samples were drawn: the run's own sampler and steps, no guidance, seed 0
     assert out["sampler"] == config.sample.sampler

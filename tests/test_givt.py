@@ -419,3 +419,31 @@ def test_random_search_runs_on_a_givt_run(two_stage, monkeypatch):
     best = report["history"]["best_mean"]
     assert len(best) == 3 and best[0] <= best[1] <= best[2]
     np.testing.assert_allclose(best[-1], samples.mean(), rtol=1e-4, atol=1e-5)
+
+
+def test_sampling_benchmark_times_the_run_with_its_frozen_vae(two_stage, tmp_path):
+    """`scripts.bench_sampling` on a GIVT run: the timed program is the run's own (its
+    sampler, the override of an option, the frozen VAE counted apart), and a misspelt
+    option is the one error sampling gives."""
+    from core import benchmark
+    from scripts import bench_sampling
+
+    vae_dir, givt_dir = two_stage
+    out = tmp_path / "speed.jsonl"
+    bench_sampling.main(
+        ["bench_sampling", "--workdir", givt_dir, "--batch", "4", "--repeats", "1",
+         "--cfg", "2.0", "--sample-option", "temperature=0.9", "--out", str(out)]
+    )  # fmt: skip
+    (result,) = [json.loads(line) for line in out.read_text().splitlines()]
+    vae = runs.sample_run(vae_dir)
+    givt = runs.sample_run(givt_dir)
+    count = lambda tree: sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+    assert result["family"] == "givt" and result["sampler"] == "givt" and result["cfg"] == 2.0
+    assert result["sample_options"]["temperature"] == 0.9 and result["step"] == 2
+    assert result["params"] == count(givt.params)
+    assert result["frozen_params"] == {"vae": count(vae.params)}
+    assert result["images_per_sec"] * result["sec_per_batch"] == pytest.approx(4)
+    with pytest.raises(UserError, match="temprature"):
+        benchmark.bench_run_sampling(
+            givt_dir, batch=4, repeats=1, sample_options={"temprature": 0.9}
+        )

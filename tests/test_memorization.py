@@ -244,6 +244,37 @@ def test_effective_dimension_of_a_linear_subspace_is_k(k, tmp_path):
     assert out["effdim_mean"] == k and os.path.getsize(tmp_path / "spectra.png") > 0
 
 
+def test_effective_dimension_across_noise_loses_the_low_variance_block_first(tmp_path):
+    # Two blocks in D = 16: 3 directions of scale 1 and 4 of scale 0.05. The closed-form
+    # spectrum at noise sigma (t = 1 - sigma): 9 normal values 1/sigma^2, then
+    # 1/(sigma^2 + t^2 s^2) per block. At sigma = 0.002 both blocks sit far below the normal
+    # values (dimension 7); at sigma = 0.2 the small block's 24.0 is next to the normal 25
+    # and the largest gap is before the big block's 1.47 (dimension 3). Levels are given out
+    # of order and share one compiled Jacobian.
+    d = 16
+    big, _ = _subspace(d, 7, seed=2)
+    cov = big[:, :3] @ big[:, :3].T + 0.05**2 * big[:, 3:] @ big[:, 3:].T
+    xs = np.random.default_rng(3).normal(size=(3, 7)) * np.r_[[1.0] * 3, [0.05] * 4] @ big.T
+    closed = gaussian.score(jnp.zeros(d), cov)
+    score = lambda x, t, cond=None: closed(x, t)
+    out = ed.evaluate_across(score, xs, sigmas=[0.2, 0.002], plot_path=str(tmp_path / "across.png"))
+    assert out["effdim_sigmas"] == [0.002, 0.2]
+    assert out["effdim_per_sample_by_sigma"] == [[7, 7, 7], [3, 3, 3]]
+    svals = ed.spectra_across(score, xs, sigmas=[0.002, 0.2])
+    for sigma, s in zip([0.002, 0.2], svals):
+        t = 1 - sigma
+        expected = [1 / sigma**2] * 9 + [1 / (sigma**2 + t**2 * 0.05**2)] * 4
+        expected += [1 / (sigma**2 + t**2)] * 3
+        # float32 scores: the O(1) values carry ~1e-7 of s_1 = 2.5e5 at sigma = 0.002
+        np.testing.assert_allclose(s, np.broadcast_to(expected, s.shape), rtol=1e-2)
+    # scaled by sigma^2, the normal directions are 1 at every level
+    scaled = np.array(out["effdim_median_spectrum_by_sigma"])
+    np.testing.assert_allclose(scaled[:, :9], 1, rtol=1e-3)
+    assert os.path.getsize(tmp_path / "across.png") > 0
+    with pytest.raises(UserError, match="0 < sigma < 1"):
+        ed.spectra_across(score, xs, sigmas=[0.1, 1.0])
+
+
 def test_effective_dimension_of_a_point_is_zero():
     # A training set of one point (memorized): the score pulls back in every direction.
     d = 8
@@ -304,9 +335,7 @@ def test_sweep_config_tiny_gives_the_old_tiny_settings():
     assert (npz.total_steps, npz.batch_size, npz.optim.lr, npz.model.ch) == (10_000, 128, 2e-4, 64)
 
 
-def test_memorization_default_space_fits_a_cpu_and_says_what_inception_would_cost(
-    tmp_path, capsys
-):
+def test_memorization_default_space_fits_a_cpu_and_says_what_inception_would_cost(tmp_path, capsys):
     import jax
 
     from core.evaluation.evaluator import Evaluator, Options

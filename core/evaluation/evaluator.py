@@ -56,6 +56,8 @@ class Options:
     ratio_threshold: float = 1 / 3
     effdim_num: int = 16
     effdim_sigma: float = 1e-2
+    # several noise levels at once (the same samples at each; replaces effdim_sigma)
+    effdim_sigmas: tuple[float, ...] | None = None
     effdim_chunk: int | None = None
     swd_projections: int = 256
     inception_batch: int | None = None  # metrics.fid.default_batch()

@@ -130,9 +130,15 @@ def _effdim(ev: Evaluator) -> dict:
     o, n = ev.options, ev.options.effdim_num
     conditional = experiment.conditioning.labels and ev.labels is not None
     conds = ev.labels[:n] if conditional else None
+    score, samples = experiment.method.score_view(network.module()), ev.samples[:n]
+    if o.effdim_sigmas:
+        return ed.evaluate_across(
+            score, samples, conds=conds, sigmas=o.effdim_sigmas, chunk=o.effdim_chunk,
+            plot_path=f"{o.plot_prefix}_effdim_sigmas.png" if o.plot_prefix else None,
+        )  # fmt: skip
     return ed.evaluate(
-        experiment.method.score_view(network.module()),
-        ev.samples[:n],
+        score,
+        samples,
         conds=conds,
         sigma=o.effdim_sigma,
         chunk=o.effdim_chunk,
