@@ -185,31 +185,38 @@ class Search:
         return {"x_init": x_init, "branch_noise": jax.random.normal(keys[2], shape)}
 
     def run(self, params, verifier_params, noise, cond, frozen=None):
-        """`frozen`: the parameters of the run's own frozen networks (a GIVT's VAE)."""
+        """`(samples, scores, history)`; `frozen`: the parameters of the run's own frozen
+        networks (a GIVT's VAE)."""
+        x, _, scores, history = self.run_with_noise(params, verifier_params, noise, cond, frozen)
+        return x, scores, history
+
+    def run_with_noise(self, params, verifier_params, noise, cond, frozen=None):
+        """`run`, with the noise each chosen sample came from: `(samples, noise, scores,
+        history)`; the noise is `{}` for paths search, whose samples were re-noised along
+        the way (no one noise gives them)."""
         st, gen = self.settings, self.generation
         generate = lambda z, c: gen.generate(params, z, c, frozen)
         verify = lambda x, c, z: self.verifier.fn(verifier_params, x, c, z)
         sphere = self.experiment.method.manifold == "sphere"
         if st.algo == "random":
-            x, _, scores, history = noise_search.random_search(generate, verify, noise, cond)
-        elif st.algo == "zero_order":
-            x, _, scores, history = noise_search.zero_order_search(
+            return noise_search.random_search(generate, verify, noise, cond)
+        if st.algo == "zero_order":
+            return noise_search.zero_order_search(
                 generate, verify, noise["pivot"], noise["perturbations"], cond,
                 radius=st.radius, sphere=sphere,
             )  # fmt: skip
-        else:
-            k = self.experiment.sampling.num_steps
+        k = self.experiment.sampling.num_steps
 
-            def integrate(x, c, t0, t1):
-                steps = int(round((t1 - t0) * k))
-                return gen.integrate(params, x, c, t_start=t0, t_end=t1, num_steps=steps)
+        def integrate(x, c, t0, t1):
+            steps = int(round((t1 - t0) * k))
+            return gen.integrate(params, x, c, t_start=t0, t_end=t1, num_steps=steps)
 
-            x, scores, history = noise_search.path_search(
-                integrate, _predictor(self.experiment, gen.graphdef, params), verify,
-                noise["x_init"], noise["branch_noise"], cond,
-                times=st.times(k), delta_f=st.delta_f / k,
-            )  # fmt: skip
-        return x, scores, history
+        x, scores, history = noise_search.path_search(
+            integrate, _predictor(self.experiment, gen.graphdef, params), verify,
+            noise["x_init"], noise["branch_noise"], cond,
+            times=st.times(k), delta_f=st.delta_f / k,
+        )  # fmt: skip
+        return x, {}, scores, history
 
 
 def _predictor(experiment: Experiment, graphdef, params):
@@ -258,6 +265,7 @@ def search_run(
     budget_nfe: int | None = None,
     dataset=None,
     label: int | None = None,
+    score_with: tuple[tuple[str, str | None], ...] = (),
     **restore,
 ):
     """Search `num` samples of the run in `workdir` against the verifier `verifier_name` (a
@@ -265,7 +273,14 @@ def search_run(
     batches -> `(samples, labels, report)`; `report` holds the settings, the NFEs per sample
     and the history of the best score against them. `restore`: `core.runs.sample_run`'s
     weights and sampling keywords (step, ema, sampler, num_steps, cfg_scale,
-    sample_options; its EMA weights and its own sampling by default)."""
+    sample_options; its EMA weights and its own sampling by default).
+
+    `score_with`: other verifiers `(name, run or None)` that score the chosen samples after
+    the search (with the noise each came from, for self_consistency), so that searching
+    against one verifier is measured by the others (verifier hacking); `report["scores"]`
+    holds the mean score of the searched verifier and of each of these, and
+    `report["score_nan"]` how many samples each scored NaN (left out of the mean). Their
+    evaluations are not part of the search's NFEs."""
     from core import runs, sharding
     from core.experiment import Frozen
     from core.sampling import to_host
@@ -289,6 +304,20 @@ def search_run(
         experiment, generation, drawn.params, frozen, dataset, dict(verifier_options or {})
     )
     verifier = build_verifier(verifier_name, context)
+    others = {}
+    for name, run_dir in score_with:
+        if name in others or name == verifier_name:
+            raise UserError(f"--score-with names {name!r} twice (the searched verifier counts)")
+        if name == "self_consistency" and settings.algo == "paths":
+            raise UserError(
+                "self_consistency scores a sample against its initial noise, which paths "
+                "search re-noises: leave it out of --score-with"
+            )
+        their = runs.NO_FROZEN
+        if run_dir is not None:
+            their = runs.restore_frozen(experiment.but(frozen=(Frozen("verifier", run_dir),)), mesh)
+        other = build_verifier(name, dataclasses.replace(context, frozen=their, options={}))
+        others[name] = (jax.jit(other.fn), other.params)
     shape = spec["example_shape"]
     search = Search(experiment, drawn.graphdef, shape, verifier, settings, generation)
     if budget_nfe is not None:
@@ -296,10 +325,13 @@ def search_run(
         search = Search(experiment, drawn.graphdef, shape, verifier, settings, generation)
     batch = sharding.sample_batch(mesh, batch_size, num)
     data = sharding.batch_sharding(mesh)
-    run = jax.jit(search.run, out_shardings=(data, data, sharding.replicated(mesh)))
+    run = jax.jit(
+        search.run_with_noise, out_shardings=(data, data, data, sharding.replicated(mesh))
+    )
     classes = spec["num_classes"] if experiment.conditioning.labels else 0
     key = jax.random.key(seed)
     xs, ys, histories = [], [], []
+    scores = {name: [] for name in (verifier_name, *others)}
     for i in range(math.ceil(num / batch)):
         labels = (
             sample_labels(batch, classes, offset=i * batch) if label is None
@@ -307,13 +339,18 @@ def search_run(
         )  # fmt: skip
         labels = jax.device_put(labels, data)
         noise = search.draw(jax.random.fold_in(key, i), batch)
-        x, _, history = run(drawn.params, verifier.params, noise, labels, own.params)
+        x, chosen, best, history = run(drawn.params, verifier.params, noise, labels, own.params)
+        scores[verifier_name].append(to_host(best))
+        for name, (fn, params) in others.items():
+            scores[name].append(to_host(fn(params, x, labels, chosen)))
         xs.append(to_host(x))
         ys.append(to_host(labels))
         histories.append(np.asarray(jax.device_get(history)))
     samples = np.concatenate(xs)[:num]
     labels = np.concatenate(ys)[:num] if classes else None
     history = np.concatenate(histories, axis=1)[:, :num]
+    scores = {k: np.concatenate(v)[:num].astype(np.float64) for k, v in scores.items()}
+    scores = {k: np.where(np.isinf(v), np.nan, v) for k, v in scores.items()}  # -inf: unscored
     report = {
         "workdir": workdir, "step": drawn.step,
         "weights": "ema" if restore.get("ema", True) else "raw",
@@ -322,6 +359,10 @@ def search_run(
         "nfe_generator_per_sample": search.nfe["generator"],
         "nfe_verifier_per_sample": search.nfe["verifier"],
         "num_samples": int(len(samples)), "history": summarize(history, search.nfe),
+        "score_with": [name for name, _ in score_with],
+        "scores": {k: float(np.nanmean(v)) if np.isfinite(v).any() else None
+                   for k, v in scores.items()},
+        "score_nan": {k: int(np.isnan(v).sum()) for k, v in scores.items()},
     }  # fmt: skip
     return samples, labels, report
 

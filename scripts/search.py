@@ -54,6 +54,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--delta-f", type=int, default=0, help="paths: steps re-noised back")
     p.add_argument("--budget-nfe", type=int, default=None, help="NFEs per sample")
     p.add_argument("--dataset", default=None, help="reference data (inception verifier)")
+    p.add_argument(
+        "--score-with", default=None, metavar="NAME[=RUN],...",
+        help="other verifiers that score the chosen samples after the search, e.g. "
+        "classifier=runs/mnist_cnn,inception,self_consistency (the JSON's `scores`; not "
+        "part of the NFEs): how searching against one verifier reads to the others",
+    )  # fmt: skip
     p.add_argument("--num", type=int, default=64)
     p.add_argument("--batch", type=int, default=64, help="samples per device call")
     p.add_argument("--sampling-steps", "--steps", dest="steps", type=int, default=None)
@@ -68,6 +74,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv[1:])
     args.out = npz_path(args.out)  # numpy adds .npz where it is missing: report that name
     return args
+
+
+def _score_with(text: str | None, UserError) -> tuple[tuple[str, str | None], ...]:
+    """`"classifier=runs/c,inception"` -> `(("classifier", "runs/c"), ("inception", None))`."""
+    out = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, run_dir = item.partition("=")
+        if sep and not run_dir.strip():
+            raise UserError(f"--score-with: {item!r} names no run after '='")
+        out.append((name.strip(), run_dir.strip() if sep else None))
+    return tuple(out)
 
 
 def main(argv: list[str]) -> None:
@@ -94,7 +113,8 @@ def main(argv: list[str]) -> None:
         args.workdir, settings, args.verifier, num=args.num,
         verifier_run=args.verifier_run,
         verifier_options=parse_sample_options(args.verifier_option),
-        budget_nfe=args.budget_nfe, dataset=dataset, label=args.label, **sampling_kwargs(args),
+        budget_nfe=args.budget_nfe, dataset=dataset, label=args.label,
+        score_with=_score_with(args.score_with, UserError), **sampling_kwargs(args),
     )  # fmt: skip
     if jax.process_index() != 0:
         return

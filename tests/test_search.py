@@ -215,3 +215,49 @@ def test_likelihood_verifier_is_the_flows_bits_per_dim(toy):
     score = verifier(x, None)
     bpd = bits_per_dim(flow_log_prob(flow, x), 16, noise="none")
     np.testing.assert_allclose(score, -(bpd * np.log(2.0) - LOG_SCALE["none"]), rtol=1e-5)
+
+
+def test_score_with_scores_the_chosen_samples_by_other_verifiers(tmp_path):
+    """`score_with`: after a search against the density, self_consistency scores the chosen
+    samples with the noise they came from (recomputed here from the same draw), and the
+    searched verifier's mean is that of its own scores of the samples."""
+    from core import runs
+    from scripts.search import _score_with
+
+    workdir = str(tmp_path / "run")
+    train(config_lib.load(QUICK), workdir)
+    kw = dict(num=16, batch_size=16, seed=5, sampler="euler", num_steps=4)
+    samples, labels, report = search_lib.search_run(
+        workdir, search_lib.Settings(algo="random", candidates=1), "density",
+        score_with=(("self_consistency", None),), **kw,
+    )  # fmt: skip
+    drawn = runs.sample_run(workdir, sampler="euler", num_steps=4)
+    generation = Generation(drawn.experiment, drawn.graphdef, (2,))
+    context = VerifierContext(drawn.experiment, generation, drawn.params)
+    density = build_verifier("density", context)
+    consistency = build_verifier("self_consistency", context)
+    search = search_lib.Search(
+        drawn.experiment, drawn.graphdef, (2,), density, search_lib.Settings(candidates=1)
+    )
+    noise = jax.tree.map(lambda a: a[0], search.draw(jax.random.fold_in(jax.random.key(5), 0), 16))
+    cond = jnp.asarray(labels) if labels is not None else jnp.zeros((16,), jnp.int32)
+    x = jnp.asarray(samples)
+    assert report["score_with"] == ["self_consistency"]
+    assert report["scores"]["density"] == pytest.approx(float(jnp.mean(density(x, cond))), rel=1e-5)
+    expected = float(jnp.mean(consistency(x, cond, noise)))
+    assert report["scores"]["self_consistency"] == pytest.approx(expected, rel=1e-4)
+    assert report["score_nan"] == {"density": 0, "self_consistency": 0}
+    with pytest.raises(UserError, match="names 'density' twice"):
+        search_lib.search_run(
+            workdir, search_lib.Settings(), "density", score_with=(("density", None),), **kw
+        )
+    with pytest.raises(UserError, match="paths search re-noises"):
+        search_lib.search_run(
+            workdir, search_lib.Settings(algo="paths", start=2, delta_b=1), "density",
+            score_with=(("self_consistency", None),), **kw,
+        )  # fmt: skip
+    assert _score_with("classifier=runs/c, inception", UserError) == (
+        ("classifier", "runs/c"), ("inception", None),
+    )  # fmt: skip
+    with pytest.raises(UserError, match="names no run"):
+        _score_with("classifier=", UserError)
