@@ -341,7 +341,7 @@ def config_changes(old: dict | None, new: dict) -> list[tuple[str, object, objec
     """`[(key, old value, new value), ...]` of the flattened configs (None: no old one)."""
     if old is None:
         return None
-    old, new = _flat(old), _flat(new)
+    old, new = _canonical(_flat(old)), _canonical(_flat(new))
     unset = "(unset)"
     return [
         (k, old.get(k, unset), new.get(k, unset))
@@ -379,6 +379,17 @@ def _check_changes(changes, workdir: str, step: int, allow: bool, main: bool) ->
             f"{_describe(changes, limit=10).removeprefix('changed: ')}",
             file=sys.stderr,
         )
+
+
+def _canonical(flat: dict) -> dict:
+    """One spelling of the guidance weight: `sample.cfg_scale` (the older name, still what
+    presets set) moved to an unset `sample.guidance.scale`, so that a config that spells
+    the same weight the other way is not listed as a change."""
+    flat = dict(flat)
+    scale = flat.get("sample.guidance.scale")
+    if "sample.cfg_scale" in flat and scale in (None, flat["sample.cfg_scale"]):
+        flat["sample.guidance.scale"] = flat.pop("sample.cfg_scale")
+    return flat
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -599,7 +610,7 @@ class _Stop:
             )
 
     def check(self, step: int) -> str | None:
-        """"budget", "SIGTERM", "SIGINT", "preemption", or None to go on."""
+        """ "budget", "SIGTERM", "SIGINT", "preemption", or None to go on."""
         if self.multi:
             from jax.experimental import multihost_utils
 

@@ -243,3 +243,20 @@ def test_an_unwritable_workdir_is_one_line_before_anything_is_written(tmp_path):
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(UserError, match=r"cannot write to workdir .*file/run: Not a directory"):
         train(quick_config(total_steps=2), str(tmp_path / "file" / "run"))
+
+
+def test_the_two_spellings_of_the_guidance_weight_are_not_a_change():
+    """`sample.cfg_scale` (what presets set) and `sample.guidance.scale` name one weight:
+    the same weight spelt either way is no change; a different weight is one."""
+    from core.trainer import config_changes
+
+    old = {"sample": {"cfg_scale": 1.5, "guidance": {"scale": None, "schedule": "constant"}}}
+    same = {"sample": {"guidance": {"scale": 1.5, "schedule": "constant"}}}
+    both = {"sample": {"cfg_scale": 1.5, "guidance": {"scale": 1.5, "schedule": "constant"}}}
+    assert config_changes(old, same) == [] and config_changes(old, both) == []
+    assert config_changes(same, old) == []
+    other = {"sample": {"guidance": {"scale": 4.0, "schedule": "interval"}}}
+    assert config_changes(old, other) == [
+        ("sample.guidance.scale", 1.5, 4.0),
+        ("sample.guidance.schedule", "constant", "interval"),
+    ]
