@@ -261,3 +261,12 @@ def test_score_with_scores_the_chosen_samples_by_other_verifiers(tmp_path):
     )  # fmt: skip
     with pytest.raises(UserError, match="names no run"):
         _score_with("classifier=", UserError)
+
+
+def test_split_without_dataset_is_refused(tmp_path):
+    from scripts import search as search_cli
+
+    argv = ["search", "--workdir", str(tmp_path), "--verifier", "inception", "--split", "test",
+            "--out", str(tmp_path / "s.npz")]  # fmt: skip
+    with pytest.raises(UserError, match="--split is a split of --dataset"):
+        search_cli.main(argv)
