@@ -28,7 +28,8 @@
 #   scripts/gpu_runs.sh givt      # GIVT: the MNIST β-VAE, then GIVT k = 8 and k = 1 on its
 #                                 # latents, GIVT_SECONDS each (time-boxed); test NLL, FID of
 #                                 # NUM_FID samples over temperature x guidance (GIVT_TEMPS,
-#                                 # GIVT_CFGS), the VAE's reconstructions
+#                                 # GIVT_CFGS), the VAE's reconstructions; sampling images/s
+#                                 # against TarFlow's sequential inverse (bench_sampling)
 #
 # The GPU machine has no tensorflow-datasets, no network and takes at most 64 MiB per call, so
 # data, weights and the missing packages travel as files (about 59 MB, git-ignored), made
@@ -401,6 +402,19 @@ part_givt() {
     done
     "$PY" -m scripts.sample --workdir "$RUNS/givt_k8" --num 64 --cfg 2.0 \
         --sample-option temperature=0.9 --out "$out/givt_k8_samples.npz"
+    # sampling images/s at batch 256 against TarFlow's sequential inverse (both autoregressive
+    # over 49 tokens; the VAE's decoding included): the tarflow part's run where it ran, else
+    # a 2-step one (the sequential inverse's work does not depend on the weights)
+    local tf=$RUNS/mnist_tarflow
+    if [ ! -d "$tf/checkpoints" ]; then
+        tf=$RUNS/givt_speed_tarflow
+        "$PY" -m scripts.train --config "$(spec experiments/nf/mnist_tarflow.py)" --workdir "$tf" \
+            "${NPZ[@]}" --config.total_steps=2 --config.sample_every=0
+    fi
+    "$PY" -m scripts.bench_sampling --workdir "$RUNS/givt_k8" --workdir "$tf" --batch 256 \
+        --cfg 1.0 --out "$out/givt_tarflow_speed.jsonl"
+    "$PY" -m scripts.bench_sampling --workdir "$RUNS/givt_k8" --batch 256 --cfg 2.0 \
+        --out "$out/givt_tarflow_speed.jsonl"
 }
 
 part_earth() {
@@ -435,7 +449,7 @@ part_earth() {
 }
 
 if [ $# -lt 1 ]; then
-    sed -n '2,31p' "$0"
+    sed -n '2,32p' "$0"
     exit 2
 fi
 for part in "$@"; do
