@@ -284,7 +284,7 @@ def search_run(
     from core import runs, sharding
     from core.experiment import Frozen
     from core.sampling import to_host
-    from metrics.verifiers import VerifierContext, build_verifier
+    from metrics.verifiers import VERIFIERS, VerifierContext, build_verifier
 
     drawn = runs.sample_run(workdir, **restore)
     experiment, spec = drawn.experiment, drawn.spec
@@ -316,7 +316,11 @@ def search_run(
         their = runs.NO_FROZEN
         if run_dir is not None:
             their = runs.restore_frozen(experiment.but(frozen=(Frozen("verifier", run_dir),)), mesh)
-        other = build_verifier(name, dataclasses.replace(context, frozen=their, options={}))
+        try:
+            other = build_verifier(name, dataclasses.replace(context, frozen=their, options={}))
+        except UserError as e:  # a run it needs is named NAME=RUN here, not --verifier-run
+            hint = f" (here: --score-with {name}=RUN)" if name in VERIFIERS and not run_dir else ""
+            raise UserError(f"--score-with {name}: {e}{hint}") from None
         others[name] = (jax.jit(other.fn), other.params)
     shape = spec["example_shape"]
     search = Search(experiment, drawn.graphdef, shape, verifier, settings, generation)

@@ -256,6 +256,16 @@ def test_score_with_scores_the_chosen_samples_by_other_verifiers(tmp_path):
             workdir, search_lib.Settings(algo="paths", start=2, delta_b=1), "density",
             score_with=(("self_consistency", None),), **kw,
         )  # fmt: skip
+    with pytest.raises(
+        UserError, match=r"--score-with likelihood: .*here: --score-with likelihood=RUN"
+    ):
+        search_lib.search_run(
+            workdir, search_lib.Settings(), "density", score_with=(("likelihood", None),), **kw
+        )
+    with pytest.raises(UserError, match="--score-with lpips: unknown verifier 'lpips'"):
+        search_lib.search_run(
+            workdir, search_lib.Settings(), "density", score_with=(("lpips", None),), **kw
+        )
     assert _score_with("classifier=runs/c, inception", UserError) == (
         ("classifier", "runs/c"), ("inception", None),
     )  # fmt: skip
