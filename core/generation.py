@@ -113,9 +113,20 @@ def prior_noise(experiment: Experiment, key: jax.Array, n: int, example_shape) -
     return noise
 
 
+# the type an option's default gives it -> (does a value fit, what to call it); an option
+# whose default is None takes more than one type and is the sampler's to check
+_KINDS = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+
+
 def sampler_options(experiment: Experiment) -> dict:
     """The sampler's keyword options (`sampling.options`): a UserError for an option the
-    sampler does not take, or one that differs from the loss option it is tied to."""
+    sampler does not take, one of another type than its default's (a number, a flag, a
+    string), or one that differs from the loss option it is tied to."""
     s, method = experiment.sampling, experiment.method
     sample = samplers.build(s.sampler)
     method.check_sampler(s.sampler)
@@ -128,6 +139,14 @@ def sampler_options(experiment: Experiment) -> dict:
             f"sampler {s.sampler!r} has no option(s) {', '.join(unknown)} "
             f"(sample.options); its options: {known}"
         )
+    wrong = [
+        f"{k}={v!r} must be {_KINDS[type(accepted[k].default)][1]} (its default is "
+        f"{accepted[k].default!r})"
+        for k, v in options.items()
+        if type(accepted[k].default) in _KINDS and not _KINDS[type(accepted[k].default)][0](v)
+    ]
+    if wrong:
+        raise UserError(f"sampler {s.sampler!r}: option {'; '.join(wrong)} (sample.options)")
     for tied in method.tied:
         trained = experiment.loss.options.get(tied.loss_option)
         if trained is not None and tied.option in options and options[tied.option] != trained:

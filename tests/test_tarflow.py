@@ -342,6 +342,30 @@ def test_bad_sampler_options_are_one_user_error(options, match):
         jax.eval_shape(fn, abstract, jax.random.key(0), jnp.zeros((2,), jnp.int32))
 
 
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(temperature="0.6."), r"option temperature='0.6.' must be a number"),
+        (dict(denoise="no"), r"option denoise='no' must be true or false"),
+        (dict(inverse=1), r"option inverse=1 must be a string"),
+        (dict(jacobi_max_iters=2.5), None),  # default None: the sampler checks it
+        (dict(temperature=1, denoise=False), None),  # an integer is a number
+    ],
+)
+def test_an_option_of_another_type_than_its_default_is_one_error(options, match):
+    """Options as `--sample-option` gives them (values that do not parse as JSON stay
+    strings) are checked against the types of the sampler's defaults."""
+    from core.generation import sampler_options
+
+    experiment = Experiment.from_config(load(f"{ROOT}/experiments/nf/mnist_tarflow.py:smoke=True"))
+    experiment = experiment.with_sampling(options=options)
+    if match is None:
+        assert {k: sampler_options(experiment)[k] for k in options} == options
+    else:
+        with pytest.raises(UserError, match=match):
+            sampler_options(experiment)
+
+
 def test_flow_inverse_rejects_bad_tolerances_before_loading(tmp_path):
     from scripts import flow_inverse
 
