@@ -387,3 +387,74 @@ def plot_curve(report: dict, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path)
     return path
+
+
+# what `scaling_rows` reads beside a search's `<stem>.json`: file suffix -> {column: key}
+BESIDE = {
+    "_classify.json": {"accuracy": "accuracy", "log_p": "mean_log_p"},
+    "_fid.json": {"fid": "fid"},
+    "_mem.json": {"memorized": "pixel/memorized"},
+}
+
+
+def scaling_rows(paths: list[str]) -> list[dict]:
+    """One row per search report (`<stem>.json` of `scripts.search`): its series (`no search`
+    for one candidate of random search: the baseline that spends NFEs on sampling steps;
+    else the algorithm, verifier and sampling steps), the NFEs per sample of the generator
+    and the verifier, the mean score of each verifier that scored it (`score/<name>`), and
+    the evaluations found beside it (`BESIDE`: a classifier's accuracy and log p, FID, the
+    memorized fraction), None where a file is missing."""
+    import json
+    import os
+
+    rows = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UserError(f"search report {path!r} not found")
+        with open(path) as f:
+            r = json.load(f)
+        search, stem = r["search"], os.path.splitext(path)[0]
+        plain = search["algo"] == "random" and search["candidates"] == 1
+        row = {
+            "report": path,
+            "series": "no search" if plain else
+            f"{search['algo']} ({r['verifier']}, {r['sampling_steps']} steps)",
+            "search": search, "sampling_steps": r["sampling_steps"],
+            "nfe_generator": r["nfe_generator_per_sample"],
+            "nfe_verifier": 0 if plain else r["nfe_verifier_per_sample"],
+            "verifier": None if plain else r["verifier"],
+            **{f"score/{k}": v for k, v in (r.get("scores") or {}).items()},
+        }  # fmt: skip
+        for suffix, columns in BESIDE.items():
+            found = {}
+            if os.path.isfile(stem + suffix):
+                with open(stem + suffix) as f:
+                    found = json.load(f)
+            row.update({col: found.get(key) for col, key in columns.items()})
+        rows.append(row)
+    return rows
+
+
+def plot_scaling(rows: list[dict], path: str, metrics: tuple[str, ...]) -> str:
+    """Each metric of `rows` (`scaling_rows`) against the generator's NFEs per sample, one
+    panel per metric and one line per series (points in NFE order); returns `path`."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2 * len(metrics), 4), dpi=110)
+    axes = np.atleast_1d(fig.subplots(1, len(metrics)))
+    series = list(dict.fromkeys(r["series"] for r in rows))
+    for ax, metric in zip(axes, metrics):
+        for i, name in enumerate(series):
+            pts = sorted(
+                (r["nfe_generator"], r[metric]) for r in rows
+                if r["series"] == name and r.get(metric) is not None
+            )  # fmt: skip
+            if pts:
+                style = dict(color="k", lw=2) if name == "no search" else dict(color=f"C{i}")
+                ax.plot(*zip(*pts), marker="o", label=name, **style)
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="generator NFEs per sample", ylabel=metric)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path

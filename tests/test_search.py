@@ -280,3 +280,50 @@ def test_split_without_dataset_is_refused(tmp_path):
             "--out", str(tmp_path / "s.npz")]  # fmt: skip
     with pytest.raises(UserError, match="--split is a split of --dataset"):
         search_cli.main(argv)
+
+
+def test_scaling_table_reads_reports_and_their_evaluations(tmp_path, capsys):
+    """`scripts.plot_search`: one random candidate is the `no search` baseline, a search its
+    own series; evaluations beside a report fill its columns, missing ones stay empty."""
+    from scripts import plot_search
+
+    def report(name, algo, candidates, steps, nfe_g, nfe_v, score, **beside):
+        r = {"search": {"algo": algo, "candidates": candidates}, "verifier": "classifier",
+             "sampling_steps": steps, "nfe_generator_per_sample": nfe_g,
+             "nfe_verifier_per_sample": nfe_v, "scores": {"classifier": score}}  # fmt: skip
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+        for suffix, content in beside.items():
+            (tmp_path / f"{name}_{suffix}.json").write_text(json.dumps(content))
+        return str(tmp_path / f"{name}.json")
+
+    paths = [
+        report("p8", "random", 1, 8, 8, 1, -1.4, classify={"accuracy": 0.76, "mean_log_p": -1.4}),
+        report("p16", "random", 1, 16, 16, 1, -1.5, fid={"fid": 30.0}),
+        report(
+            "r2",
+            "random",
+            2,
+            8,
+            16,
+            2,
+            -0.2,
+            classify={"accuracy": 0.94, "mean_log_p": -0.2},
+            mem={"pixel/memorized": 0.0},
+        ),  # fmt: skip
+    ]
+    rows = search_lib.scaling_rows(paths)
+    assert [r["series"] for r in rows] == ["no search", "no search", "random (classifier, 8 steps)"]
+    assert [r["nfe_verifier"] for r in rows] == [0, 0, 2]  # the baseline's score is not spent
+    assert rows[0]["accuracy"] == 0.76 and rows[0]["fid"] is None and rows[1]["fid"] == 30.0
+    assert rows[2]["memorized"] == 0.0 and rows[2]["score/classifier"] == -0.2
+    out = tmp_path / "s.png"
+    argv = ["plot_search", "--reports", ",".join(paths), "--metrics", "accuracy,fid", "--out",
+            str(out), "--table", str(tmp_path / "t.md")]  # fmt: skip
+    plot_search.main(argv)
+    assert out.stat().st_size > 0
+    table = (tmp_path / "t.md").read_text().splitlines()
+    assert table[2].startswith("| no search | 1 | 8 | 0 | -1.4 |") and len(table) == 5
+    with pytest.raises(UserError, match="--metrics: no column fidd"):
+        plot_search.main([*argv[:4], "fidd", *argv[5:]])
+    with pytest.raises(UserError, match="not found"):
+        search_lib.scaling_rows([str(tmp_path / "none.json")])
