@@ -354,7 +354,7 @@ def search_run(
     labels = np.concatenate(ys)[:num] if classes else None
     history = np.concatenate(histories, axis=1)[:, :num]
     scores = {k: np.concatenate(v)[:num].astype(np.float64) for k, v in scores.items()}
-    scores = {k: np.where(np.isinf(v), np.nan, v) for k, v in scores.items()}  # -inf: unscored
+    scores = {k: np.where(np.isneginf(v), np.nan, v) for k, v in scores.items()}  # NaN: -inf
     report = {
         "workdir": workdir, "step": drawn.step,
         "weights": "ema" if restore.get("ema", True) else "raw",
