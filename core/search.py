@@ -435,6 +435,25 @@ def scaling_rows(paths: list[str]) -> list[dict]:
     return rows
 
 
+def scaling_markdown(rows: list[dict]) -> str:
+    """`rows` (`scaling_rows`) as a Markdown table: series, counts, NFEs, then every verifier
+    score and evaluation any row has (empty where a row lacks it)."""
+    found = {k for r in rows for k in r if r[k] is not None}
+    columns = sorted(k for k in found if k.startswith("score/")) + [
+        c for col in BESIDE.values() for c in col if c in found
+    ]
+    head = ["series", "candidates", "generator NFEs", "verifier NFEs", *columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["series"], str(r["search"]["candidates"]), str(r["nfe_generator"]),
+                 str(r["nfe_verifier"])]  # fmt: skip
+        for c in columns:
+            v = r.get(c)
+            cells.append("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_scaling(rows: list[dict], path: str, metrics: tuple[str, ...]) -> str:
     """Each metric of `rows` (`scaling_rows`) against the generator's NFEs per sample, one
     panel per metric and one line per series (points in NFE order); returns `path`."""

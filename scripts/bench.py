@@ -9,9 +9,8 @@ H100 SXM dense bf16), and sampling images/s. See core/benchmark.py for the FLOP 
 """
 
 import argparse
-import json
 
-from scripts.common import argument_parser, run
+from scripts.common import append_json_line, argument_parser, run
 
 SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 
@@ -76,11 +75,7 @@ def main(argv: list[str]) -> None:
                 repeats=args.sample_repeats,
             )
         )
-    line = json.dumps(result)
-    print(line)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(line + "\n")
+    append_json_line(result, args.out)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ error naming it.
 """
 
 import argparse
-import json
 
 from scripts.common import (
-    add_guidance_flags,
-    add_sample_option_flag,
+    add_sampling_flags,
+    append_json_line,
     argument_parser,
     run,
     sampling_kwargs,
@@ -27,19 +26,8 @@ from scripts.common import (
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argument_parser("bench_sampling", __doc__)
     p.add_argument("--workdir", action="append", required=True, help="a run (repeatable)")
-    p.add_argument("--batch", type=int, default=256, help="samples per call")
     p.add_argument("--repeats", type=int, default=3, help="timed calls after the first")
-    p.add_argument(
-        "--sampling-steps", dest="steps", type=int, default=None,
-        help="sampling steps (default: each run's config)",
-    )  # fmt: skip
-    p.add_argument("--sampler", default=None, help="default: each run's config")
-    p.add_argument("--cfg", type=float, default=None, help="guidance weight (1 = none)")
-    add_guidance_flags(p)
-    p.add_argument("--ckpt-step", dest="step", type=int, default=None, help="default newest")
-    p.add_argument("--raw", action="store_true", help="raw weights instead of EMA")
-    p.add_argument("--seed", type=int, default=0)
-    add_sample_option_flag(p)
+    add_sampling_flags(p, num=None)  # --batch: the samples per timed call
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     args = p.parse_args(argv[1:])
     if args.batch < 1 or args.repeats < 1:
@@ -55,11 +43,7 @@ def main(argv: list[str]) -> None:
         result = benchmark.bench_run_sampling(
             workdir, batch=args.batch, repeats=args.repeats, **sampling_kwargs(args)
         )
-        line = json.dumps(result)
-        print(line)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        append_json_line(result, args.out)
 
 
 if __name__ == "__main__":

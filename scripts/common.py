@@ -29,6 +29,18 @@ def run(main: Callable[[list[str]], int | None]) -> None:
     sys.exit(code or 0)
 
 
+def append_json_line(result: dict, path: str | None) -> None:
+    """Print `result` as one JSON line and, when `path` is given, append that line there
+    (a benchmark's results accumulate in one JSON-lines file)."""
+    import json
+
+    line = json.dumps(result)
+    print(line)
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
 def npz_path(path: str) -> str:
     """The file `np.savez(path)` writes: `path`, with `.npz` added where it lacks it."""
     return path if path.endswith(".npz") else path + ".npz"
@@ -244,12 +256,13 @@ def nll_solver_options(args) -> dict:
     return solver_options(args.nll_solver, num_steps=args.nll_steps, tol=args.nll_tol)
 
 
-def add_sampling_flags(parser, *, num: int) -> None:
+def add_sampling_flags(parser, *, num: int | None) -> None:
     """The flags `sample_run` reads: which weights (`--ckpt-step --raw`), how many samples
-    (`--num --batch --seed`) and how (`--sampler --sampling-steps --cfg --cfg-schedule
-    --cfg-interval --sample-option`).
+    (`--num --batch --seed`; no `--num` when `num` is None) and how (`--sampler
+    --sampling-steps --cfg --cfg-schedule --cfg-interval --sample-option`).
     `--steps` and `--step` are the older spellings of `--sampling-steps` and `--ckpt-step`."""
-    parser.add_argument("--num", type=int, default=num)
+    if num is not None:
+        parser.add_argument("--num", type=int, default=num)
     parser.add_argument("--batch", type=int, default=256, help="samples per device call")
     parser.add_argument(
         "--sampling-steps", "--steps", dest="steps", type=int, default=None,

@@ -26,19 +26,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv[1:])
 
 
-def markdown(rows: list[dict], columns: list[str]) -> str:
-    head = ["series", "candidates", "generator NFEs", "verifier NFEs", *columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["series"], str(r["search"]["candidates"]), str(r["nfe_generator"]),
-                 str(r["nfe_verifier"])]  # fmt: skip
-        for c in columns:
-            v = r.get(c)
-            cells.append("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str]) -> None:
     args = parse(argv)
     from core import search
@@ -53,10 +40,7 @@ def main(argv: list[str]) -> None:
             f"--metrics: no column {', '.join(unknown) or '(none)'}; columns: {', '.join(known)}"
         )
     search.plot_scaling(rows, args.out, metrics)
-    columns = [c for c in known if c.startswith("score/")] + [
-        c for c in ("accuracy", "log_p", "fid", "memorized") if c in known
-    ]
-    table = markdown(rows, columns)
+    table = search.scaling_markdown(rows)
     print(table, end="")
     if args.table:
         with open(args.table, "w") as f:

@@ -58,8 +58,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dataset", default=None, help="reference data (inception verifier)")
     p.add_argument(
         "--split", default=None,
-        help="the --dataset split (default train), e.g. test (its Inception statistics are computed once and "
-        "cached; a CPU takes about 0.1-0.2 s an image)",
+        help="the --dataset split (default train), e.g. test (its Inception statistics are "
+        "computed once and cached; a CPU takes about 0.1-0.2 s an image)",
     )  # fmt: skip
     p.add_argument(
         "--score-with", default=None, metavar="NAME[=RUN],...",
